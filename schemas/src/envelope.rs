@@ -1,0 +1,55 @@
+//! The envelope: an event with everything needed to order, deduplicate and trace it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use ulid::Ulid;
+
+/// Who and what caused an event; carried from the HTTP request (or saga step) into the log
+/// and on to JetStream headers.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// The trace the event was recorded in (W3C trace id, 32 hex digits).
+    pub trace_id: Option<String>,
+    /// The id shared by everything one outside request set off.
+    pub correlation_id: Option<String>,
+    /// The id of the request or event that directly caused this one.
+    pub causation_id: Option<String>,
+    /// The Idempotency-Key of the request that appended it, if any.
+    pub idempotency_key: Option<String>,
+    /// Who acted: `operator`, `user:<id>`, `payment_provider` or a role like `saga:order`.
+    pub actor: Option<String>,
+}
+
+/// An event as read back from the log, with its position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Unique id of the event; the dedupe key everywhere.
+    pub event_id: Ulid,
+    /// `<category>-<aggregate id>`.
+    pub stream_id: String,
+    /// 1-based version of the event within its stream.
+    pub stream_version: u64,
+    /// Position in the global log (unique, increasing with insertion, not with commit).
+    pub global_position: u64,
+    /// The event type, as in the schema registry.
+    pub event_type: String,
+    /// The schema version the payload was written with.
+    pub schema_version: u32,
+    /// When the log recorded it.
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    /// Tracing and causation.
+    pub metadata: Metadata,
+    /// The payload.
+    pub data: Value,
+}
+
+impl Envelope {
+    /// The stream's category: the part of the stream id before the first `-`.
+    pub fn category(&self) -> &str {
+        self.stream_id
+            .split_once('-')
+            .map_or(self.stream_id.as_str(), |(category, _)| category)
+    }
+}
