@@ -1,1 +1,27 @@
-//! placeholder
+//! The test harness: real services, isolated per test.
+//!
+//! - [`TestDb`] creates a fresh Postgres database per test, migrates it, and drops it when the
+//!   test ends (pass or fail), so tests run in parallel and leave nothing behind.
+//! - [`spawn_app`] starts the real gateway on port 0 against such a database (or the embedded
+//!   log) and hands back a client for it.
+//!
+//! Logs stay quiet unless `TEST_LOG` is set.
+
+pub mod db;
+
+pub use db::TestDb;
+
+/// Installs a tracing subscriber once, writing to the test output when `TEST_LOG` is set.
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let filter = tracing_subscriber::EnvFilter::try_from_env("TEST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .init();
+        }
+    });
+}

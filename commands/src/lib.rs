@@ -1,1 +1,24 @@
-//! placeholder
+//! The write side of groupbuy: the event log and command handling.
+//!
+//! - [`log::EventLog`] is the append-only log, with two implementations behind one trait:
+//!   [`log::postgres::PgEventLog`] (the source of truth in production) and
+//!   [`log::memory::MemoryEventLog`] (the embedded, volatile default). One test suite runs
+//!   against both.
+//! - [`handler::CommandHandler`] loads an aggregate (snapshot plus tail), decides, and appends
+//!   with the expected version, retrying with jitter when another writer got there first.
+//! - [`idempotency`] holds the Idempotency-Key records the gateway completes in the same
+//!   transaction as the append.
+
+pub mod handler;
+pub mod idempotency;
+pub mod log;
+
+pub use handler::{CommandError, CommandHandler, Executed};
+pub use log::{
+    AppendRequest, Appended, EventLog, LogCursor, LogError, NewEvent, RecordedEvent, StreamAppend,
+};
+
+/// The stream id of an aggregate: `<category>-<id>`.
+pub fn stream_id<A: domain::Aggregate>(id: impl std::fmt::Display) -> String {
+    format!("{}-{id}", A::CATEGORY)
+}

@@ -15,6 +15,9 @@ use crate::DomainError;
 pub trait Aggregate: 'static {
     /// The stream category, the prefix of every stream id of this aggregate (`campaign-<id>`).
     const CATEGORY: &'static str;
+    /// The shape of `State` as stored in snapshots. Bump it when `State` changes shape, and
+    /// snapshots of the old shape are ignored (the stream is folded from its events instead).
+    const STATE_VERSION: u32 = 1;
     /// What `evolve` folds the stream into. `Default` is the state of a stream with no events.
     type State: Default + Clone + Debug + Serialize + DeserializeOwned + Send + Sync;
     /// What the aggregate can be asked to do.

@@ -307,6 +307,7 @@ pub enum CampaignEvent {
 }
 
 /// The campaign aggregate.
+#[derive(Debug)]
 pub struct CampaignAggregate;
 
 impl Aggregate for CampaignAggregate {

@@ -205,6 +205,7 @@ pub enum OrderEvent {
 }
 
 /// The order aggregate.
+#[derive(Debug)]
 pub struct OrderAggregate;
 
 impl Aggregate for OrderAggregate {

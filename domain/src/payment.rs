@@ -132,6 +132,7 @@ pub enum PaymentEvent {
 }
 
 /// The payment aggregate.
+#[derive(Debug)]
 pub struct PaymentAggregate;
 
 impl Aggregate for PaymentAggregate {

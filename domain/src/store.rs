@@ -44,6 +44,7 @@ pub enum StoreEvent {
 }
 
 /// The store aggregate.
+#[derive(Debug)]
 pub struct StoreAggregate;
 
 impl Aggregate for StoreAggregate {

@@ -45,6 +45,7 @@ pub enum UserEvent {
 }
 
 /// The user aggregate.
+#[derive(Debug)]
 pub struct UserAggregate;
 
 impl Aggregate for UserAggregate {

@@ -60,3 +60,17 @@ pub fn decode<E: DeserializeOwned>(
     serde_json::from_value(Value::Object(tagged))
         .map_err(|e| SchemaError::Shape(format!("{event_type}: {e}")))
 }
+
+/// Decodes an event read back from the log. The log validated and upcast its payload on the
+/// way out, so this only puts the tag back and deserializes.
+pub fn from_envelope<E: DeserializeOwned>(envelope: &crate::Envelope) -> Result<E, SchemaError> {
+    let mut tagged = Map::with_capacity(2);
+    tagged.insert("type".into(), Value::String(envelope.event_type.clone()));
+    tagged.insert("data".into(), envelope.data.clone());
+    serde_json::from_value(Value::Object(tagged)).map_err(|e| {
+        SchemaError::Shape(format!(
+            "{} at {}: {e}",
+            envelope.event_type, envelope.global_position
+        ))
+    })
+}

@@ -11,6 +11,6 @@ pub mod codec;
 pub mod envelope;
 pub mod registry;
 
-pub use codec::{decode, encode, EncodedEvent};
+pub use codec::{decode, encode, from_envelope, EncodedEvent};
 pub use envelope::{Envelope, Metadata};
 pub use registry::{Registry, SchemaError};

@@ -1,0 +1,275 @@
+//! Command handling: load, decide, append with the expected version, retry on conflict.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::{Aggregate, DomainError};
+use rand::Rng;
+use schemas::Metadata;
+use ulid::Ulid;
+
+use crate::idempotency::{IdempotencyClaim, StoredResponse};
+use crate::log::{AppendRequest, Appended, EventLog, LogError, NewEvent, Snapshot, StreamAppend};
+
+/// Events read per round trip while loading a stream.
+const LOAD_PAGE_EVENTS: usize = 1_000;
+
+/// Tuning of the command handler.
+#[derive(Clone, Debug)]
+pub struct HandlerOptions {
+    /// Attempts after the first one when another writer appended first.
+    pub conflict_retries_max: u32,
+    /// First backoff ceiling; each retry doubles it up to `backoff_max`, and the actual sleep is
+    /// uniform in `[0, ceiling]` (full jitter) so that colliding writers spread out.
+    pub backoff_base: Duration,
+    /// Largest backoff ceiling.
+    pub backoff_max: Duration,
+    /// A snapshot is saved each time a stream grows past another multiple of this.
+    pub snapshot_every_events: u64,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        HandlerOptions {
+            conflict_retries_max: 10,
+            backoff_base: Duration::from_millis(2),
+            backoff_max: Duration::from_millis(200),
+            snapshot_every_events: 100,
+        }
+    }
+}
+
+/// A command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The business rules refused it.
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    /// Other writers kept winning the race for the stream until retries ran out.
+    #[error("stream {stream_id} is too busy, gave up after {attempts} attempts")]
+    Contention {
+        /// The contended stream.
+        stream_id: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The log failed or refused.
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// A stream folded into its aggregate's state.
+#[derive(Debug)]
+pub struct Loaded<A: Aggregate> {
+    /// The state.
+    pub state: A::State,
+    /// The version of the last event folded; 0 for an empty stream.
+    pub version: u64,
+}
+
+/// What executing a command did.
+#[derive(Debug)]
+pub struct Executed<A: Aggregate> {
+    /// The state after the command.
+    pub state: A::State,
+    /// The stream version after the command.
+    pub version: u64,
+    /// What was decided; empty when the command was already done.
+    pub events: Vec<A::Event>,
+    /// Where the events landed; `None` when nothing was appended.
+    pub appended: Option<Appended>,
+}
+
+/// How one command is recorded.
+pub struct Context<'a, S> {
+    /// Tracing and causation for every event the command appends.
+    pub metadata: Metadata,
+    /// The command's id. Event ids derive from it, so retrying the same command (after a lost
+    /// response, or by a redelivered saga step) stores its events once.
+    pub command_id: Ulid,
+    /// An Idempotency-Key claim to complete, with the response to record for the new state.
+    pub idempotency: Option<Idempotent<'a, S>>,
+}
+
+/// An Idempotency-Key claim and how to build the response it records.
+pub struct Idempotent<'a, S> {
+    /// The claim.
+    pub claim: &'a IdempotencyClaim,
+    /// The response for the state after the command.
+    pub respond: &'a (dyn Fn(&S) -> StoredResponse + Send + Sync),
+}
+
+impl<S> Context<'_, S> {
+    /// A context with a fresh command id and no idempotency claim.
+    pub fn new(metadata: Metadata) -> Self {
+        Context {
+            metadata,
+            command_id: Ulid::new(),
+            idempotency: None,
+        }
+    }
+}
+
+/// The id of the `index`-th event a command appends.
+pub fn event_id(command_id: Ulid, index: usize) -> Ulid {
+    Ulid::from_parts(
+        command_id.timestamp_ms(),
+        command_id.random().wrapping_add(index as u128),
+    )
+}
+
+/// Loads aggregates and executes commands against the event log.
+#[derive(Clone)]
+pub struct CommandHandler {
+    log: Arc<dyn EventLog>,
+    options: HandlerOptions,
+}
+
+impl CommandHandler {
+    /// A handler over a log.
+    pub fn new(log: Arc<dyn EventLog>, options: HandlerOptions) -> Self {
+        CommandHandler { log, options }
+    }
+
+    /// The log this handler writes to.
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+
+    /// Folds a stream: from its snapshot if one of the current shape exists, then its tail.
+    pub async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<Loaded<A>, CommandError> {
+        let (mut state, mut version) = match self.log.load_snapshot(stream_id).await? {
+            Some(snapshot) if snapshot.state_version == A::STATE_VERSION => {
+                match serde_json::from_value::<A::State>(snapshot.state) {
+                    Ok(state) => (state, snapshot.stream_version),
+                    Err(error) => {
+                        tracing::warn!(%stream_id, %error, "unreadable snapshot ignored");
+                        (A::State::default(), 0)
+                    }
+                }
+            }
+            _ => (A::State::default(), 0),
+        };
+        loop {
+            let page = self
+                .log
+                .read_stream(stream_id, version, LOAD_PAGE_EVENTS)
+                .await?;
+            for recorded in &page {
+                let envelope = &recorded.envelope;
+                assert_eq!(
+                    envelope.stream_version,
+                    version + 1,
+                    "stream {stream_id} is not contiguous"
+                );
+                let event: A::Event = schemas::from_envelope(envelope).map_err(LogError::from)?;
+                state = A::evolve(state, &event);
+                version = envelope.stream_version;
+            }
+            if page.len() < LOAD_PAGE_EVENTS {
+                return Ok(Loaded { state, version });
+            }
+        }
+    }
+
+    /// Loads the stream, decides the command, and appends what was decided with the version it
+    /// was decided at. When another writer got there first, it loads and decides again, up to
+    /// `conflict_retries_max` times, sleeping a jittered, growing backoff in between.
+    pub async fn execute<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        command: &A::Command,
+        context: &Context<'_, A::State>,
+    ) -> Result<Executed<A>, CommandError> {
+        let attempts = self.options.conflict_retries_max + 1;
+        for attempt in 0..attempts {
+            let loaded = self.load::<A>(stream_id).await?;
+            let events = A::decide(&loaded.state, command)?;
+            if events.is_empty() {
+                return Ok(Executed {
+                    state: loaded.state,
+                    version: loaded.version,
+                    events,
+                    appended: None,
+                });
+            }
+            let state = events.iter().fold(loaded.state, A::evolve);
+            let version = loaded.version + events.len() as u64;
+            let mut new_events = Vec::with_capacity(events.len());
+            for (index, event) in events.iter().enumerate() {
+                new_events.push(NewEvent {
+                    event_id: event_id(context.command_id, index),
+                    event: schemas::encode(event).map_err(LogError::from)?,
+                    metadata: context.metadata.clone(),
+                });
+            }
+            let request = AppendRequest {
+                streams: vec![StreamAppend {
+                    stream_id: stream_id.to_owned(),
+                    expected_version: loaded.version,
+                    events: new_events,
+                }],
+                idempotency: context
+                    .idempotency
+                    .as_ref()
+                    .map(|i| (i.claim.clone(), (i.respond)(&state))),
+            };
+            match self.log.append(request).await {
+                Ok(appended) => {
+                    self.maybe_snapshot::<A>(stream_id, loaded.version, version, &state);
+                    return Ok(Executed {
+                        state,
+                        version,
+                        events,
+                        appended: Some(appended),
+                    });
+                }
+                Err(LogError::Conflict { .. }) if attempt + 1 < attempts => {
+                    tokio::time::sleep(self.backoff(attempt)).await;
+                }
+                Err(LogError::Conflict { .. }) => break,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(CommandError::Contention {
+            stream_id: stream_id.to_owned(),
+            attempts,
+        })
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .options
+            .backoff_base
+            .saturating_mul(1 << attempt.min(16))
+            .min(self.options.backoff_max);
+        rand::thread_rng().gen_range(Duration::ZERO..=ceiling)
+    }
+
+    /// Saves a snapshot in the background when the stream crossed a multiple of
+    /// `snapshot_every_events`. Losing one costs a longer load, never correctness.
+    fn maybe_snapshot<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        before: u64,
+        after: u64,
+        state: &A::State,
+    ) {
+        let every = self.options.snapshot_every_events.max(1);
+        if before / every == after / every {
+            return;
+        }
+        let snapshot = Snapshot {
+            stream_id: stream_id.to_owned(),
+            stream_version: after,
+            state_version: A::STATE_VERSION,
+            state: serde_json::to_value(state).expect("aggregate state serializes"),
+        };
+        let log = Arc::clone(&self.log);
+        tokio::spawn(async move {
+            if let Err(error) = log.save_snapshot(snapshot).await {
+                tracing::warn!(%error, "snapshot not saved");
+            }
+        });
+    }
+}

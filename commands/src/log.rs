@@ -1,0 +1,199 @@
+//! The event log: append with expected versions, read streams, read the global log in an
+//! order that never skips a late commit, snapshots and idempotency records.
+
+pub mod memory;
+pub mod postgres;
+
+use async_trait::async_trait;
+use schemas::{EncodedEvent, Envelope, Metadata, SchemaError};
+use ulid::Ulid;
+
+use crate::idempotency::{Begin, ClaimOptions, IdempotencyClaim, IdempotencyKey, StoredResponse};
+
+/// Most events one append may carry, across all its streams.
+pub const APPEND_EVENTS_MAX: usize = 10_000;
+/// Most events one read may return.
+pub const READ_EVENTS_MAX: usize = 10_000;
+
+/// An event about to be appended.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    /// Its id; appending an id that is already stored is a no-op, not a duplicate.
+    pub event_id: Ulid,
+    /// Type, schema version and validated payload.
+    pub event: EncodedEvent,
+    /// Tracing and causation.
+    pub metadata: Metadata,
+}
+
+/// Events for one stream, valid only if the stream is at `expected_version`.
+#[derive(Clone, Debug)]
+pub struct StreamAppend {
+    /// The stream.
+    pub stream_id: String,
+    /// The version the decision was based on: 0 for a stream with no events.
+    pub expected_version: u64,
+    /// The events, in order; they get versions `expected_version + 1 ..`.
+    pub events: Vec<NewEvent>,
+}
+
+/// One atomic append: every stream's events commit together or none do.
+#[derive(Clone, Debug, Default)]
+pub struct AppendRequest {
+    /// The streams and their events.
+    pub streams: Vec<StreamAppend>,
+    /// An Idempotency-Key claim to complete with this response in the same transaction.
+    pub idempotency: Option<(IdempotencyClaim, StoredResponse)>,
+}
+
+/// A position in the global read order. Readers order events by transaction first, then by
+/// position, and compare cursors the same way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogCursor {
+    /// The appending transaction (Postgres `xid8`; a sequence number in memory).
+    pub transaction_id: u64,
+    /// The event's global position.
+    pub global_position: u64,
+}
+
+/// What an append stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The cursor of the last event stored, for read-your-writes waits.
+    pub last: LogCursor,
+    /// Whether every event was already stored (a re-sent append): nothing new was written.
+    pub replayed: bool,
+}
+
+/// An event read back, with its place in the global order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecordedEvent {
+    /// Its place in the global read order.
+    pub cursor: LogCursor,
+    /// The event.
+    pub envelope: Envelope,
+}
+
+/// The log refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// Another writer appended to one of the streams since the decision was made.
+    #[error("stream {stream_id} is not at the expected version {expected_version}")]
+    Conflict {
+        /// One of the streams of the append.
+        stream_id: String,
+        /// What the append expected.
+        expected_version: u64,
+    },
+    /// The Idempotency-Key claim expired and another request took the key.
+    #[error("idempotency claim lost")]
+    ClaimLost,
+    /// The append is larger than the log accepts, or empty.
+    #[error("append rejected: {0}")]
+    InvalidAppend(&'static str),
+    /// An event does not fit its schema.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored row could not be read back (a bug or a hand-edited log).
+    #[error("corrupt log: {0}")]
+    Corrupt(String),
+}
+
+/// A folded state saved at a stream version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// The stream.
+    pub stream_id: String,
+    /// The version the state includes.
+    pub stream_version: u64,
+    /// The shape of the state; one of another shape is ignored.
+    pub state_version: u32,
+    /// The state.
+    pub state: serde_json::Value,
+}
+
+/// The event log.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends to every stream of the request in one transaction. A stream not at its
+    /// expected version fails the whole append with [`LogError::Conflict`]; an append whose
+    /// events are all stored already succeeds with `replayed`.
+    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError>;
+
+    /// Events of one stream with version greater than `after_version`, in version order, at
+    /// most `limit` of them.
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError>;
+
+    /// Events of the global log after `after`, in (transaction, position) order, at most
+    /// `limit`. Only events of transactions older than every running one are returned, so a
+    /// reader that resumes from the last cursor it saw never skips a late commit.
+    async fn read_all(
+        &self,
+        after: LogCursor,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError>;
+
+    /// The stored snapshot of a stream, if any.
+    async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, LogError>;
+
+    /// Stores a snapshot unless a newer one is stored already.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), LogError>;
+
+    /// Takes an Idempotency-Key for a request whose body hashes to `request_sha256`.
+    async fn begin_idempotent(
+        &self,
+        key: &IdempotencyKey,
+        request_sha256: &str,
+        options: ClaimOptions,
+    ) -> Result<Begin, LogError>;
+
+    /// Records the response of a request that appended nothing (a refusal, a no-op).
+    async fn complete_idempotent(
+        &self,
+        claim: &IdempotencyClaim,
+        response: &StoredResponse,
+    ) -> Result<(), LogError>;
+
+    /// Gives a key back after a failure that must not be replayed (a server error), so the
+    /// client's retry runs again.
+    async fn abandon_idempotent(&self, claim: &IdempotencyClaim) -> Result<(), LogError>;
+
+    /// A counter that moves whenever this process appends. Readers of the global log wait on
+    /// it between polls so that local appends reach them at once; appends by other instances
+    /// are found by polling.
+    fn appends(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+/// Checks what every implementation refuses before touching storage.
+pub(crate) fn check_request(request: &AppendRequest) -> Result<usize, LogError> {
+    let count: usize = request.streams.iter().map(|s| s.events.len()).sum();
+    if count == 0 {
+        return Err(LogError::InvalidAppend(
+            "an append needs at least one event",
+        ));
+    }
+    if count > APPEND_EVENTS_MAX {
+        return Err(LogError::InvalidAppend(
+            "an append may carry at most 10000 events",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if !request
+        .streams
+        .iter()
+        .all(|s| seen.insert(s.stream_id.as_str()))
+    {
+        return Err(LogError::InvalidAppend(
+            "a stream may appear once per append",
+        ));
+    }
+    Ok(count)
+}

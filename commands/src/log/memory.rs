@@ -1,0 +1,285 @@
+//! The embedded event log: everything in process memory, gone when the process ends.
+//!
+//! It keeps the Postgres log's semantics exactly (expected versions, atomic multi-stream
+//! appends, idempotent re-sends, idempotency claims), so the embedded default behaves like
+//! production; the shared test suite in `tests/event_log.rs` holds both to it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use schemas::Envelope;
+use tokio::sync::watch;
+use ulid::Ulid;
+
+use super::{
+    check_request, AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot,
+};
+use crate::idempotency::{
+    Begin, ClaimOptions, IdempotencyClaim, IdempotencyKey, StoredResponse, IDEMPOTENCY_KEY_TTL_S,
+};
+
+/// An event log in memory.
+pub struct MemoryEventLog {
+    inner: Mutex<Inner>,
+    appends: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Every event in global order; index `i` holds position `i + 1`.
+    events: Vec<RecordedEvent>,
+    /// Indexes into `events`, per stream, in version order.
+    streams: HashMap<String, Vec<usize>>,
+    event_ids: HashMap<Ulid, usize>,
+    snapshots: HashMap<String, Snapshot>,
+    keys: HashMap<IdempotencyKey, KeyRecord>,
+    transactions: u64,
+}
+
+struct KeyRecord {
+    request_sha256: String,
+    claim_id: Ulid,
+    locked_until: Instant,
+    created_at: Instant,
+    response: Option<StoredResponse>,
+}
+
+impl Default for MemoryEventLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryEventLog {
+    /// An empty log.
+    pub fn new() -> Self {
+        MemoryEventLog {
+            inner: Mutex::new(Inner::default()),
+            appends: watch::channel(0).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied append: appends check
+        // everything first and only then push. So a poisoned lock is still consistent.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl EventLog for MemoryEventLog {
+    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+        let count = check_request(&request)?;
+        let mut inner = self.lock();
+
+        let stored: Vec<usize> = request
+            .streams
+            .iter()
+            .flat_map(|s| &s.events)
+            .filter_map(|e| inner.event_ids.get(&e.event_id).copied())
+            .collect();
+        if stored.len() == count {
+            let last = stored
+                .iter()
+                .map(|&i| inner.events[i].cursor)
+                .max()
+                .expect("count > 0");
+            return Ok(Appended {
+                last,
+                replayed: true,
+            });
+        }
+        for stream in &request.streams {
+            let version = inner
+                .streams
+                .get(&stream.stream_id)
+                .map_or(0, |v| v.len() as u64);
+            // Some but not all events stored means this is not a re-send of the same append,
+            // so it is treated like any other write that lost the race.
+            if version != stream.expected_version || !stored.is_empty() {
+                return Err(LogError::Conflict {
+                    stream_id: stream.stream_id.clone(),
+                    expected_version: stream.expected_version,
+                });
+            }
+        }
+        if let Some((claim, _)) = &request.idempotency {
+            let owned = inner
+                .keys
+                .get(&claim.key)
+                .is_some_and(|k| k.claim_id == claim.claim_id && k.response.is_none());
+            if !owned {
+                return Err(LogError::ClaimLost);
+            }
+        }
+
+        inner.transactions += 1;
+        let transaction_id = inner.transactions;
+        let recorded_at = chrono::Utc::now();
+        let mut last = LogCursor::default();
+        for stream in request.streams {
+            for (offset, event) in stream.events.into_iter().enumerate() {
+                let index = inner.events.len();
+                let cursor = LogCursor {
+                    transaction_id,
+                    global_position: index as u64 + 1,
+                };
+                let envelope = Envelope {
+                    event_id: event.event_id,
+                    stream_id: stream.stream_id.clone(),
+                    stream_version: stream.expected_version + offset as u64 + 1,
+                    global_position: cursor.global_position,
+                    event_type: event.event.event_type,
+                    schema_version: event.event.schema_version,
+                    recorded_at,
+                    metadata: event.metadata,
+                    data: event.event.data,
+                };
+                inner.events.push(RecordedEvent { cursor, envelope });
+                inner.event_ids.insert(event.event_id, index);
+                inner
+                    .streams
+                    .entry(stream.stream_id.clone())
+                    .or_default()
+                    .push(index);
+                last = cursor;
+            }
+        }
+        if let Some((claim, response)) = request.idempotency {
+            let key = inner.keys.get_mut(&claim.key).expect("claim checked above");
+            key.response = Some(response);
+        }
+        drop(inner);
+        self.appends.send_modify(|n| *n += 1);
+        Ok(Appended {
+            last,
+            replayed: false,
+        })
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let inner = self.lock();
+        let Some(indexes) = inner.streams.get(stream_id) else {
+            return Ok(vec![]);
+        };
+        let skip = usize::try_from(after_version).unwrap_or(usize::MAX);
+        Ok(indexes
+            .iter()
+            .skip(skip)
+            .take(limit.min(super::READ_EVENTS_MAX))
+            .map(|&i| inner.events[i].clone())
+            .collect())
+    }
+
+    async fn read_all(
+        &self,
+        after: LogCursor,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let inner = self.lock();
+        // Appends are atomic under the lock, so every stored event is settled, and positions
+        // follow transactions: the position alone orders the log.
+        let start = usize::try_from(after.global_position).unwrap_or(usize::MAX);
+        Ok(inner
+            .events
+            .iter()
+            .skip(start)
+            .take(limit.min(super::READ_EVENTS_MAX))
+            .cloned()
+            .collect())
+    }
+
+    async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, LogError> {
+        Ok(self.lock().snapshots.get(stream_id).cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), LogError> {
+        let mut inner = self.lock();
+        let newer_stored = inner
+            .snapshots
+            .get(&snapshot.stream_id)
+            .is_some_and(|s| s.stream_version >= snapshot.stream_version);
+        if !newer_stored {
+            inner.snapshots.insert(snapshot.stream_id.clone(), snapshot);
+        }
+        Ok(())
+    }
+
+    async fn begin_idempotent(
+        &self,
+        key: &IdempotencyKey,
+        request_sha256: &str,
+        options: ClaimOptions,
+    ) -> Result<Begin, LogError> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let claim = IdempotencyClaim {
+            key: key.clone(),
+            claim_id: Ulid::new(),
+        };
+        let fresh = KeyRecord {
+            request_sha256: request_sha256.to_owned(),
+            claim_id: claim.claim_id,
+            locked_until: now + options.lease,
+            created_at: now,
+            response: None,
+        };
+        let Some(record) = inner.keys.get_mut(key) else {
+            inner.keys.insert(key.clone(), fresh);
+            return Ok(Begin::Claimed(claim));
+        };
+        let expired = now.duration_since(record.created_at).as_secs() >= IDEMPOTENCY_KEY_TTL_S;
+        let stale = record.response.is_none() && record.locked_until <= now;
+        if expired || (stale && record.request_sha256 == request_sha256) {
+            *record = fresh;
+            return Ok(Begin::Claimed(claim));
+        }
+        Ok(if record.request_sha256 != request_sha256 {
+            Begin::Mismatch
+        } else if let Some(response) = &record.response {
+            Begin::Completed(response.clone())
+        } else {
+            Begin::InFlight
+        })
+    }
+
+    async fn complete_idempotent(
+        &self,
+        claim: &IdempotencyClaim,
+        response: &StoredResponse,
+    ) -> Result<(), LogError> {
+        let mut inner = self.lock();
+        match inner.keys.get_mut(&claim.key) {
+            Some(record) if record.claim_id == claim.claim_id && record.response.is_none() => {
+                record.response = Some(response.clone());
+                Ok(())
+            }
+            _ => Err(LogError::ClaimLost),
+        }
+    }
+
+    async fn abandon_idempotent(&self, claim: &IdempotencyClaim) -> Result<(), LogError> {
+        let mut inner = self.lock();
+        if inner
+            .keys
+            .get(&claim.key)
+            .is_some_and(|r| r.claim_id == claim.claim_id && r.response.is_none())
+        {
+            inner.keys.remove(&claim.key);
+        }
+        Ok(())
+    }
+
+    fn appends(&self) -> watch::Receiver<u64> {
+        self.appends.subscribe()
+    }
+}

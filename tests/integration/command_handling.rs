@@ -1,0 +1,222 @@
+//! Load, decide, append, retry: the command handler against both logs.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use commands::handler::{Context, HandlerOptions};
+use commands::{stream_id, CommandError, CommandHandler, EventLog};
+use domain::campaign::{CampaignAggregate, CampaignCommand, NewCampaign, Stock};
+use domain::store::Store;
+use domain::{Aggregate, CampaignId, DomainError, OrderId, StoreId, UserId};
+use harness::TestDb;
+use schemas::Metadata;
+use ulid::Ulid;
+
+fn new_campaign(id: CampaignId, quota: u32, per_user_limit: u32) -> CampaignCommand {
+    let now = Utc::now();
+    CampaignCommand::Create(NewCampaign {
+        campaign_id: id,
+        store: Some(Store {
+            store_id: StoreId::from_ulid(Ulid::new()),
+            name: "Corner Cellar".into(),
+            region: "north".into(),
+            created_at: now,
+        }),
+        sku: "IPA-330".into(),
+        title: "Hazy IPA".into(),
+        price_cents: 1250,
+        quota,
+        per_user_limit,
+        starts_at: now - chrono::Duration::minutes(1),
+        ends_at: now + chrono::Duration::hours(1),
+        payment_timeout_seconds: 600,
+        now,
+    })
+}
+
+fn context<S>() -> Context<'static, S> {
+    Context::new(Metadata {
+        actor: Some("test".into()),
+        ..Default::default()
+    })
+}
+
+async fn create_campaign(handler: &CommandHandler, quota: u32, limit: u32) -> String {
+    let id = CampaignId::from_ulid(Ulid::new());
+    let stream = stream_id::<CampaignAggregate>(id);
+    handler
+        .execute::<CampaignAggregate>(&stream, &new_campaign(id, quota, limit), &context())
+        .await
+        .unwrap();
+    stream
+}
+
+/// 64 writers reserve on one campaign at once: every one succeeds after retries, versions
+/// stay contiguous, and the units add up.
+async fn concurrent_conflicting_commands_all_land_in_contiguous_versions(log: Arc<dyn EventLog>) {
+    const WRITERS: u32 = 64;
+    let options = HandlerOptions {
+        conflict_retries_max: 64,
+        ..HandlerOptions::default()
+    };
+    let handler = CommandHandler::new(Arc::clone(&log), options);
+    let stream = create_campaign(&handler, 1_000, 5).await;
+
+    let mut tasks = Vec::new();
+    for _ in 0..WRITERS {
+        let (handler, stream) = (handler.clone(), stream.clone());
+        tasks.push(tokio::spawn(async move {
+            let reserve = CampaignCommand::Reserve {
+                order_id: OrderId::from_ulid(Ulid::new()),
+                user_id: UserId::from_ulid(Ulid::new()),
+                quantity: 1,
+                now: Utc::now(),
+            };
+            handler
+                .execute::<CampaignAggregate>(&stream, &reserve, &context())
+                .await
+                .map(|_| ())
+        }));
+    }
+    for task in tasks {
+        task.await
+            .unwrap()
+            .expect("every writer lands within its retries");
+    }
+
+    let events = log.read_stream(&stream, 0, 10_000).await.unwrap();
+    let versions: Vec<u64> = events.iter().map(|e| e.envelope.stream_version).collect();
+    assert_eq!(versions, (1..=u64::from(WRITERS) + 1).collect::<Vec<_>>());
+    let loaded = handler.load::<CampaignAggregate>(&stream).await.unwrap();
+    let stock = loaded.state.unwrap().stock;
+    assert_eq!(
+        stock,
+        Stock {
+            total: 1_000,
+            available: 1_000 - WRITERS,
+            reserved: WRITERS,
+            sold: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn concurrent_conflicting_commands_on_postgres() {
+    let db = TestDb::with_pool(32).await;
+    concurrent_conflicting_commands_all_land_in_contiguous_versions(db.log()).await;
+}
+
+#[tokio::test]
+async fn concurrent_conflicting_commands_in_memory() {
+    concurrent_conflicting_commands_all_land_in_contiguous_versions(Arc::new(
+        commands::log::memory::MemoryEventLog::new(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_command_appends_nothing_and_says_why() {
+    let db = TestDb::new().await;
+    let handler = CommandHandler::new(db.log(), HandlerOptions::default());
+    let stream = create_campaign(&handler, 2, 2).await;
+    let reserve = |quantity| CampaignCommand::Reserve {
+        order_id: OrderId::from_ulid(Ulid::new()),
+        user_id: UserId::from_ulid(Ulid::new()),
+        quantity,
+        now: Utc::now(),
+    };
+    let error = handler
+        .execute::<CampaignAggregate>(&stream, &reserve(3), &context())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, CommandError::Domain(DomainError::LimitExceeded)),
+        "{error}"
+    );
+    assert_eq!(db.log().read_stream(&stream, 0, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn executing_the_same_command_again_stores_its_events_once() {
+    let db = TestDb::new().await;
+    let handler = CommandHandler::new(db.log(), HandlerOptions::default());
+    let stream = create_campaign(&handler, 10, 2).await;
+    let replenish = CampaignCommand::Replenish {
+        quantity: 5,
+        now: Utc::now(),
+    };
+    let ctx = context();
+    let first = handler
+        .execute::<CampaignAggregate>(&stream, &replenish, &ctx)
+        .await
+        .unwrap();
+    // The caller did not hear back and sends the very same command (same command id) again.
+    let again = handler
+        .execute::<CampaignAggregate>(&stream, &replenish, &ctx)
+        .await
+        .unwrap();
+    assert!(again.appended.unwrap().replayed);
+    assert_eq!(first.appended.unwrap().replayed, false);
+    let stock = handler
+        .load::<CampaignAggregate>(&stream)
+        .await
+        .unwrap()
+        .state
+        .unwrap()
+        .stock;
+    assert_eq!(stock.total, 15, "replenished once");
+}
+
+#[tokio::test]
+async fn a_long_stream_loads_from_its_snapshot_to_the_same_state_as_a_full_fold() {
+    let db = TestDb::new().await;
+    let log = db.log();
+    let handler = CommandHandler::new(
+        log.clone(),
+        HandlerOptions {
+            snapshot_every_events: 50,
+            ..Default::default()
+        },
+    );
+    let stream = create_campaign(&handler, 1_000, 1).await;
+    for _ in 0..120 {
+        let reserve = CampaignCommand::Reserve {
+            order_id: OrderId::from_ulid(Ulid::new()),
+            user_id: UserId::from_ulid(Ulid::new()),
+            quantity: 1,
+            now: Utc::now(),
+        };
+        handler
+            .execute::<CampaignAggregate>(&stream, &reserve, &context())
+            .await
+            .unwrap();
+    }
+    // Snapshots are written in the background; wait for the one at version 100.
+    let mut snapshot = None;
+    for _ in 0..100 {
+        snapshot = log.load_snapshot(&stream).await.unwrap();
+        if snapshot.as_ref().is_some_and(|s| s.stream_version >= 100) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let snapshot = snapshot.expect("a snapshot was saved");
+    assert!(snapshot.stream_version >= 100 && snapshot.stream_version <= 121);
+
+    let loaded = handler.load::<CampaignAggregate>(&stream).await.unwrap();
+    let events = log.read_stream(&stream, 0, 10_000).await.unwrap();
+    let full: Vec<_> = events
+        .iter()
+        .map(|e| schemas::from_envelope(&e.envelope).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(loaded.version, 121);
+    assert_eq!(loaded.state, CampaignAggregate::fold(&full));
+
+    // A snapshot of another shape is ignored rather than misread.
+    sqlx::query("UPDATE snapshots SET state_version = 999, state = '{\"garbage\": true}'")
+        .execute(log.pool())
+        .await
+        .unwrap();
+    let reloaded = handler.load::<CampaignAggregate>(&stream).await.unwrap();
+    assert_eq!(reloaded.state, loaded.state);
+}

@@ -1,0 +1,541 @@
+//! The event log contract, held against both implementations, and the late-commit guarantee
+//! of the Postgres log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use commands::idempotency::{Begin, ClaimOptions, IdempotencyKey, StoredResponse};
+use commands::log::memory::MemoryEventLog;
+use commands::log::Snapshot;
+use commands::{AppendRequest, EventLog, LogCursor, LogError, NewEvent, StreamAppend};
+use domain::campaign::CampaignEvent;
+use harness::TestDb;
+use schemas::Metadata;
+use ulid::Ulid;
+
+/// Runs a contract test against the in-memory log and against a fresh Postgres database.
+macro_rules! on_both_logs {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                super::$name(std::sync::Arc::new(commands::log::memory::MemoryEventLog::new())).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let db = harness::TestDb::new().await;
+                super::$name(db.log()).await;
+            }
+        }
+    )*};
+}
+
+on_both_logs!(
+    appended_events_read_back_in_version_order_with_their_envelope,
+    an_append_at_a_stale_version_conflicts_and_stores_nothing,
+    an_expected_version_ahead_of_the_stream_conflicts_instead_of_leaving_a_gap,
+    a_multi_stream_append_stores_all_streams_or_none,
+    resending_an_append_that_was_stored_is_a_no_op,
+    the_global_log_is_read_in_pages_without_gaps_or_repeats,
+    a_snapshot_is_replaced_only_by_a_newer_one,
+    an_idempotency_key_is_claimed_once_and_replays_its_response,
+    an_append_completes_its_idempotency_claim_atomically,
+    an_empty_or_oversized_append_is_refused,
+    local_appends_wake_readers,
+);
+
+fn stream() -> String {
+    format!("campaign-{}", Ulid::new())
+}
+
+fn event(seconds: i64) -> NewEvent {
+    let at = chrono::DateTime::from_timestamp(1_700_000_000 + seconds, 0).unwrap();
+    NewEvent {
+        event_id: Ulid::new(),
+        event: schemas::encode(&CampaignEvent::CampaignClosed { at }).unwrap(),
+        metadata: Metadata {
+            actor: Some("test".into()),
+            trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
+            ..Default::default()
+        },
+    }
+}
+
+fn append(stream_id: &str, expected_version: u64, events: Vec<NewEvent>) -> AppendRequest {
+    AppendRequest {
+        streams: vec![StreamAppend {
+            stream_id: stream_id.to_owned(),
+            expected_version,
+            events,
+        }],
+        idempotency: None,
+    }
+}
+
+async fn read_everything(log: &dyn EventLog) -> Vec<commands::RecordedEvent> {
+    log.read_all(LogCursor::default(), 10_000).await.unwrap()
+}
+
+async fn appended_events_read_back_in_version_order_with_their_envelope(log: Arc<dyn EventLog>) {
+    let s = stream();
+    let events = vec![event(1), event(2), event(3)];
+    let ids: Vec<Ulid> = events.iter().map(|e| e.event_id).collect();
+    let appended = log.append(append(&s, 0, events.clone())).await.unwrap();
+    assert!(!appended.replayed);
+
+    let read = log.read_stream(&s, 0, 100).await.unwrap();
+    assert_eq!(
+        read.iter().map(|r| r.envelope.event_id).collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(
+        read.iter()
+            .map(|r| r.envelope.stream_version)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(read.last().unwrap().cursor, appended.last);
+    let first = &read[0].envelope;
+    assert_eq!(first.event_type, "CampaignClosed");
+    assert_eq!(first.schema_version, 1);
+    assert_eq!(first.data, events[0].event.data);
+    assert_eq!(first.metadata, events[0].metadata);
+    schemas::Registry::global()
+        .validate_envelope(&serde_json::to_value(first).unwrap())
+        .unwrap();
+
+    let tail = log.read_stream(&s, 2, 100).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].envelope.stream_version, 3);
+    assert!(log.read_stream(&stream(), 0, 100).await.unwrap().is_empty());
+}
+
+async fn an_append_at_a_stale_version_conflicts_and_stores_nothing(log: Arc<dyn EventLog>) {
+    let s = stream();
+    log.append(append(&s, 0, vec![event(1)])).await.unwrap();
+    let error = log
+        .append(append(&s, 0, vec![event(2), event(3)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            LogError::Conflict {
+                expected_version: 0,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(log.read_stream(&s, 0, 100).await.unwrap().len(), 1);
+    log.append(append(&s, 1, vec![event(2)])).await.unwrap();
+    assert_eq!(log.read_stream(&s, 0, 100).await.unwrap().len(), 2);
+}
+
+async fn an_expected_version_ahead_of_the_stream_conflicts_instead_of_leaving_a_gap(
+    log: Arc<dyn EventLog>,
+) {
+    let s = stream();
+    log.append(append(&s, 0, vec![event(1)])).await.unwrap();
+    let error = log.append(append(&s, 5, vec![event(2)])).await.unwrap_err();
+    assert!(matches!(error, LogError::Conflict { .. }), "{error}");
+    assert_eq!(log.read_stream(&s, 0, 100).await.unwrap().len(), 1);
+}
+
+async fn a_multi_stream_append_stores_all_streams_or_none(log: Arc<dyn EventLog>) {
+    let (a, b) = (stream(), stream());
+    log.append(append(&b, 0, vec![event(1)])).await.unwrap();
+    let both = |b_expected| AppendRequest {
+        streams: vec![
+            StreamAppend {
+                stream_id: a.clone(),
+                expected_version: 0,
+                events: vec![event(2)],
+            },
+            StreamAppend {
+                stream_id: b.clone(),
+                expected_version: b_expected,
+                events: vec![event(3)],
+            },
+        ],
+        idempotency: None,
+    };
+    assert!(matches!(
+        log.append(both(0)).await,
+        Err(LogError::Conflict { .. })
+    ));
+    assert!(
+        log.read_stream(&a, 0, 10).await.unwrap().is_empty(),
+        "a half-applied append"
+    );
+
+    let appended = log.append(both(1)).await.unwrap();
+    let (ra, rb) = (
+        log.read_stream(&a, 0, 10).await.unwrap(),
+        log.read_stream(&b, 0, 10).await.unwrap(),
+    );
+    assert_eq!((ra.len(), rb.len()), (1, 2));
+    assert_eq!(
+        ra[0].cursor.transaction_id, rb[1].cursor.transaction_id,
+        "one transaction"
+    );
+    assert_eq!(rb[1].cursor, appended.last);
+}
+
+async fn resending_an_append_that_was_stored_is_a_no_op(log: Arc<dyn EventLog>) {
+    let s = stream();
+    let events = vec![event(1), event(2)];
+    let first = log.append(append(&s, 0, events.clone())).await.unwrap();
+    let again = log.append(append(&s, 0, events.clone())).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.last, first.last);
+    assert_eq!(log.read_stream(&s, 0, 10).await.unwrap().len(), 2);
+    assert_eq!(read_everything(log.as_ref()).await.len(), 2);
+
+    // The same ids mixed with new ones are not a re-send: that is a conflict.
+    let mixed = vec![events[0].clone(), event(3)];
+    assert!(matches!(
+        log.append(append(&s, 2, mixed)).await,
+        Err(LogError::Conflict { .. })
+    ));
+}
+
+async fn the_global_log_is_read_in_pages_without_gaps_or_repeats(log: Arc<dyn EventLog>) {
+    let streams: Vec<String> = (0..5).map(|_| stream()).collect();
+    let mut expected = Vec::new();
+    for round in 0..4u64 {
+        for s in &streams {
+            let e = event(round as i64);
+            expected.push(e.event_id);
+            log.append(append(s, round, vec![e])).await.unwrap();
+        }
+    }
+    let mut cursor = LogCursor::default();
+    let mut seen = Vec::new();
+    loop {
+        let page = log.read_all(cursor, 3).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 3);
+        for r in &page {
+            assert!(r.cursor > cursor, "cursors only move forward");
+            cursor = r.cursor;
+            seen.push(r.envelope.event_id);
+        }
+    }
+    assert_eq!(seen, expected);
+}
+
+async fn a_snapshot_is_replaced_only_by_a_newer_one(log: Arc<dyn EventLog>) {
+    let s = stream();
+    let snapshot = |version: u64| Snapshot {
+        stream_id: s.clone(),
+        stream_version: version,
+        state_version: 1,
+        state: serde_json::json!({ "version": version }),
+    };
+    assert_eq!(log.load_snapshot(&s).await.unwrap(), None);
+    log.save_snapshot(snapshot(200)).await.unwrap();
+    log.save_snapshot(snapshot(100)).await.unwrap();
+    assert_eq!(log.load_snapshot(&s).await.unwrap(), Some(snapshot(200)));
+    log.save_snapshot(snapshot(300)).await.unwrap();
+    assert_eq!(log.load_snapshot(&s).await.unwrap(), Some(snapshot(300)));
+}
+
+fn key(k: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        scope: "user:01TEST".into(),
+        key: format!("{k}-{}", Ulid::new()),
+    }
+}
+
+fn response(status: u16) -> StoredResponse {
+    StoredResponse {
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: br#"{"ok":true}"#.to_vec(),
+    }
+}
+
+async fn an_idempotency_key_is_claimed_once_and_replays_its_response(log: Arc<dyn EventLog>) {
+    let k = key("claim");
+    let options = ClaimOptions::default();
+    let Begin::Claimed(claim) = log.begin_idempotent(&k, "hash-a", options).await.unwrap() else {
+        panic!("a new key is claimed")
+    };
+    assert_eq!(
+        log.begin_idempotent(&k, "hash-a", options).await.unwrap(),
+        Begin::InFlight
+    );
+    assert_eq!(
+        log.begin_idempotent(&k, "hash-b", options).await.unwrap(),
+        Begin::Mismatch
+    );
+
+    // Another caller's key of the same name is independent.
+    let other = IdempotencyKey {
+        scope: "user:02OTHER".into(),
+        key: k.key.clone(),
+    };
+    assert!(matches!(
+        log.begin_idempotent(&other, "hash-b", options)
+            .await
+            .unwrap(),
+        Begin::Claimed(_)
+    ));
+
+    log.complete_idempotent(&claim, &response(201))
+        .await
+        .unwrap();
+    assert_eq!(
+        log.begin_idempotent(&k, "hash-a", options).await.unwrap(),
+        Begin::Completed(response(201))
+    );
+    assert_eq!(
+        log.begin_idempotent(&k, "hash-b", options).await.unwrap(),
+        Begin::Mismatch
+    );
+    assert!(matches!(
+        log.complete_idempotent(&claim, &response(500)).await,
+        Err(LogError::ClaimLost)
+    ));
+
+    // An abandoned key is free again.
+    let k2 = key("abandon");
+    let Begin::Claimed(claim2) = log.begin_idempotent(&k2, "h", options).await.unwrap() else {
+        panic!()
+    };
+    log.abandon_idempotent(&claim2).await.unwrap();
+    assert!(matches!(
+        log.begin_idempotent(&k2, "h", options).await.unwrap(),
+        Begin::Claimed(_)
+    ));
+
+    // A claim whose lease ran out (its request crashed) is taken over by a retry of the same
+    // request, and the old claim can no longer complete.
+    let k3 = key("lease");
+    let short = ClaimOptions {
+        lease: Duration::from_millis(50),
+    };
+    let Begin::Claimed(stale) = log.begin_idempotent(&k3, "h", short).await.unwrap() else {
+        panic!()
+    };
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        log.begin_idempotent(&k3, "other-body", options)
+            .await
+            .unwrap(),
+        Begin::Mismatch
+    );
+    assert!(matches!(
+        log.begin_idempotent(&k3, "h", options).await.unwrap(),
+        Begin::Claimed(_)
+    ));
+    assert!(matches!(
+        log.complete_idempotent(&stale, &response(201)).await,
+        Err(LogError::ClaimLost)
+    ));
+}
+
+async fn an_append_completes_its_idempotency_claim_atomically(log: Arc<dyn EventLog>) {
+    let options = ClaimOptions::default();
+    let s = stream();
+    let k = key("append");
+    let Begin::Claimed(claim) = log.begin_idempotent(&k, "h", options).await.unwrap() else {
+        panic!()
+    };
+    let mut request = append(&s, 0, vec![event(1)]);
+    request.idempotency = Some((claim.clone(), response(202)));
+    log.append(request).await.unwrap();
+    assert_eq!(
+        log.begin_idempotent(&k, "h", options).await.unwrap(),
+        Begin::Completed(response(202))
+    );
+
+    // A conflicting append records no response: the key stays in flight for the retry.
+    let k2 = key("conflict");
+    let Begin::Claimed(claim2) = log.begin_idempotent(&k2, "h", options).await.unwrap() else {
+        panic!()
+    };
+    let mut conflicting = append(&s, 0, vec![event(2)]);
+    conflicting.idempotency = Some((claim2.clone(), response(202)));
+    assert!(matches!(
+        log.append(conflicting).await,
+        Err(LogError::Conflict { .. })
+    ));
+    assert_eq!(
+        log.begin_idempotent(&k2, "h", options).await.unwrap(),
+        Begin::InFlight
+    );
+
+    // An append under a claim that was lost stores nothing.
+    log.complete_idempotent(&claim2, &response(409))
+        .await
+        .unwrap();
+    let mut lost = append(&s, 1, vec![event(3)]);
+    lost.idempotency = Some((claim2, response(202)));
+    assert!(matches!(log.append(lost).await, Err(LogError::ClaimLost)));
+    assert_eq!(log.read_stream(&s, 0, 10).await.unwrap().len(), 1);
+}
+
+async fn an_empty_or_oversized_append_is_refused(log: Arc<dyn EventLog>) {
+    let s = stream();
+    assert!(matches!(
+        log.append(append(&s, 0, vec![])).await,
+        Err(LogError::InvalidAppend(_))
+    ));
+    let many: Vec<NewEvent> = (0..=commands::log::APPEND_EVENTS_MAX)
+        .map(|i| event(i as i64))
+        .collect();
+    assert!(matches!(
+        log.append(append(&s, 0, many)).await,
+        Err(LogError::InvalidAppend(_))
+    ));
+    assert!(read_everything(log.as_ref()).await.is_empty());
+}
+
+async fn local_appends_wake_readers(log: Arc<dyn EventLog>) {
+    let mut appends = log.appends();
+    let before = *appends.borrow_and_update();
+    log.append(append(&stream(), 0, vec![event(1)]))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), appends.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(*appends.borrow() > before);
+}
+
+// --- the late-commit guarantee (Postgres only: in memory every append is settled at once) ---
+
+/// Inserts an event inside `tx` the way an append does, without committing.
+async fn insert_uncommitted(tx: &mut sqlx::PgConnection, stream_id: &str, e: &NewEvent) {
+    sqlx::query(
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata) \
+         VALUES ($1, $2, 1, $3, $4, $5, $6)",
+    )
+    .bind(uuid::Uuid::from(e.event_id))
+    .bind(stream_id)
+    .bind(&e.event.event_type)
+    .bind(e.event.schema_version as i32)
+    .bind(&e.event.data)
+    .bind(serde_json::to_value(&e.metadata).unwrap())
+    .execute(tx)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_reader_never_passes_a_transaction_that_commits_late_and_delivers_it_after_commit() {
+    let db = TestDb::new().await;
+    let log = db.log();
+    let early = event(1);
+    log.append(append(&stream(), 0, vec![early.clone()]))
+        .await
+        .unwrap();
+    let mut reader = LogCursor::default();
+    let first = log.read_all(reader, 100).await.unwrap();
+    assert_eq!(first.len(), 1);
+    reader = first[0].cursor;
+
+    // A writer takes the next position and holds its transaction open...
+    let late = event(2);
+    let mut open = log.pool().begin().await.unwrap();
+    insert_uncommitted(&mut open, &stream(), &late).await;
+
+    // ...while later writers commit behind it.
+    let mut later = Vec::new();
+    for i in 0..20 {
+        let e = event(10 + i);
+        later.push(e.event_id);
+        log.append(append(&stream(), 0, vec![e])).await.unwrap();
+    }
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT global_position FROM events ORDER BY global_position")
+            .fetch_all(log.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        positions.len(),
+        21,
+        "the late event is not visible, the later ones are"
+    );
+
+    // The reader must not move past the open transaction, however often it polls.
+    for _ in 0..3 {
+        assert!(
+            log.read_all(reader, 100).await.unwrap().is_empty(),
+            "read past an open transaction"
+        );
+    }
+
+    open.commit().await.unwrap();
+    let rest = log.read_all(reader, 100).await.unwrap();
+    let ids: Vec<Ulid> = rest.iter().map(|r| r.envelope.event_id).collect();
+    let mut expected = vec![late.event_id];
+    expected.extend(later);
+    assert_eq!(
+        ids, expected,
+        "the late commit comes first, then everything after it, once each"
+    );
+    assert!(rest[0].envelope.global_position < rest[1].envelope.global_position);
+}
+
+#[tokio::test]
+async fn a_reader_moves_on_once_an_open_transaction_rolls_back() {
+    let db = TestDb::new().await;
+    let log = db.log();
+    let mut open = log.pool().begin().await.unwrap();
+    insert_uncommitted(&mut open, &stream(), &event(1)).await;
+    let after = event(2);
+    log.append(append(&stream(), 0, vec![after.clone()]))
+        .await
+        .unwrap();
+    assert!(log
+        .read_all(LogCursor::default(), 100)
+        .await
+        .unwrap()
+        .is_empty());
+    open.rollback().await.unwrap();
+    let read = log.read_all(LogCursor::default(), 100).await.unwrap();
+    assert_eq!(
+        read.iter().map(|r| r.envelope.event_id).collect::<Vec<_>>(),
+        vec![after.event_id]
+    );
+}
+
+#[tokio::test]
+async fn a_stored_event_that_breaks_its_schema_is_refused_on_read() {
+    let db = TestDb::new().await;
+    let log = db.log();
+    let s = stream();
+    log.append(append(&s, 0, vec![event(1)])).await.unwrap();
+    sqlx::query("UPDATE events SET data = '{\"at\": \"not a time\"}'")
+        .execute(log.pool())
+        .await
+        .unwrap();
+    let error = log.read_stream(&s, 0, 10).await.unwrap_err();
+    assert!(matches!(error, LogError::Schema(_)), "{error}");
+}
+
+#[tokio::test]
+async fn the_memory_log_satisfies_the_same_contract_from_many_tasks() {
+    // Sixteen writers race on one stream; exactly one wins each version.
+    let log: Arc<dyn EventLog> = Arc::new(MemoryEventLog::new());
+    let s = stream();
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let (log, s) = (Arc::clone(&log), s.clone());
+        tasks.push(tokio::spawn(async move {
+            log.append(append(&s, 0, vec![event(i)])).await.is_ok()
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        wins += usize::from(t.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+}
