@@ -170,6 +170,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// it between polls so that local appends reach them at once; appends by other instances
     /// are found by polling.
     fn appends(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Checks the log's storage answers, for readiness probes.
+    async fn ping(&self) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 /// Checks what every implementation refuses before touching storage.

@@ -89,6 +89,8 @@ pub struct Campaign {
     pub title: String,
     /// Deal price per unit.
     pub price_cents: Cents,
+    /// Stock the campaign was created with; replenishments add to `stock.total` only.
+    pub quota: u32,
     /// Most live (reserved or sold) units one user may hold.
     pub per_user_limit: u32,
     /// Start of the sales window, inclusive.
@@ -391,6 +393,7 @@ impl Aggregate for CampaignAggregate {
                     sku: created.sku.clone(),
                     title: created.title.clone(),
                     price_cents: created.price_cents,
+                    quota: created.quota,
                     per_user_limit: created.per_user_limit,
                     starts_at: created.starts_at,
                     ends_at: created.ends_at,

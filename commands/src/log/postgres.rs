@@ -358,6 +358,11 @@ impl EventLog for PgEventLog {
     fn appends(&self) -> watch::Receiver<u64> {
         self.appends.subscribe()
     }
+
+    async fn ping(&self) -> Result<(), LogError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
 }
 
 /// Records a response under a claim; false when the claim no longer owns the key.

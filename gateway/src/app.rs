@@ -1,0 +1,195 @@
+//! Building and running the application: storage, read model, projector, router.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use commands::handler::HandlerOptions;
+use commands::log::memory::MemoryEventLog;
+use commands::log::postgres::{PgEventLog, PgLogOptions};
+use commands::{CommandHandler, EventLog, LogCursor, LogError};
+use projections::MemoryReadModel;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower_http::trace::TraceLayer;
+
+use crate::auth::Auth;
+use crate::error::ApiError;
+use crate::extract::BODY_BYTES_MAX;
+use crate::routes::{campaigns, health, orders, stores, users};
+use crate::state::{AppState, Shared};
+
+/// Where events are stored.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// In process memory: volatile, for demos and tests.
+    Embedded,
+    /// PostgreSQL at this URL.
+    Postgres {
+        /// Connection URL.
+        url: String,
+        /// Pool settings.
+        options: PgLogOptions,
+    },
+}
+
+/// Everything the application needs to start.
+#[derive(Clone)]
+pub struct Settings {
+    /// Where to listen; port 0 picks a free one.
+    pub http_addr: SocketAddr,
+    /// The operator's bearer token.
+    pub operator_token: String,
+    /// Key customer tokens are derived with.
+    pub token_secret: Vec<u8>,
+    /// Where events are stored.
+    pub storage: Storage,
+    /// How long queries wait to read the caller's own writes.
+    pub read_your_writes_timeout: Duration,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets stay out of debug output, and so out of logs.
+        f.debug_struct("Settings")
+            .field("http_addr", &self.http_addr)
+            .field("operator_token", &"<redacted>")
+            .field("token_secret", &"<redacted>")
+            .field(
+                "storage",
+                &matches!(self.storage, Storage::Postgres { .. })
+                    .then_some("postgres")
+                    .unwrap_or("embedded"),
+            )
+            .finish()
+    }
+}
+
+/// Starting the application failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The event log could not be reached.
+    #[error("event log: {0}")]
+    Log(#[from] LogError),
+    /// The database schema could not be brought up to date.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// A built application, bound to its port, not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    log: Arc<dyn EventLog>,
+    read_model: Arc<MemoryReadModel>,
+}
+
+/// Connects (and migrates) the configured event log.
+pub async fn open_log(storage: &Storage) -> Result<Arc<dyn EventLog>, StartupError> {
+    Ok(match storage {
+        Storage::Embedded => Arc::new(MemoryEventLog::new()),
+        Storage::Postgres { url, options } => {
+            let log = PgEventLog::connect(url, options).await?;
+            log.migrate().await?;
+            Arc::new(log)
+        }
+    })
+}
+
+impl Application {
+    /// Opens storage, builds the read model and binds the listener.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let log = open_log(&settings.storage).await?;
+        let read_model = Arc::new(MemoryReadModel::new());
+        let state = AppState::new(Shared {
+            handler: CommandHandler::new(Arc::clone(&log), HandlerOptions::default()),
+            read_model: read_model.clone(),
+            auth: Auth::new(&settings.operator_token, settings.token_secret.clone()),
+            last_append: watch::channel(LogCursor::default()).0,
+            read_your_writes_timeout: settings.read_your_writes_timeout,
+        });
+        let listener = TcpListener::bind(settings.http_addr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: settings.http_addr,
+                source,
+            })?;
+        Ok(Application {
+            listener,
+            state,
+            log,
+            read_model,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking connections, lets requests in
+    /// flight finish, and stops the projector.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let projector = tokio::spawn(projections::projector::run(
+            self.log,
+            self.read_model,
+            wait_stop(stopped.clone()),
+        ));
+        let served = axum::serve(self.listener, router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await;
+        let _ = stop.send(true);
+        let _ = projector.await;
+        served
+    }
+}
+
+/// The HTTP routes of API.md.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/users", post(users::create))
+        .route("/v1/stores", post(stores::create))
+        .route(
+            "/v1/campaigns",
+            post(campaigns::create).get(campaigns::list),
+        )
+        .route("/v1/campaigns/{id}", get(campaigns::get))
+        .route("/v1/campaigns/{id}/replenish", post(campaigns::replenish))
+        .route("/v1/campaigns/{id}/close", post(campaigns::close))
+        .route("/v1/orders", post(orders::place).get(orders::list))
+        .route("/v1/orders/{id}", get(orders::get))
+        .route("/v1/orders/{id}/cancel", post(orders::cancel))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(|| async {
+            ApiError::NotFound {
+                code: "route_not_found",
+                what: "route",
+            }
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

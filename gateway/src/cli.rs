@@ -1,0 +1,154 @@
+//! The `groupbuy` command line: subcommands and their flags, each also settable from the
+//! environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use commands::log::postgres::{PgEventLog, PgLogOptions};
+
+use crate::app::{Application, Settings, StartupError, Storage};
+
+/// groupbuy: an event-sourced order and stock backend for drinks group-buying.
+#[derive(Debug, Parser)]
+#[command(name = "groupbuy", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the HTTP gateway and the background roles.
+    Serve(ServeArgs),
+    /// Brings the Postgres schema up to date and exits.
+    Migrate(MigrateArgs),
+}
+
+/// Flags of `groupbuy serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "GROUPBUY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Bearer token of the operator. A random one is generated (and printed) when unset.
+    #[arg(long, env = "GROUPBUY_OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: Option<String>,
+    /// Key customer tokens are derived with; every instance of one deployment needs the same.
+    #[arg(long, env = "GROUPBUY_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+    /// PostgreSQL URL of the event log. Unset: the embedded, volatile log.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// NATS URL of the JetStream mirror (not used by this version yet).
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Redis URL of the read models (not used by this version yet).
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Most Postgres connections this instance opens.
+    #[arg(long, env = "GROUPBUY_PG_CONNECTIONS_MAX", default_value_t = 16)]
+    pub pg_connections_max: u32,
+}
+
+/// Flags of `groupbuy migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL URL of the event log.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+}
+
+impl ServeArgs {
+    /// The settings these flags describe.
+    pub fn settings(&self) -> Settings {
+        let storage = match &self.database_url {
+            Some(url) => Storage::Postgres {
+                url: url.clone(),
+                options: PgLogOptions {
+                    pool_connections_max: self.pg_connections_max,
+                    ..PgLogOptions::default()
+                },
+            },
+            None => Storage::Embedded,
+        };
+        let operator_token = self.operator_token.clone().unwrap_or_else(|| {
+            let token = format!("op_{:032x}", rand::random::<u128>());
+            // Printed, not logged: it is the only way to learn it, and it dies with the process.
+            eprintln!("GROUPBUY_OPERATOR_TOKEN is not set; this run's operator token is {token}");
+            token
+        });
+        let token_secret = match &self.token_secret {
+            Some(secret) => secret.as_bytes().to_vec(),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+        Settings {
+            http_addr: self.http_addr,
+            operator_token,
+            token_secret,
+            storage,
+            read_your_writes_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Runs `groupbuy serve` until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
+    let settings = args.settings();
+    match &settings.storage {
+        Storage::Embedded => tracing::warn!(
+            "DATABASE_URL is not set: running on the EMBEDDED in-process event log and read models; \
+             everything is lost when this process stops"
+        ),
+        Storage::Postgres { .. } => tracing::info!("event log on PostgreSQL"),
+    }
+    if args.token_secret.is_none() && args.database_url.is_some() {
+        tracing::warn!("GROUPBUY_TOKEN_SECRET is not set: replayed POST /v1/users answers differ across restarts");
+    }
+    if args.nats_url.is_some() || args.redis_url.is_some() {
+        tracing::warn!("NATS_URL and REDIS_URL are accepted but not used by this version yet");
+    }
+    let app = Application::build(settings).await?;
+    tracing::info!(addr = %app.local_addr(), "listening");
+    app.run_until(shutdown_signal())
+        .await
+        .map_err(|source| StartupError::Bind {
+            addr: args.http_addr,
+            source,
+        })?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Runs `groupbuy migrate`.
+pub async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
+    let log = PgEventLog::connect(&args.database_url, &PgLogOptions::default()).await?;
+    log.migrate().await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

@@ -1,0 +1,7 @@
+//! The HTTP routes of API.md, one module per resource.
+
+pub mod campaigns;
+pub mod health;
+pub mod orders;
+pub mod stores;
+pub mod users;

@@ -1,0 +1,227 @@
+//! Orders: customers place, read, list and cancel their own; the operator reads all.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use commands::stream_id;
+use domain::campaign::CampaignAggregate;
+use domain::order::{CancelReason, Order, OrderAggregate, OrderCommand, OrderStatus};
+use domain::{CampaignId, OrderId};
+use projections::{OrderFilter, OrderView};
+use serde::Deserialize;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, TraceId};
+use crate::idempotency::{as_stored, idempotent, Done};
+use crate::reply::Reply;
+use crate::state::{metadata, AppState};
+use crate::views::{OrderBody, OrderPageBody};
+
+/// Orders per page when the client does not say.
+const ORDERS_PAGE_DEFAULT: usize = 50;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceOrder {
+    campaign_id: String,
+    quantity: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    campaign_id: Option<String>,
+    status: Option<OrderStatus>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound {
+        code: "order_not_found",
+        what: "order",
+    }
+}
+
+/// Places an order. 202 with the order, pending until the stock decision.
+pub async fn place(
+    State(state): State<AppState>,
+    caller: Caller,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    TraceId(trace_id): TraceId,
+    body: RawJson,
+) -> Result<Response, ApiError> {
+    let user_id = caller.require_customer()?;
+    if key.is_none() {
+        return Err(ApiError::BadRequest {
+            code: "idempotency_key_required",
+            detail: "POST /v1/orders needs an Idempotency-Key header".into(),
+        });
+    }
+    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let (state, body) = (&state, &body);
+    Ok(idempotent(
+        state,
+        &caller,
+        key,
+        "POST /v1/orders",
+        &body.0,
+        as_stored,
+        move |claim| async move {
+            let request: PlaceOrder = body.parse()?;
+            let campaign_id: CampaignId = field_id(&request.campaign_id, "campaign_id")?;
+            state.caught_up().await;
+            let unit_price_cents = match state.read_model.campaign(campaign_id).await? {
+                Some(campaign) => campaign.price_cents,
+                // The read model may lag behind a campaign created on another instance.
+                None => state
+                    .handler
+                    .load::<CampaignAggregate>(&stream_id::<CampaignAggregate>(campaign_id))
+                    .await?
+                    .state
+                    .map(|c| c.price_cents)
+                    .ok_or(domain::DomainError::CampaignNotFound)?,
+            };
+            let order_id = OrderId::from_ulid(ulid::Ulid::new());
+            let command = OrderCommand::Place {
+                order_id,
+                user_id,
+                campaign_id,
+                quantity: request.quantity,
+                unit_price_cents,
+                now: chrono::Utc::now(),
+            };
+            let render = |order: &Option<Order>| {
+                let view = OrderView::of(order.as_ref().expect("placed"), None);
+                let location =
+                    HeaderValue::try_from(format!("/v1/orders/{order_id}")).expect("ascii");
+                Reply::json(StatusCode::ACCEPTED, &OrderBody::from(&view))
+                    .with_header(header::LOCATION, location)
+            };
+            let stream = stream_id::<OrderAggregate>(order_id);
+            let executed = state
+                .execute::<OrderAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .await?;
+            Ok(Done {
+                reply: render(&executed.state),
+                recorded: claim.is_some(),
+            })
+        },
+    )
+    .await)
+}
+
+/// One order, to its owner or the operator.
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<OrderBody>, ApiError> {
+    let id: OrderId = path_id(&id, "order_not_found", "order")?;
+    state.caught_up().await;
+    let order = state.read_model.order(id).await?.ok_or_else(not_found)?;
+    if let Caller::Customer(user) = caller {
+        if order.user_id != user {
+            return Err(not_found());
+        }
+    }
+    Ok(Json(OrderBody::from(&order)))
+}
+
+/// A customer's own orders, or (to the operator) everyone's; newest first, paged.
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<OrderPageBody>, ApiError> {
+    let q: ListQuery = query(raw.as_deref())?;
+    let limit = q.limit.unwrap_or(ORDERS_PAGE_DEFAULT);
+    if !(1..=projections::read_model::ORDERS_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            detail: "limit must be between 1 and 200".into(),
+        });
+    }
+    let after: Option<OrderId> = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse().map_err(|_| ApiError::BadRequest {
+                code: "invalid_cursor",
+                detail: "cursor is not one this API gave out".into(),
+            })
+        })
+        .transpose()?;
+    let filter = OrderFilter {
+        user_id: match caller {
+            Caller::Customer(user) => Some(user),
+            Caller::Operator => None,
+        },
+        campaign_id: q
+            .campaign_id
+            .as_deref()
+            .map(|c| field_id(c, "campaign_id"))
+            .transpose()?,
+        status: q.status,
+    };
+    state.caught_up().await;
+    let page = state.read_model.orders(&filter, after, limit).await?;
+    Ok(Json(OrderPageBody {
+        items: page.items.iter().map(OrderBody::from).collect(),
+        next_cursor: page.next.map(|id| id.to_string()),
+    }))
+}
+
+/// The owner cancels an order that is not final yet. 202 with the order; 409 when final.
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    TraceId(trace_id): TraceId,
+    Path(id): Path<String>,
+    body: RawJson,
+) -> Result<Response, ApiError> {
+    let user_id = caller.require_customer()?;
+    let order_id: OrderId = path_id(&id, "order_not_found", "order")?;
+    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let route = format!("POST /v1/orders/{order_id}/cancel");
+    let (state, body) = (&state, &body);
+    Ok(idempotent(
+        state,
+        &caller,
+        key,
+        &route,
+        &body.0,
+        as_stored,
+        move |claim| async move {
+            let stream = stream_id::<OrderAggregate>(order_id);
+            let current = state.handler.load::<OrderAggregate>(&stream).await?.state;
+            if current.as_ref().is_none_or(|o| o.user_id != user_id) {
+                return Err(not_found());
+            }
+            let payment = state
+                .read_model
+                .order(order_id)
+                .await?
+                .and_then(|o| o.payment);
+            let render = move |order: &Option<Order>| {
+                let view = OrderView::of(order.as_ref().expect("exists"), payment.clone());
+                Reply::json(StatusCode::ACCEPTED, &OrderBody::from(&view))
+            };
+            let command = OrderCommand::Cancel {
+                reason: CancelReason::Customer,
+                now: chrono::Utc::now(),
+            };
+            let executed = state
+                .execute::<OrderAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .await?;
+            Ok(Done {
+                reply: render(&executed.state),
+                recorded: claim.is_some() && executed.appended.is_some(),
+            })
+        },
+    )
+    .await)
+}

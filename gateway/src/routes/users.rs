@@ -1,0 +1,96 @@
+//! `POST /v1/users`: the operator registers a customer and gets their token.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use commands::idempotency::StoredResponse;
+use commands::stream_id;
+use domain::user::{User, UserAggregate, UserCommand};
+use domain::UserId;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Auth, Caller};
+use crate::error::ApiError;
+use crate::extract::{IdempotencyKeyHeader, RawJson, TraceId};
+use crate::idempotency::{idempotent, Done};
+use crate::reply::Reply;
+use crate::state::{metadata, AppState};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUser {
+    name: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct UserBody {
+    user_id: UserId,
+    name: String,
+    token: String,
+}
+
+/// What the stored response holds instead of the token: tokens are never stored.
+const TOKEN_PLACEHOLDER: &str = "";
+
+/// Registers a customer. 201 with the token, which is shown only here.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    IdempotencyKeyHeader(key): IdempotencyKeyHeader,
+    TraceId(trace_id): TraceId,
+    body: RawJson,
+) -> Result<Response, ApiError> {
+    caller.require_operator()?;
+    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let (state, body) = (&state, &body);
+    Ok(idempotent(
+        state,
+        &caller,
+        key,
+        "POST /v1/users",
+        &body.0,
+        restore_token,
+        move |claim| async move {
+            let request: CreateUser = body.parse()?;
+            let user_id = UserId::from_ulid(ulid::Ulid::new());
+            let token = state.auth.issue(user_id);
+            let command = UserCommand::Register {
+                user_id,
+                name: request.name,
+                token_sha256: Auth::token_sha256(&token),
+                now: chrono::Utc::now(),
+            };
+            let render = |user: &Option<User>, token: &str| {
+                let user = user.as_ref().expect("registered");
+                Reply::json(
+                    StatusCode::CREATED,
+                    &UserBody {
+                        user_id,
+                        name: user.name.clone(),
+                        token: token.to_owned(),
+                    },
+                )
+            };
+            let stored_render = |user: &Option<User>| render(user, TOKEN_PLACEHOLDER);
+            let stream = stream_id::<UserAggregate>(user_id);
+            let executed = state
+                .execute::<UserAggregate>(&stream, &command, meta, claim.as_ref(), &stored_render)
+                .await?;
+            Ok(Done {
+                reply: render(&executed.state, &token),
+                recorded: claim.is_some(),
+            })
+        },
+    )
+    .await)
+}
+
+/// Puts the token back into a replayed `POST /v1/users` response; it is derived from the user
+/// id, so it is the same token the first response carried.
+fn restore_token(state: &AppState, mut stored: StoredResponse) -> StoredResponse {
+    if let Ok(mut body) = serde_json::from_slice::<UserBody>(&stored.body) {
+        body.token = state.auth.issue(body.user_id);
+        stored.body = serde_json::to_vec(&body).expect("serializes");
+    }
+    stored
+}

@@ -1,0 +1,203 @@
+//! What the gateway asks of a read model.
+
+use async_trait::async_trait;
+use commands::LogCursor;
+use domain::campaign::{CampaignStatus, Stock};
+use domain::order::{CancelReason, OrderStatus, RejectReason};
+use domain::payment::PaymentStatus;
+use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp, UserId};
+use tokio::sync::watch;
+
+/// Most orders one page may hold.
+pub const ORDERS_PAGE_MAX: usize = 200;
+/// Most campaigns one listing returns.
+pub const CAMPAIGNS_LIST_MAX: usize = 1_000;
+
+/// A campaign and its stock, as customers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CampaignView {
+    /// Which campaign.
+    pub campaign_id: CampaignId,
+    /// Publishing store.
+    pub store_id: StoreId,
+    /// The drink.
+    pub sku: String,
+    /// Headline.
+    pub title: String,
+    /// Deal price per unit.
+    pub price_cents: Cents,
+    /// Initial stock.
+    pub quota: u32,
+    /// Most live units per user.
+    pub per_user_limit: u32,
+    /// Start of the sales window.
+    pub starts_at: Timestamp,
+    /// End of the sales window.
+    pub ends_at: Timestamp,
+    /// Payment window.
+    pub payment_timeout_seconds: u32,
+    /// When an operator closed it.
+    pub closed_at: Option<Timestamp>,
+    /// Its units.
+    pub stock: Stock,
+}
+
+impl From<&domain::campaign::Campaign> for CampaignView {
+    fn from(c: &domain::campaign::Campaign) -> Self {
+        CampaignView {
+            campaign_id: c.campaign_id,
+            store_id: c.store_id,
+            sku: c.sku.clone(),
+            title: c.title.clone(),
+            price_cents: c.price_cents,
+            quota: c.quota,
+            per_user_limit: c.per_user_limit,
+            starts_at: c.starts_at,
+            ends_at: c.ends_at,
+            payment_timeout_seconds: c.payment_timeout_seconds,
+            closed_at: c.closed_at,
+            stock: c.stock,
+        }
+    }
+}
+
+impl OrderView {
+    /// The view of an order aggregate, with its payment as the read model knows it.
+    pub fn of(order: &domain::order::Order, payment: Option<PaymentView>) -> Self {
+        OrderView {
+            order_id: order.order_id,
+            user_id: order.user_id,
+            campaign_id: order.campaign_id,
+            quantity: order.quantity,
+            amount_cents: order.amount_cents,
+            status: order.status,
+            rejection: order.rejection,
+            cancellation: order.cancellation,
+            payment,
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        }
+    }
+}
+
+impl CampaignView {
+    /// Where it stands at `now`; the same rule as the aggregate's.
+    pub fn status(&self, now: Timestamp) -> CampaignStatus {
+        if self.closed_at.is_some() || now >= self.ends_at {
+            CampaignStatus::Closed
+        } else if now < self.starts_at {
+            CampaignStatus::Scheduled
+        } else {
+            CampaignStatus::Open
+        }
+    }
+}
+
+/// The payment of an order, as the customer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentView {
+    /// Which payment.
+    pub payment_id: PaymentId,
+    /// Where it stands.
+    pub status: PaymentStatus,
+    /// How much.
+    pub amount_cents: Cents,
+}
+
+/// An order, as its customer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderView {
+    /// Which order.
+    pub order_id: OrderId,
+    /// Whose.
+    pub user_id: UserId,
+    /// For which campaign.
+    pub campaign_id: CampaignId,
+    /// Units.
+    pub quantity: u32,
+    /// Price.
+    pub amount_cents: Cents,
+    /// Where it stands.
+    pub status: OrderStatus,
+    /// Why it was rejected.
+    pub rejection: Option<RejectReason>,
+    /// Why it was cancelled.
+    pub cancellation: Option<CancelReason>,
+    /// Its payment, once requested.
+    pub payment: Option<PaymentView>,
+    /// When placed.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+/// Which orders to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrderFilter {
+    /// Only this customer's.
+    pub user_id: Option<UserId>,
+    /// Only this campaign's.
+    pub campaign_id: Option<CampaignId>,
+    /// Only in this status.
+    pub status: Option<OrderStatus>,
+}
+
+/// A page of orders, newest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderPage {
+    /// The orders.
+    pub items: Vec<OrderView>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next: Option<OrderId>,
+}
+
+/// A read model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadModelError {
+    /// Its store failed.
+    #[error("read model unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The queries of the HTTP API.
+#[async_trait]
+pub trait ReadModel: Send + Sync + 'static {
+    /// One campaign.
+    async fn campaign(&self, id: CampaignId) -> Result<Option<CampaignView>, ReadModelError>;
+
+    /// Campaigns, oldest first, optionally of one store and in one status at `now`; at most
+    /// [`CAMPAIGNS_LIST_MAX`].
+    async fn campaigns(
+        &self,
+        store_id: Option<StoreId>,
+        status: Option<CampaignStatus>,
+        now: Timestamp,
+    ) -> Result<Vec<CampaignView>, ReadModelError>;
+
+    /// One order.
+    async fn order(&self, id: OrderId) -> Result<Option<OrderView>, ReadModelError>;
+
+    /// Orders matching `filter`, newest first, older than `after`, at most `limit`.
+    async fn orders(
+        &self,
+        filter: &OrderFilter,
+        after: Option<OrderId>,
+        limit: usize,
+    ) -> Result<OrderPage, ReadModelError>;
+
+    /// The log position everything up to which is applied.
+    fn position(&self) -> watch::Receiver<LogCursor>;
+}
+
+/// Waits until `model` has applied everything up to `cursor`, or `timeout` passes. Returns
+/// whether it got there.
+pub async fn wait_for(
+    model: &dyn ReadModel,
+    cursor: LogCursor,
+    timeout: std::time::Duration,
+) -> bool {
+    let mut position = model.position();
+    tokio::time::timeout(timeout, position.wait_for(|p| *p >= cursor))
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
