@@ -6,9 +6,10 @@
 //!   log) and hands back a client for it.
 //!
 //! Logs stay quiet unless `TEST_LOG` is set.
-
+pub mod app;
 pub mod db;
 
+pub use app::{expect_json, expect_problem, spawn_app, Backend, TestApp, OPERATOR_TOKEN};
 pub use db::TestDb;
 
 /// Installs a tracing subscriber once, writing to the test output when `TEST_LOG` is set.

@@ -52,15 +52,16 @@ impl RawJson {
                 detail: "request body must be a JSON object".into(),
             });
         }
-        serde_json::from_slice(&self.0).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => ApiError::Unprocessable {
-                code: "invalid_body",
-                detail: e.to_string(),
-            },
-            _ => ApiError::BadRequest {
+        // Syntax first, shape second: serde alone reports `[1,` as a type error because it
+        // meets the wrong type before the missing bracket.
+        let value: serde_json::Value =
+            serde_json::from_slice(&self.0).map_err(|e| ApiError::BadRequest {
                 code: "malformed_json",
                 detail: e.to_string(),
-            },
+            })?;
+        serde_json::from_value(value).map_err(|e| ApiError::Unprocessable {
+            code: "invalid_body",
+            detail: e.to_string(),
         })
     }
 }

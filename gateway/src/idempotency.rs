@@ -96,7 +96,7 @@ where
 
 /// Identifies "the same request": the route and the body, with JSON bodies compared by value
 /// (key order and white space do not make a request different).
-fn request_sha256(route: &str, body: &[u8]) -> String {
+pub fn request_sha256(route: &str, body: &[u8]) -> String {
     let canonical = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .map(|v| serde_json::to_vec(&v).expect("values serialize"));

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
+pub mod ids;
 pub mod reply;
 pub mod routes;
 pub mod state;

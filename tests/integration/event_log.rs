@@ -73,10 +73,6 @@ fn append(stream_id: &str, expected_version: u64, events: Vec<NewEvent>) -> Appe
     }
 }
 
-async fn read_everything(log: &dyn EventLog) -> Vec<commands::RecordedEvent> {
-    log.read_all(LogCursor::default(), 10_000).await.unwrap()
-}
-
 async fn appended_events_read_back_in_version_order_with_their_envelope(log: Arc<dyn EventLog>) {
     let s = stream();
     let events = vec![event(1), event(2), event(3)];
@@ -191,7 +187,12 @@ async fn resending_an_append_that_was_stored_is_a_no_op(log: Arc<dyn EventLog>) 
     assert!(again.replayed);
     assert_eq!(again.last, first.last);
     assert_eq!(log.read_stream(&s, 0, 10).await.unwrap().len(), 2);
-    assert_eq!(read_everything(log.as_ref()).await.len(), 2);
+    assert_eq!(
+        read_settled(log.as_ref(), LogCursor::default(), 2)
+            .await
+            .len(),
+        2
+    );
 
     // The same ids mixed with new ones are not a re-send: that is a conflict.
     let mixed = vec![events[0].clone(), event(3)];
@@ -213,10 +214,13 @@ async fn the_global_log_is_read_in_pages_without_gaps_or_repeats(log: Arc<dyn Ev
     }
     let mut cursor = LogCursor::default();
     let mut seen = Vec::new();
-    loop {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.len() < expected.len() && tokio::time::Instant::now() < deadline {
         let page = log.read_all(cursor, 3).await.unwrap();
         if page.is_empty() {
-            break;
+            // Settling behind another test's open transaction; see `read_settled`.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
         }
         assert!(page.len() <= 3);
         for r in &page {
@@ -393,7 +397,7 @@ async fn an_empty_or_oversized_append_is_refused(log: Arc<dyn EventLog>) {
         log.append(append(&s, 0, many)).await,
         Err(LogError::InvalidAppend(_))
     ));
-    assert!(read_everything(log.as_ref()).await.is_empty());
+    assert!(log.read_stream(&s, 0, 10).await.unwrap().is_empty());
 }
 
 async fn local_appends_wake_readers(log: Arc<dyn EventLog>) {
@@ -410,6 +414,26 @@ async fn local_appends_wake_readers(log: Arc<dyn EventLog>) {
 }
 
 // --- the late-commit guarantee (Postgres only: in memory every append is settled at once) ---
+
+/// Reads from `after` until `count` events came back. The watermark is the oldest running
+/// writing transaction of the whole server, so a transaction another test holds open in its
+/// own database delays this reader too (never makes it skip): hence a bounded wait, not a
+/// single read.
+async fn read_settled(
+    log: &dyn EventLog,
+    after: LogCursor,
+    count: usize,
+) -> Vec<commands::RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let read = log.read_all(after, 1_000).await.unwrap();
+        if read.len() >= count || tokio::time::Instant::now() > deadline {
+            assert_eq!(read.len(), count, "events never settled");
+            return read;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// Inserts an event inside `tx` the way an append does, without committing.
 async fn insert_uncommitted(tx: &mut sqlx::PgConnection, stream_id: &str, e: &NewEvent) {
@@ -436,10 +460,7 @@ async fn a_reader_never_passes_a_transaction_that_commits_late_and_delivers_it_a
     log.append(append(&stream(), 0, vec![early.clone()]))
         .await
         .unwrap();
-    let mut reader = LogCursor::default();
-    let first = log.read_all(reader, 100).await.unwrap();
-    assert_eq!(first.len(), 1);
-    reader = first[0].cursor;
+    let reader = read_settled(log.as_ref(), LogCursor::default(), 1).await[0].cursor;
 
     // A writer takes the next position and holds its transaction open...
     let late = event(2);
@@ -473,7 +494,7 @@ async fn a_reader_never_passes_a_transaction_that_commits_late_and_delivers_it_a
     }
 
     open.commit().await.unwrap();
-    let rest = log.read_all(reader, 100).await.unwrap();
+    let rest = read_settled(log.as_ref(), reader, 21).await;
     let ids: Vec<Ulid> = rest.iter().map(|r| r.envelope.event_id).collect();
     let mut expected = vec![late.event_id];
     expected.extend(later);
@@ -500,7 +521,7 @@ async fn a_reader_moves_on_once_an_open_transaction_rolls_back() {
         .unwrap()
         .is_empty());
     open.rollback().await.unwrap();
-    let read = log.read_all(LogCursor::default(), 100).await.unwrap();
+    let read = read_settled(log.as_ref(), LogCursor::default(), 1).await;
     assert_eq!(
         read.iter().map(|r| r.envelope.event_id).collect::<Vec<_>>(),
         vec![after.event_id]

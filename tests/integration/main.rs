@@ -1,4 +1,25 @@
 //! Integration tests: one binary, a module per capability, real Postgres.
 
+/// Runs an app test on the embedded default and on a fresh Postgres database: both must
+/// behave the same.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(harness::spawn_app(harness::Backend::Embedded).await).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(harness::spawn_app(harness::Backend::Postgres).await).await;
+            }
+        }
+    )*};
+}
+
+mod api_catalog;
+mod api_input;
+mod api_orders;
 mod command_handling;
 mod event_log;

@@ -94,7 +94,7 @@ pub async fn create(
                 .load::<StoreAggregate>(&stream_id::<StoreAggregate>(store_id))
                 .await?
                 .state;
-            let campaign_id = CampaignId::from_ulid(ulid::Ulid::new());
+            let campaign_id = CampaignId::from_ulid(crate::ids::new_ulid());
             let command = CampaignCommand::Create(NewCampaign {
                 campaign_id,
                 store,

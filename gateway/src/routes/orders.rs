@@ -84,7 +84,7 @@ pub async fn place(
                     .map(|c| c.price_cents)
                     .ok_or(domain::DomainError::CampaignNotFound)?,
             };
-            let order_id = OrderId::from_ulid(ulid::Ulid::new());
+            let order_id = OrderId::from_ulid(crate::ids::new_ulid());
             let command = OrderCommand::Place {
                 order_id,
                 user_id,

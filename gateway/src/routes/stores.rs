@@ -49,7 +49,7 @@ pub async fn create(
         as_stored,
         move |claim| async move {
             let request: CreateStore = body.parse()?;
-            let store_id = StoreId::from_ulid(ulid::Ulid::new());
+            let store_id = StoreId::from_ulid(crate::ids::new_ulid());
             let command = StoreCommand::Create {
                 store_id,
                 name: request.name,

@@ -52,7 +52,7 @@ pub async fn create(
         restore_token,
         move |claim| async move {
             let request: CreateUser = body.parse()?;
-            let user_id = UserId::from_ulid(ulid::Ulid::new());
+            let user_id = UserId::from_ulid(crate::ids::new_ulid());
             let token = state.auth.issue(user_id);
             let command = UserCommand::Register {
                 user_id,

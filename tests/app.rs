@@ -1,0 +1,224 @@
+//! The real application on port 0, with a client for it.
+
+use std::time::Duration;
+
+use gateway::app::{Application, Settings, Storage};
+use reqwest::{Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::db::TestDb;
+
+/// The operator token every test app is configured with.
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+
+/// Which event log the app runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    /// The in-process default.
+    Embedded,
+    /// A fresh Postgres database.
+    Postgres,
+}
+
+/// A running application.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub address: String,
+    /// A client with a timeout.
+    pub client: reqwest::Client,
+    /// The database, when running on Postgres.
+    pub db: Option<TestDb>,
+    stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Starts the application on a free port.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    crate::init_tracing();
+    let db = match backend {
+        Backend::Embedded => None,
+        Backend::Postgres => Some(TestDb::new().await),
+    };
+    let storage = match &db {
+        None => Storage::Embedded,
+        Some(db) => Storage::Postgres {
+            url: db.url.clone(),
+            options: commands::log::postgres::PgLogOptions {
+                pool_connections_max: 8,
+                ..Default::default()
+            },
+        },
+    };
+    let settings = Settings {
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        operator_token: OPERATOR_TOKEN.into(),
+        token_secret: b"test-token-secret".to_vec(),
+        storage,
+        read_your_writes_timeout: Duration::from_secs(2),
+    };
+    let app = Application::build(settings)
+        .await
+        .expect("the application starts");
+    let address = format!("http://{}", app.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    TestApp {
+        address,
+        client,
+        db,
+        stop: Some(stop),
+        served: Some(served),
+    }
+}
+
+impl TestApp {
+    /// Sends a request with an optional bearer token, Idempotency-Key and JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> Response {
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.address));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        request.send().await.expect("the request is answered")
+    }
+
+    /// POST with a JSON body.
+    pub async fn post(&self, path: &str, token: &str, key: Option<&str>, body: &Value) -> Response {
+        self.send(reqwest::Method::POST, path, Some(token), key, Some(body))
+            .await
+    }
+
+    /// GET.
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        self.send(reqwest::Method::GET, path, Some(token), None, None)
+            .await
+    }
+
+    /// Creates a store as the operator; returns its body.
+    pub async fn create_store(&self) -> Value {
+        let response = self
+            .post(
+                "/v1/stores",
+                OPERATOR_TOKEN,
+                None,
+                &json!({"name": "Corner Cellar", "region": "north"}),
+            )
+            .await;
+        expect_json(response, StatusCode::CREATED).await
+    }
+
+    /// Creates an open campaign; returns its body.
+    pub async fn create_campaign(&self, quota: u32, per_user_limit: u32) -> Value {
+        let store = self.create_store().await;
+        let now = chrono::Utc::now();
+        let body = json!({
+            "store_id": store["store_id"],
+            "sku": "IPA-330",
+            "title": "Hazy IPA six-pack",
+            "price_cents": 1250,
+            "quota": quota,
+            "per_user_limit": per_user_limit,
+            "starts_at": now - chrono::Duration::minutes(1),
+            "ends_at": now + chrono::Duration::hours(1),
+            "payment_timeout_seconds": 600,
+        });
+        expect_json(
+            self.post("/v1/campaigns", OPERATOR_TOKEN, None, &body)
+                .await,
+            StatusCode::CREATED,
+        )
+        .await
+    }
+
+    /// Registers a customer; returns (user id, token).
+    pub async fn create_user(&self, name: &str) -> (String, String) {
+        let body = expect_json(
+            self.post("/v1/users", OPERATOR_TOKEN, None, &json!({ "name": name }))
+                .await,
+            StatusCode::CREATED,
+        )
+        .await;
+        (
+            body["user_id"].as_str().unwrap().to_owned(),
+            body["token"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// How many events the log holds (Postgres only).
+    pub async fn event_count(&self) -> i64 {
+        let db = self
+            .db
+            .as_ref()
+            .expect("event_count needs the Postgres backend");
+        sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(db.log().pool())
+            .await
+            .unwrap()
+    }
+
+    /// Stops the application gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Asserts the status and returns the JSON body, showing the body when the status differs.
+pub async fn expect_json(response: Response, status: StatusCode) -> Value {
+    let actual = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, status, "unexpected status, body: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("body is not JSON ({e}): {text}"))
+}
+
+/// Asserts a problem+json answer with this status and code; returns the problem.
+pub async fn expect_problem(response: Response, status: StatusCode, code: &str) -> Value {
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let problem = expect_json(response, status).await;
+    assert_eq!(content_type, "application/problem+json");
+    assert_eq!(problem["code"], code, "problem: {problem}");
+    assert_eq!(problem["status"], status.as_u16());
+    for field in ["type", "title", "detail"] {
+        assert!(
+            problem[field].is_string(),
+            "problem without {field}: {problem}"
+        );
+    }
+    problem
+}

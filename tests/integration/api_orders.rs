@@ -1,0 +1,374 @@
+//! Orders through the HTTP API: placing, reading, listing, cancelling, and Idempotency-Key.
+
+use commands::idempotency::{Begin, ClaimOptions, IdempotencyKey};
+use commands::EventLog;
+use harness::{expect_json, expect_problem, spawn_app, Backend, TestApp, OPERATOR_TOKEN};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+on_both_backends!(
+    a_customer_places_an_order_that_is_pending_with_its_amount,
+    the_same_key_and_body_replays_the_first_answer,
+    the_same_key_with_another_body_is_refused,
+    an_order_needs_an_idempotency_key_a_customer_and_a_campaign,
+    customers_see_only_their_own_orders,
+    orders_are_listed_newest_first_in_pages,
+    the_owner_cancels_an_order_once,
+);
+
+async fn place(
+    app: &TestApp,
+    token: &str,
+    campaign: &Value,
+    quantity: u32,
+    key: &str,
+) -> reqwest::Response {
+    app.post(
+        "/v1/orders",
+        token,
+        Some(key),
+        &json!({"campaign_id": campaign["campaign_id"], "quantity": quantity}),
+    )
+    .await
+}
+
+async fn a_customer_places_an_order_that_is_pending_with_its_amount(app: TestApp) {
+    let (user_id, token) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let response = place(&app, &token, &campaign, 2, "order-1").await;
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let order = expect_json(response, StatusCode::ACCEPTED).await;
+    assert_eq!(
+        location,
+        format!("/v1/orders/{}", order["order_id"].as_str().unwrap())
+    );
+    assert_eq!(order["status"], "pending");
+    assert_eq!(order["reason"], Value::Null);
+    assert_eq!(order["payment"], Value::Null);
+    assert_eq!(order["amount_cents"], 2500);
+    assert_eq!(order["user_id"], user_id.as_str());
+    assert_eq!(order["quantity"], 2);
+    let read = expect_json(app.get(&location, &token).await, StatusCode::OK).await;
+    assert_eq!(read, order);
+}
+
+async fn the_same_key_and_body_replays_the_first_answer(app: TestApp) {
+    let (_, token) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let first = place(&app, &token, &campaign, 1, "same-key").await;
+    let first_location = first.headers()["location"].clone();
+    let first = expect_json(first, StatusCode::ACCEPTED).await;
+    let again = place(&app, &token, &campaign, 1, "same-key").await;
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["location"], first_location);
+    assert_eq!(expect_json(again, StatusCode::ACCEPTED).await, first);
+    let orders = expect_json(app.get("/v1/orders", &token).await, StatusCode::OK).await;
+    assert_eq!(
+        orders["items"].as_array().unwrap().len(),
+        1,
+        "one order, not two"
+    );
+
+    // Keys are scoped per caller: another customer's identical key is a new order.
+    let (_, other) = app.create_user("Bob").await;
+    let theirs = expect_json(
+        place(&app, &other, &campaign, 1, "same-key").await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    assert_ne!(theirs["order_id"], first["order_id"]);
+}
+
+async fn the_same_key_with_another_body_is_refused(app: TestApp) {
+    let (_, token) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    expect_json(
+        place(&app, &token, &campaign, 1, "k").await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    expect_problem(
+        place(&app, &token, &campaign, 2, "k").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
+}
+
+async fn an_order_needs_an_idempotency_key_a_customer_and_a_campaign(app: TestApp) {
+    let (_, token) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let body = json!({"campaign_id": campaign["campaign_id"], "quantity": 1});
+    expect_problem(
+        app.post("/v1/orders", &token, None, &body).await,
+        StatusCode::BAD_REQUEST,
+        "idempotency_key_required",
+    )
+    .await;
+    expect_problem(
+        app.post("/v1/orders", OPERATOR_TOKEN, Some("op"), &body)
+            .await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    let unknown = json!({"campaign_id": ulid::Ulid::new().to_string(), "quantity": 1});
+    expect_problem(
+        app.post("/v1/orders", &token, Some("u"), &unknown).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "campaign_not_found",
+    )
+    .await;
+    for (quantity, code) in [
+        (json!(0), "invalid_input"),
+        (json!(-3), "invalid_body"),
+        (json!(100_000), "invalid_input"),
+    ] {
+        let body = json!({"campaign_id": campaign["campaign_id"], "quantity": quantity});
+        let key = format!("q{quantity}");
+        expect_problem(
+            app.post("/v1/orders", &token, Some(&key), &body).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            code,
+        )
+        .await;
+    }
+}
+
+async fn customers_see_only_their_own_orders(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let (_, bob) = app.create_user("Bob").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let order = expect_json(
+        place(&app, &ada, &campaign, 1, "a").await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let path = format!("/v1/orders/{}", order["order_id"].as_str().unwrap());
+    expect_problem(
+        app.get(&path, &bob).await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
+    expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let bobs = expect_json(app.get("/v1/orders", &bob).await, StatusCode::OK).await;
+    assert_eq!(bobs, json!({"items": [], "next_cursor": null}));
+    expect_problem(
+        app.get(&format!("/v1/orders/{}", ulid::Ulid::new()), &ada)
+            .await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
+}
+
+async fn orders_are_listed_newest_first_in_pages(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let (_, bob) = app.create_user("Bob").await;
+    let first_campaign = app.create_campaign(100, 50).await;
+    let second_campaign = app.create_campaign(100, 50).await;
+    let mut placed = Vec::new();
+    for i in 0..5 {
+        let order = expect_json(
+            place(&app, &ada, &first_campaign, 1, &format!("a{i}")).await,
+            StatusCode::ACCEPTED,
+        )
+        .await;
+        placed.push(order["order_id"].as_str().unwrap().to_owned());
+    }
+    expect_json(
+        place(&app, &bob, &second_campaign, 1, "b").await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    placed.reverse();
+
+    let mut seen = Vec::new();
+    let mut path = "/v1/orders?limit=2".to_owned();
+    loop {
+        let page = expect_json(app.get(&path, &ada).await, StatusCode::OK).await;
+        let items = page["items"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(
+            items
+                .iter()
+                .map(|o| o["order_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/orders?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, placed);
+
+    let all = expect_json(
+        app.get("/v1/orders?limit=200", OPERATOR_TOKEN).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 6);
+    let second = format!(
+        "/v1/orders?campaign_id={}",
+        second_campaign["campaign_id"].as_str().unwrap()
+    );
+    let of_second = expect_json(app.get(&second, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    assert_eq!(of_second["items"].as_array().unwrap().len(), 1);
+    let pending = expect_json(
+        app.get("/v1/orders?status=pending", &ada).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(pending["items"].as_array().unwrap().len(), 5);
+    let confirmed = expect_json(
+        app.get("/v1/orders?status=confirmed", &ada).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(confirmed["items"], json!([]));
+
+    for (query, code) in [
+        ("limit=0", "invalid_query"),
+        ("limit=201", "invalid_query"),
+        ("limit=x", "invalid_query"),
+        ("cursor=zzz", "invalid_cursor"),
+        ("status=lost", "invalid_query"),
+    ] {
+        expect_problem(
+            app.get(&format!("/v1/orders?{query}"), &ada).await,
+            StatusCode::BAD_REQUEST,
+            code,
+        )
+        .await;
+    }
+}
+
+async fn the_owner_cancels_an_order_once(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let (_, bob) = app.create_user("Bob").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let order = expect_json(
+        place(&app, &ada, &campaign, 1, "a").await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let cancel = format!("/v1/orders/{}/cancel", order["order_id"].as_str().unwrap());
+    let post = |token: &str| {
+        let (app, cancel, token) = (&app, cancel.clone(), token.to_owned());
+        async move {
+            app.send(reqwest::Method::POST, &cancel, Some(&token), None, None)
+                .await
+        }
+    };
+    expect_problem(post(&bob).await, StatusCode::NOT_FOUND, "order_not_found").await;
+    expect_problem(
+        post(OPERATOR_TOKEN).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    let cancelled = expect_json(post(&ada).await, StatusCode::ACCEPTED).await;
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["reason"], "customer");
+    expect_problem(
+        post(&ada).await,
+        StatusCode::CONFLICT,
+        "order_already_final",
+    )
+    .await;
+    let read = expect_json(
+        app.get(
+            &format!("/v1/orders/{}", order["order_id"].as_str().unwrap()),
+            &ada,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(read["status"], "cancelled");
+}
+
+#[tokio::test]
+async fn a_key_whose_first_request_is_still_running_is_in_use() {
+    let app = spawn_app(Backend::Postgres).await;
+    let (user_id, token) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let body = json!({"campaign_id": campaign["campaign_id"], "quantity": 1});
+    // Another instance took the key for the same request a moment ago and is still working.
+    let log = app.db.as_ref().unwrap().log();
+    let key = IdempotencyKey {
+        scope: format!("user:{user_id}"),
+        key: "busy".into(),
+    };
+    let hash = gateway::idempotency::request_sha256(
+        "POST /v1/orders",
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    let begun = log
+        .begin_idempotent(&key, &hash, ClaimOptions::default())
+        .await
+        .unwrap();
+    assert!(matches!(begun, Begin::Claimed(_)));
+    expect_problem(
+        app.post("/v1/orders", &token, Some("busy"), &body).await,
+        StatusCode::CONFLICT,
+        "idempotency_key_in_use",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn requests_that_are_refused_append_nothing() {
+    let app = spawn_app(Backend::Postgres).await;
+    let (_, token) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let before = app.event_count().await;
+    let refused = [
+        app.post(
+            "/v1/orders",
+            &token,
+            Some("1"),
+            &json!({"campaign_id": campaign["campaign_id"], "quantity": 0}),
+        )
+        .await,
+        app.post(
+            "/v1/orders",
+            &token,
+            Some("2"),
+            &json!({"campaign_id": "nope", "quantity": 1}),
+        )
+        .await,
+        app.post(
+            "/v1/orders",
+            &token,
+            None,
+            &json!({"campaign_id": campaign["campaign_id"], "quantity": 1}),
+        )
+        .await,
+        app.post(
+            "/v1/stores",
+            OPERATOR_TOKEN,
+            None,
+            &json!({"name": "", "region": "x"}),
+        )
+        .await,
+        app.post(
+            "/v1/stores",
+            &token,
+            None,
+            &json!({"name": "x", "region": "x"}),
+        )
+        .await,
+        app.post(
+            "/v1/users",
+            OPERATOR_TOKEN,
+            None,
+            &json!({"name": "x", "admin": true}),
+        )
+        .await,
+    ];
+    for response in refused {
+        assert!(response.status().is_client_error(), "{}", response.status());
+    }
+    assert_eq!(app.event_count().await, before);
+}
