@@ -25,44 +25,40 @@ fn id(n: u8) -> Ulid {
     Ulid::from_parts(1_700_000_000_000, u128::from(n))
 }
 
+/// Decodes a stored payload and serializes it again, tagged.
+type RoundTrip = fn(&str, u32, serde_json::Value) -> serde_json::Value;
+/// An event type, a tagged event of that type, and how to bring it back from the log.
+type Sample = (&'static str, serde_json::Value, RoundTrip);
+
+fn sample<E: Serialize + DeserializeOwned>(event_type: &'static str, event: &E) -> Sample {
+    (event_type, serde_json::to_value(event).unwrap(), round_trip::<E>)
+}
+
 /// One sample of every event type the domain defines. The exhaustive matches in `type_of_*`
 /// stop this file compiling when a variant is added without being listed here.
-fn samples() -> Vec<(
-    &'static str,
-    serde_json::Value,
-    fn(&str, u32, serde_json::Value) -> serde_json::Value,
-)> {
+fn samples() -> Vec<Sample> {
     let (order, user, campaign, payment) = (
         OrderId::from_ulid(id(1)),
         UserId::from_ulid(id(2)),
         CampaignId::from_ulid(id(3)),
         PaymentId::from_ulid(id(4)),
     );
-    let mut out = Vec::new();
-    for e in [UserEvent::UserRegistered(User {
+    let user_registered = UserEvent::UserRegistered(User {
         user_id: user,
         name: "Ada".into(),
         token_sha256: "0f".repeat(32),
         registered_at: at(),
-    })] {
-        out.push((
-            type_of_user(&e),
-            serde_json::to_value(&e).unwrap(),
-            round_trip::<UserEvent> as _,
-        ));
-    }
-    for e in [StoreEvent::StoreCreated(Store {
+    });
+    let store_created = StoreEvent::StoreCreated(Store {
         store_id: StoreId::from_ulid(id(5)),
         name: "Corner Cellar".into(),
         region: "north".into(),
         created_at: at(),
-    })] {
-        out.push((
-            type_of_store(&e),
-            serde_json::to_value(&e).unwrap(),
-            round_trip::<StoreEvent> as _,
-        ));
-    }
+    });
+    let mut out = vec![
+        sample(type_of_user(&user_registered), &user_registered),
+        sample(type_of_store(&store_created), &store_created),
+    ];
     for e in [
         CampaignEvent::CampaignCreated(CampaignCreated {
             campaign_id: campaign,
@@ -102,11 +98,7 @@ fn samples() -> Vec<(
             at: at(),
         },
     ] {
-        out.push((
-            type_of_campaign(&e),
-            serde_json::to_value(&e).unwrap(),
-            round_trip::<CampaignEvent> as _,
-        ));
+        out.push(sample(type_of_campaign(&e), &e));
     }
     for e in [
         OrderEvent::OrderPlaced {
@@ -136,11 +128,7 @@ fn samples() -> Vec<(
             at: at(),
         },
     ] {
-        out.push((
-            type_of_order(&e),
-            serde_json::to_value(&e).unwrap(),
-            round_trip::<OrderEvent> as _,
-        ));
+        out.push(sample(type_of_order(&e), &e));
     }
     for e in [
         PaymentEvent::PaymentRequested {
@@ -161,11 +149,7 @@ fn samples() -> Vec<(
         PaymentEvent::PaymentTimedOut { at: at() },
         PaymentEvent::PaymentRefunded { at: at() },
     ] {
-        out.push((
-            type_of_payment(&e),
-            serde_json::to_value(&e).unwrap(),
-            round_trip::<PaymentEvent> as _,
-        ));
+        out.push(sample(type_of_payment(&e), &e));
     }
     out
 }

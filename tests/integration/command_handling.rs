@@ -156,7 +156,7 @@ async fn executing_the_same_command_again_stores_its_events_once() {
         .await
         .unwrap();
     assert!(again.appended.unwrap().replayed);
-    assert_eq!(first.appended.unwrap().replayed, false);
+    assert!(!first.appended.unwrap().replayed);
     let stock = handler
         .load::<CampaignAggregate>(&stream)
         .await

@@ -191,7 +191,7 @@ pub async fn replenish(
                 quantity: request.quantity,
                 now: chrono::Utc::now(),
             };
-            operate(&state, id, command, meta, claim).await
+            operate(state, id, command, meta, claim).await
         },
     )
     .await)
@@ -220,7 +220,7 @@ pub async fn close(
         as_stored,
         move |claim| async move {
             operate(
-                &state,
+                state,
                 id,
                 CampaignCommand::Close {
                     now: chrono::Utc::now(),
