@@ -31,7 +31,11 @@ type RoundTrip = fn(&str, u32, serde_json::Value) -> serde_json::Value;
 type Sample = (&'static str, serde_json::Value, RoundTrip);
 
 fn sample<E: Serialize + DeserializeOwned>(event_type: &'static str, event: &E) -> Sample {
-    (event_type, serde_json::to_value(event).unwrap(), round_trip::<E>)
+    (
+        event_type,
+        serde_json::to_value(event).unwrap(),
+        round_trip::<E>,
+    )
 }
 
 /// One sample of every event type the domain defines. The exhaustive matches in `type_of_*`
