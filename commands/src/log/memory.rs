@@ -2,7 +2,7 @@
 //!
 //! It keeps the Postgres log's semantics exactly (expected versions, atomic multi-stream
 //! appends, idempotent re-sends, idempotency claims), so the embedded default behaves like
-//! production; the shared test suite in `tests/event_log.rs` holds both to it.
+//! production; the shared test suite in `tests/integration/event_log.rs` holds both to it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

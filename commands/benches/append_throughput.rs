@@ -1,0 +1,283 @@
+//! Appends per second on this machine's Postgres: raw log appends and whole commands, on one
+//! hot stream and on many streams. Creates a scratch database and drops it afterwards.
+//!
+//! `cargo bench -p groupbuy-commands --bench append_throughput`
+//! (`GROUPBUY_BENCH_PG` overrides the server, default `postgres://postgres@127.0.0.1:5432/postgres`.)
+//! Each scenario runs three times; the table shows the median.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use commands::handler::{Context, HandlerOptions};
+use commands::log::postgres::{PgEventLog, PgLogOptions};
+use commands::{stream_id, AppendRequest, CommandHandler, EventLog, NewEvent, StreamAppend};
+use domain::campaign::{CampaignAggregate, CampaignCommand, CampaignEvent, NewCampaign};
+use domain::order::{OrderAggregate, OrderCommand};
+use domain::store::Store;
+use domain::{CampaignId, Cents, OrderId, StoreId, UserId};
+use schemas::Metadata;
+use sqlx::{Connection, PgConnection};
+use ulid::Ulid;
+
+const RUNS: usize = 3;
+
+fn closed_event() -> NewEvent {
+    NewEvent {
+        event_id: Ulid::new(),
+        event: schemas::encode(&CampaignEvent::CampaignClosed { at: Utc::now() }).unwrap(),
+        metadata: Metadata {
+            actor: Some("bench".into()),
+            ..Default::default()
+        },
+    }
+}
+
+/// One writer appends `count` single-event transactions to one stream.
+async fn one_stream_sequential(log: Arc<PgEventLog>, count: u64) -> f64 {
+    let stream = format!("campaign-{}", Ulid::new());
+    let started = Instant::now();
+    for version in 0..count {
+        let request = AppendRequest {
+            streams: vec![StreamAppend {
+                stream_id: stream.clone(),
+                expected_version: version,
+                events: vec![closed_event()],
+            }],
+            idempotency: None,
+        };
+        log.append(request).await.unwrap();
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `writers` tasks each append single-event transactions to their own stream.
+async fn many_streams(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f64 {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|_| {
+            let log = Arc::clone(&log);
+            tokio::spawn(async move {
+                let stream = format!("campaign-{}", Ulid::new());
+                for version in 0..per_writer {
+                    let request = AppendRequest {
+                        streams: vec![StreamAppend {
+                            stream_id: stream.clone(),
+                            expected_version: version,
+                            events: vec![closed_event()],
+                        }],
+                        idempotency: None,
+                    };
+                    log.append(request).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (writers * per_writer) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// One writer appends batches of `batch` events to one stream: events per second.
+async fn one_stream_batched(log: Arc<PgEventLog>, batches: u64, batch: u64) -> f64 {
+    let stream = format!("campaign-{}", Ulid::new());
+    let started = Instant::now();
+    for i in 0..batches {
+        let request = AppendRequest {
+            streams: vec![StreamAppend {
+                stream_id: stream.clone(),
+                expected_version: i * batch,
+                events: (0..batch).map(|_| closed_event()).collect(),
+            }],
+            idempotency: None,
+        };
+        log.append(request).await.unwrap();
+    }
+    (batches * batch) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn context<S>() -> Context<'static, S> {
+    Context::new(Metadata {
+        actor: Some("bench".into()),
+        ..Default::default()
+    })
+}
+
+/// `writers` tasks reserve stock on ONE campaign through the command handler (load, decide,
+/// append, retry on conflict): the naive hot-stream path. Returns (commands/s, attempts/command).
+async fn hot_campaign_commands(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f64 {
+    let options = HandlerOptions {
+        conflict_retries_max: 1_000,
+        ..HandlerOptions::default()
+    };
+    let handler = CommandHandler::new(log, options);
+    let id = CampaignId::from_ulid(Ulid::new());
+    let stream = stream_id::<CampaignAggregate>(id);
+    let now = Utc::now();
+    let create = CampaignCommand::Create(NewCampaign {
+        campaign_id: id,
+        store: Some(Store {
+            store_id: StoreId::from_ulid(Ulid::new()),
+            name: "s".into(),
+            region: "r".into(),
+            created_at: now,
+        }),
+        sku: "IPA".into(),
+        title: "IPA".into(),
+        price_cents: 100,
+        quota: 1_000_000,
+        per_user_limit: 10,
+        starts_at: now - chrono::Duration::minutes(1),
+        ends_at: now + chrono::Duration::hours(1),
+        payment_timeout_seconds: 600,
+        now,
+    });
+    handler
+        .execute::<CampaignAggregate>(&stream, &create, &context())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|_| {
+            let (handler, stream) = (handler.clone(), stream.clone());
+            tokio::spawn(async move {
+                for _ in 0..per_writer {
+                    let reserve = CampaignCommand::Reserve {
+                        order_id: OrderId::from_ulid(Ulid::new()),
+                        user_id: UserId::from_ulid(Ulid::new()),
+                        quantity: 1,
+                        now: Utc::now(),
+                    };
+                    handler
+                        .execute::<CampaignAggregate>(&stream, &reserve, &context())
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (writers * per_writer) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `writers` tasks place orders (each order its own stream) through the command handler.
+async fn place_orders(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f64 {
+    let handler = CommandHandler::new(log, HandlerOptions::default());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|_| {
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_writer {
+                    let order_id = OrderId::from_ulid(Ulid::new());
+                    let place = OrderCommand::Place {
+                        order_id,
+                        user_id: UserId::from_ulid(Ulid::new()),
+                        campaign_id: CampaignId::from_ulid(Ulid::new()),
+                        quantity: 1,
+                        unit_price_cents: Cents::new(100),
+                        now: Utc::now(),
+                    };
+                    let stream = stream_id::<OrderAggregate>(order_id);
+                    handler
+                        .execute::<OrderAggregate>(&stream, &place, &context())
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (writers * per_writer) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut runs: Vec<f64>) -> f64 {
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let admin = std::env::var("GROUPBUY_BENCH_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let name = format!("gbbench_{}", Ulid::new().to_string().to_lowercase());
+    let mut conn = PgConnection::connect(&admin).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    let url = format!(
+        "{}/{name}",
+        admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(server, _)| server)
+    );
+    let options = PgLogOptions {
+        pool_connections_max: 40,
+        statement_timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let log = Arc::new(PgEventLog::connect(&url, &options).await?);
+    log.migrate().await?;
+
+    println!("| scenario | median of {RUNS} | unit |");
+    println!("|---|---:|---|");
+    let row = |label: &str, runs: Vec<f64>, unit: &str| {
+        println!("| {label} | {:.0} | {unit} |", median(runs));
+    };
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(one_stream_sequential(Arc::clone(&log), 2_000).await);
+    }
+    row(
+        "log: one stream, one writer, 1 event per append",
+        runs,
+        "appends/s",
+    );
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(many_streams(Arc::clone(&log), 32, 200).await);
+    }
+    row(
+        "log: 32 streams, 32 writers, 1 event per append",
+        runs,
+        "appends/s",
+    );
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(one_stream_batched(Arc::clone(&log), 200, 100).await);
+    }
+    row(
+        "log: one stream, one writer, 100 events per append",
+        runs,
+        "events/s",
+    );
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(place_orders(Arc::clone(&log), 32, 100).await);
+    }
+    row(
+        "commands: place order, 32 writers, one stream each",
+        runs,
+        "commands/s",
+    );
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(hot_campaign_commands(Arc::clone(&log), 16, 50).await);
+    }
+    row(
+        "commands: reserve on ONE campaign, 16 writers (optimistic retry)",
+        runs,
+        "commands/s",
+    );
+
+    drop(log);
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
