@@ -1,6 +1,8 @@
 //! Command handling: load, decide, append with the expected version, retry on conflict.
 
-use std::sync::Arc;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use domain::{Aggregate, DomainError};
@@ -13,6 +15,8 @@ use crate::log::{AppendRequest, Appended, EventLog, LogError, NewEvent, Snapshot
 
 /// Events read per round trip while loading a stream.
 const LOAD_PAGE_EVENTS: usize = 1_000;
+/// Folded states kept in memory; past this the cache starts over.
+const STATE_CACHE_STREAMS_MAX: usize = 1_024;
 
 /// Tuning of the command handler.
 #[derive(Clone, Debug)]
@@ -119,16 +123,69 @@ pub fn event_id(command_id: Ulid, index: usize) -> Ulid {
 }
 
 /// Loads aggregates and executes commands against the event log.
+///
+/// Commands for the same stream in this process take turns (one lock per stream), so local
+/// writers never race each other into conflicts; writers in other processes still do, and the
+/// log's unique (stream, version) constraint settles those. The state a command leaves behind
+/// is cached, so the next command on a hot stream reads only the events appended since
+/// (usually none) instead of parsing its snapshot again.
 #[derive(Clone)]
 pub struct CommandHandler {
     log: Arc<dyn EventLog>,
     options: HandlerOptions,
+    local: Arc<Local>,
+}
+
+/// A stream's folded state at a version, of whichever aggregate the stream belongs to.
+type CachedState = (u64, Box<dyn Any + Send + Sync>);
+
+#[derive(Default)]
+struct Local {
+    locks: Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>,
+    states: Mutex<HashMap<String, CachedState>>,
+}
+
+impl Local {
+    fn lock_for(&self, stream_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lock) = locks.get(stream_id).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if locks.len() >= STATE_CACHE_STREAMS_MAX {
+            locks.retain(|_, lock| lock.strong_count() > 0);
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(stream_id.to_owned(), Arc::downgrade(&lock));
+        lock
+    }
+
+    fn cached<A: Aggregate>(&self, stream_id: &str) -> Option<(A::State, u64)> {
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let (version, state) = states.get(stream_id)?;
+        state
+            .downcast_ref::<A::State>()
+            .map(|state| (state.clone(), *version))
+    }
+
+    fn remember<A: Aggregate>(&self, stream_id: &str, version: u64, state: &A::State) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        match states.get(stream_id) {
+            Some((cached, _)) if *cached >= version => return,
+            None if states.len() >= STATE_CACHE_STREAMS_MAX => states.clear(),
+            _ => {}
+        }
+        states.insert(stream_id.to_owned(), (version, Box::new(state.clone())));
+    }
 }
 
 impl CommandHandler {
     /// A handler over a log.
     pub fn new(log: Arc<dyn EventLog>, options: HandlerOptions) -> Self {
-        CommandHandler { log, options }
+        CommandHandler {
+            log,
+            options,
+            local: Arc::default(),
+        }
     }
 
     /// The log this handler writes to.
@@ -138,7 +195,21 @@ impl CommandHandler {
 
     /// Folds a stream: from its snapshot if one of the current shape exists, then its tail.
     pub async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<Loaded<A>, CommandError> {
-        let (mut state, mut version) = match self.log.load_snapshot(stream_id).await? {
+        let (state, version) = match self.local.cached::<A>(stream_id) {
+            Some(cached) => cached,
+            None => self.load_snapshot::<A>(stream_id).await?,
+        };
+        let loaded = self.fold_tail::<A>(stream_id, state, version).await?;
+        self.local
+            .remember::<A>(stream_id, loaded.version, &loaded.state);
+        Ok(loaded)
+    }
+
+    async fn load_snapshot<A: Aggregate>(
+        &self,
+        stream_id: &str,
+    ) -> Result<(A::State, u64), CommandError> {
+        Ok(match self.log.load_snapshot(stream_id).await? {
             Some(snapshot) if snapshot.state_version == A::STATE_VERSION => {
                 match serde_json::from_value::<A::State>(snapshot.state) {
                     Ok(state) => (state, snapshot.stream_version),
@@ -149,7 +220,16 @@ impl CommandHandler {
                 }
             }
             _ => (A::State::default(), 0),
-        };
+        })
+    }
+
+    /// Applies the events after `version` to `state`.
+    async fn fold_tail<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        mut state: A::State,
+        mut version: u64,
+    ) -> Result<Loaded<A>, CommandError> {
         loop {
             let page = self
                 .log
@@ -182,6 +262,8 @@ impl CommandHandler {
         context: &Context<'_, A::State>,
     ) -> Result<Executed<A>, CommandError> {
         let attempts = self.options.conflict_retries_max + 1;
+        let lock = self.local.lock_for(stream_id);
+        let _turn = lock.lock().await;
         for attempt in 0..attempts {
             let loaded = self.load::<A>(stream_id).await?;
             let events = A::decide(&loaded.state, command)?;
@@ -217,6 +299,9 @@ impl CommandHandler {
             match self.log.append(request).await {
                 Ok(appended) => {
                     self.maybe_snapshot::<A>(stream_id, loaded.version, version, &state);
+                    if !appended.replayed {
+                        self.local.remember::<A>(stream_id, version, &state);
+                    }
                     return Ok(Executed {
                         state,
                         version,

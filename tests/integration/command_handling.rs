@@ -220,3 +220,45 @@ async fn a_long_stream_loads_from_its_snapshot_to_the_same_state_as_a_full_fold(
     let reloaded = handler.load::<CampaignAggregate>(&stream).await.unwrap();
     assert_eq!(reloaded.state, loaded.state);
 }
+
+#[tokio::test]
+async fn commands_for_one_stream_in_one_process_take_turns_instead_of_conflicting() {
+    let db = TestDb::new().await;
+    // No retries at all: any conflict between these writers would fail a command.
+    let options = HandlerOptions {
+        conflict_retries_max: 0,
+        ..HandlerOptions::default()
+    };
+    let handler = CommandHandler::new(db.log(), options);
+    let stream = create_campaign(&handler, 100, 1).await;
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (handler, stream) = (handler.clone(), stream.clone());
+            tokio::spawn(async move {
+                let reserve = CampaignCommand::Reserve {
+                    order_id: OrderId::from_ulid(Ulid::new()),
+                    user_id: UserId::from_ulid(Ulid::new()),
+                    quantity: 1,
+                    now: Utc::now(),
+                };
+                handler
+                    .execute::<CampaignAggregate>(&stream, &reserve, &context())
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .unwrap()
+            .expect("no local writer conflicts with another");
+    }
+    let stock = handler
+        .load::<CampaignAggregate>(&stream)
+        .await
+        .unwrap()
+        .state
+        .unwrap()
+        .stock;
+    assert_eq!(stock.reserved, 32);
+}
