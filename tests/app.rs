@@ -35,6 +35,11 @@ pub struct TestApp {
 
 /// Starts the application on a free port.
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, gateway::overload::Limits::default()).await
+}
+
+/// Starts the application with these load limits.
+pub async fn spawn_app_with(backend: Backend, limits: gateway::overload::Limits) -> TestApp {
     crate::init_tracing();
     let db = match backend {
         Backend::Embedded => None,
@@ -56,6 +61,7 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
         token_secret: b"test-token-secret".to_vec(),
         storage,
         read_your_writes_timeout: Duration::from_secs(2),
+        limits,
     };
     let app = Application::build(settings)
         .await

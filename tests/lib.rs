@@ -9,7 +9,9 @@
 pub mod app;
 pub mod db;
 
-pub use app::{expect_json, expect_problem, spawn_app, Backend, TestApp, OPERATOR_TOKEN};
+pub use app::{
+    expect_json, expect_problem, spawn_app, spawn_app_with, Backend, TestApp, OPERATOR_TOKEN,
+};
 pub use db::TestDb;
 
 /// Installs a tracing subscriber once, writing to the test output when `TEST_LOG` is set.

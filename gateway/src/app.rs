@@ -20,6 +20,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::extract::BODY_BYTES_MAX;
+use crate::overload::{self, Limits, Overload};
 use crate::routes::{campaigns, health, orders, stores, users};
 use crate::state::{AppState, Shared};
 
@@ -50,6 +51,8 @@ pub struct Settings {
     pub storage: Storage,
     /// How long queries wait to read the caller's own writes.
     pub read_your_writes_timeout: Duration,
+    /// Load shedding and request timeouts.
+    pub limits: Limits,
 }
 
 impl std::fmt::Debug for Settings {
@@ -94,6 +97,7 @@ pub struct Application {
     state: AppState,
     log: Arc<dyn EventLog>,
     read_model: Arc<MemoryReadModel>,
+    limits: Limits,
 }
 
 /// Connects (and migrates) the configured event log.
@@ -131,6 +135,7 @@ impl Application {
             state,
             log,
             read_model,
+            limits: settings.limits,
         })
     }
 
@@ -156,7 +161,7 @@ impl Application {
             self.read_model,
             wait_stop(stopped.clone()),
         ));
-        let served = axum::serve(self.listener, router(self.state))
+        let served = axum::serve(self.listener, router(self.state, self.limits))
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop.send(true);
@@ -165,9 +170,10 @@ impl Application {
     }
 }
 
-/// The HTTP routes of API.md.
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The HTTP routes of API.md. The API routes are shed and timed out under `limits`; the
+/// health probes are not, so an overloaded instance still answers them.
+pub fn router(state: AppState, limits: Limits) -> Router {
+    let api = Router::new()
         .route("/v1/users", post(users::create))
         .route("/v1/stores", post(stores::create))
         .route(
@@ -180,6 +186,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orders", post(orders::place).get(orders::list))
         .route("/v1/orders/{id}", get(orders::get))
         .route("/v1/orders/{id}/cancel", post(orders::cancel))
+        .layer(axum::middleware::from_fn_with_state(
+            Overload::new(limits),
+            overload::guard,
+        ));
+    Router::new()
+        .merge(api)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async {

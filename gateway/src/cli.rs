@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 
 use crate::app::{Application, Settings, StartupError, Storage};
+use crate::overload::Limits;
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
 #[derive(Debug, Parser)]
@@ -51,6 +52,12 @@ pub struct ServeArgs {
     /// Most Postgres connections this instance opens.
     #[arg(long, env = "GROUPBUY_PG_CONNECTIONS_MAX", default_value_t = 16)]
     pub pg_connections_max: u32,
+    /// API requests served at once; more are answered 503 with Retry-After.
+    #[arg(long, env = "GROUPBUY_IN_FLIGHT_REQUESTS_MAX", default_value_t = 1_024)]
+    pub in_flight_requests_max: usize,
+    /// Longest an API request may take, in milliseconds, before it is answered 503.
+    #[arg(long, env = "GROUPBUY_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
+    pub request_timeout_ms: u64,
 }
 
 /// Flags of `groupbuy migrate`.
@@ -90,6 +97,10 @@ impl ServeArgs {
             token_secret,
             storage,
             read_your_writes_timeout: Duration::from_secs(2),
+            limits: Limits {
+                in_flight_requests_max: self.in_flight_requests_max,
+                request_timeout: Duration::from_millis(self.request_timeout_ms),
+            },
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod ids;
+pub mod overload;
 pub mod reply;
 pub mod routes;
 pub mod state;

@@ -106,3 +106,19 @@ async fn a_malformed_idempotency_key_is_a_400(app: TestApp) {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_full_instance_sheds_api_requests_with_503_and_retry_after_but_answers_probes() {
+    let limits = gateway::overload::Limits {
+        in_flight_requests_max: 0,
+        ..Default::default()
+    };
+    let app = harness::spawn_app_with(harness::Backend::Embedded, limits).await;
+    let response = app.get("/v1/campaigns", OPERATOR_TOKEN).await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    expect_problem(response, StatusCode::SERVICE_UNAVAILABLE, "overloaded").await;
+    let live = app
+        .send(reqwest::Method::GET, "/healthz", None, None, None)
+        .await;
+    assert_eq!(live.status(), StatusCode::OK);
+}
