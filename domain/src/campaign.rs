@@ -111,16 +111,29 @@ pub struct Campaign {
     pub reservations: BTreeMap<OrderId, Reservation>,
 }
 
-impl Campaign {
-    /// Where the campaign stands at `now`.
-    pub fn status(&self, now: Timestamp) -> CampaignStatus {
-        if self.closed_at.is_some() || now >= self.ends_at {
+impl CampaignStatus {
+    /// The one rule for where a campaign stands at `now`: closed once an operator closed it or
+    /// its window ended, scheduled before the window, open within it.
+    pub fn at(
+        now: Timestamp,
+        starts_at: Timestamp,
+        ends_at: Timestamp,
+        closed_at: Option<Timestamp>,
+    ) -> CampaignStatus {
+        if closed_at.is_some() || now >= ends_at {
             CampaignStatus::Closed
-        } else if now < self.starts_at {
+        } else if now < starts_at {
             CampaignStatus::Scheduled
         } else {
             CampaignStatus::Open
         }
+    }
+}
+
+impl Campaign {
+    /// Where the campaign stands at `now`.
+    pub fn status(&self, now: Timestamp) -> CampaignStatus {
+        CampaignStatus::at(now, self.starts_at, self.ends_at, self.closed_at)
     }
 
     /// Live units `user` holds.

@@ -83,13 +83,7 @@ impl OrderView {
 impl CampaignView {
     /// Where it stands at `now`; the same rule as the aggregate's.
     pub fn status(&self, now: Timestamp) -> CampaignStatus {
-        if self.closed_at.is_some() || now >= self.ends_at {
-            CampaignStatus::Closed
-        } else if now < self.starts_at {
-            CampaignStatus::Scheduled
-        } else {
-            CampaignStatus::Open
-        }
+        CampaignStatus::at(now, self.starts_at, self.ends_at, self.closed_at)
     }
 }
 
