@@ -372,3 +372,31 @@ async fn requests_that_are_refused_append_nothing() {
     }
     assert_eq!(app.event_count().await, before);
 }
+
+#[tokio::test]
+async fn the_callers_trace_id_and_idempotency_key_reach_the_event_metadata() {
+    let app = spawn_app(Backend::Postgres).await;
+    let (user_id, token) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let response = app
+        .client
+        .post(format!("{}/v1/orders", app.address))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "traced")
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"campaign_id": campaign["campaign_id"], "quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    let order = expect_json(response, StatusCode::ACCEPTED).await;
+    let stream = format!("order-{}", order["order_id"].as_str().unwrap());
+    let metadata: Value = sqlx::query_scalar("SELECT metadata FROM events WHERE stream_id = $1")
+        .bind(&stream)
+        .fetch_one(app.db.as_ref().unwrap().log().pool())
+        .await
+        .unwrap();
+    assert_eq!(metadata["trace_id"], trace_id);
+    assert_eq!(metadata["idempotency_key"], "traced");
+    assert_eq!(metadata["actor"], format!("user:{user_id}"));
+}
