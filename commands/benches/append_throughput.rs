@@ -104,8 +104,8 @@ fn context<S>() -> Context<'static, S> {
     })
 }
 
-/// `writers` tasks reserve stock on ONE campaign through the command handler (load, decide,
-/// append, retry on conflict): the naive hot-stream path. Returns (commands/s, attempts/command).
+/// `writers` tasks in one process reserve stock on ONE campaign through the command handler:
+/// the hot-stream path of a flash sale. Returns commands/s.
 async fn hot_campaign_commands(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f64 {
     let options = HandlerOptions {
         conflict_retries_max: 1_000,
@@ -196,9 +196,18 @@ async fn place_orders(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f6
     (writers * per_writer) as f64 / started.elapsed().as_secs_f64()
 }
 
-fn median(mut runs: Vec<f64>) -> f64 {
+/// Runs a scenario [`RUNS`] times and prints a table row with the median.
+async fn report<F, Fut>(label: &str, unit: &str, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    let mut runs = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        runs.push(run().await);
+    }
     runs.sort_by(f64::total_cmp);
-    runs[runs.len() / 2]
+    println!("| {label} | {:.0} | {unit} |", runs[RUNS / 2]);
 }
 
 #[tokio::main]
@@ -226,54 +235,36 @@ async fn main() -> anyhow::Result<()> {
 
     println!("| scenario | median of {RUNS} | unit |");
     println!("|---|---:|---|");
-    let row = |label: &str, runs: Vec<f64>, unit: &str| {
-        println!("| {label} | {:.0} | {unit} |", median(runs));
-    };
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(one_stream_sequential(Arc::clone(&log), 2_000).await);
-    }
-    row(
+    report(
         "log: one stream, one writer, 1 event per append",
-        runs,
         "appends/s",
-    );
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(many_streams(Arc::clone(&log), 32, 200).await);
-    }
-    row(
+        || one_stream_sequential(Arc::clone(&log), 2_000),
+    )
+    .await;
+    report(
         "log: 32 streams, 32 writers, 1 event per append",
-        runs,
         "appends/s",
-    );
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(one_stream_batched(Arc::clone(&log), 200, 100).await);
-    }
-    row(
+        || many_streams(Arc::clone(&log), 32, 200),
+    )
+    .await;
+    report(
         "log: one stream, one writer, 100 events per append",
-        runs,
         "events/s",
-    );
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(place_orders(Arc::clone(&log), 32, 100).await);
-    }
-    row(
+        || one_stream_batched(Arc::clone(&log), 200, 100),
+    )
+    .await;
+    report(
         "commands: place order, 32 writers, one stream each",
-        runs,
         "commands/s",
-    );
-    let mut runs = Vec::new();
-    for _ in 0..RUNS {
-        runs.push(hot_campaign_commands(Arc::clone(&log), 16, 50).await);
-    }
-    row(
-        "commands: reserve on ONE campaign, 16 writers (optimistic retry)",
-        runs,
+        || place_orders(Arc::clone(&log), 32, 100),
+    )
+    .await;
+    report(
+        "commands: reserve on ONE campaign, 16 writers in one process",
         "commands/s",
-    );
+        || hot_campaign_commands(Arc::clone(&log), 16, 50),
+    )
+    .await;
 
     drop(log);
     sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))

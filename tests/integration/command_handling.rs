@@ -34,6 +34,16 @@ fn new_campaign(id: CampaignId, quota: u32, per_user_limit: u32) -> CampaignComm
     })
 }
 
+/// One unit for a new order of a new customer.
+fn reserve_one() -> CampaignCommand {
+    CampaignCommand::Reserve {
+        order_id: OrderId::from_ulid(Ulid::new()),
+        user_id: UserId::from_ulid(Ulid::new()),
+        quantity: 1,
+        now: Utc::now(),
+    }
+}
+
 fn context<S>() -> Context<'static, S> {
     Context::new(Metadata {
         actor: Some("test".into()),
@@ -66,12 +76,7 @@ async fn concurrent_conflicting_commands_all_land_in_contiguous_versions(log: Ar
     for _ in 0..WRITERS {
         let (handler, stream) = (handler.clone(), stream.clone());
         tasks.push(tokio::spawn(async move {
-            let reserve = CampaignCommand::Reserve {
-                order_id: OrderId::from_ulid(Ulid::new()),
-                user_id: UserId::from_ulid(Ulid::new()),
-                quantity: 1,
-                now: Utc::now(),
-            };
+            let reserve = reserve_one();
             handler
                 .execute::<CampaignAggregate>(&stream, &reserve, &context())
                 .await
@@ -180,12 +185,7 @@ async fn a_long_stream_loads_from_its_snapshot_to_the_same_state_as_a_full_fold(
     );
     let stream = create_campaign(&handler, 1_000, 1).await;
     for _ in 0..120 {
-        let reserve = CampaignCommand::Reserve {
-            order_id: OrderId::from_ulid(Ulid::new()),
-            user_id: UserId::from_ulid(Ulid::new()),
-            quantity: 1,
-            now: Utc::now(),
-        };
+        let reserve = reserve_one();
         handler
             .execute::<CampaignAggregate>(&stream, &reserve, &context())
             .await
@@ -235,12 +235,7 @@ async fn commands_for_one_stream_in_one_process_take_turns_instead_of_conflictin
         .map(|_| {
             let (handler, stream) = (handler.clone(), stream.clone());
             tokio::spawn(async move {
-                let reserve = CampaignCommand::Reserve {
-                    order_id: OrderId::from_ulid(Ulid::new()),
-                    user_id: UserId::from_ulid(Ulid::new()),
-                    quantity: 1,
-                    now: Utc::now(),
-                };
+                let reserve = reserve_one();
                 handler
                     .execute::<CampaignAggregate>(&stream, &reserve, &context())
                     .await
