@@ -173,28 +173,23 @@ pub async fn replenish(
     Path(id): Path<String>,
     body: RawJson,
 ) -> Result<Response, ApiError> {
-    caller.require_operator()?;
-    let id: CampaignId = path_id(&id, "campaign_not_found", "campaign")?;
-    let meta = metadata(&caller, &trace_id, key.as_deref());
-    let route = format!("POST /v1/campaigns/{id}/replenish");
-    let (state, body) = (&state, &body);
-    Ok(idempotent(
-        state,
-        &caller,
+    let request = Operation {
+        state: &state,
+        caller,
         key,
-        &route,
-        &body.0,
-        as_stored,
-        move |claim| async move {
-            let request: Replenish = body.parse()?;
-            let command = CampaignCommand::Replenish {
-                quantity: request.quantity,
-                now: chrono::Utc::now(),
-            };
-            operate(state, id, command, meta, claim).await
-        },
-    )
-    .await)
+        trace_id,
+        id,
+        action: "replenish",
+        body,
+    };
+    operate(request, |body| {
+        let request: Replenish = body.parse()?;
+        Ok(CampaignCommand::Replenish {
+            quantity: request.quantity,
+            now: chrono::Utc::now(),
+        })
+    })
+    .await
 }
 
 /// Stops the campaign taking orders. 200 with the campaign; closing twice is fine.
@@ -206,11 +201,54 @@ pub async fn close(
     Path(id): Path<String>,
     body: RawJson,
 ) -> Result<Response, ApiError> {
+    let request = Operation {
+        state: &state,
+        caller,
+        key,
+        trace_id,
+        id,
+        action: "close",
+        body,
+    };
+    operate(request, |_| {
+        Ok(CampaignCommand::Close {
+            now: chrono::Utc::now(),
+        })
+    })
+    .await
+}
+
+/// An operator's request to change an existing campaign, as the route received it.
+struct Operation<'a> {
+    state: &'a AppState,
+    caller: Caller,
+    key: Option<String>,
+    trace_id: String,
+    id: String,
+    action: &'static str,
+    body: RawJson,
+}
+
+/// Runs an operator's change to the campaign in the path, under its Idempotency-Key: 200 with
+/// the campaign, 404 when the path names none.
+async fn operate(
+    request: Operation<'_>,
+    command: impl FnOnce(&RawJson) -> Result<CampaignCommand, ApiError>,
+) -> Result<Response, ApiError> {
+    let Operation {
+        state,
+        caller,
+        key,
+        trace_id,
+        id,
+        action,
+        body,
+    } = request;
     caller.require_operator()?;
     let id: CampaignId = path_id(&id, "campaign_not_found", "campaign")?;
     let meta = metadata(&caller, &trace_id, key.as_deref());
-    let route = format!("POST /v1/campaigns/{id}/close");
-    let (state, body) = (&state, &body);
+    let route = format!("POST /v1/campaigns/{id}/{action}");
+    let body = &body;
     Ok(idempotent(
         state,
         &caller,
@@ -219,37 +257,19 @@ pub async fn close(
         &body.0,
         as_stored,
         move |claim| async move {
-            operate(
-                state,
-                id,
-                CampaignCommand::Close {
-                    now: chrono::Utc::now(),
-                },
-                meta,
-                claim,
-            )
-            .await
+            let command = command(body)?;
+            let render = render(StatusCode::OK);
+            let stream = stream_id::<CampaignAggregate>(id);
+            let executed = state
+                .execute::<CampaignAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .await
+                .map_err(not_found_in_path)?;
+            let recorded = claim.is_some() && executed.appended.is_some();
+            Ok(Done {
+                reply: render(&executed.state),
+                recorded,
+            })
         },
     )
     .await)
-}
-
-async fn operate(
-    state: &AppState,
-    id: CampaignId,
-    command: CampaignCommand,
-    meta: schemas::Metadata,
-    claim: Option<commands::idempotency::IdempotencyClaim>,
-) -> Result<Done, ApiError> {
-    let render = render(StatusCode::OK);
-    let stream = stream_id::<CampaignAggregate>(id);
-    let executed = state
-        .execute::<CampaignAggregate>(&stream, &command, meta, claim.as_ref(), &render)
-        .await
-        .map_err(not_found_in_path)?;
-    let recorded = claim.is_some() && executed.appended.is_some();
-    Ok(Done {
-        reply: render(&executed.state),
-        recorded,
-    })
 }
