@@ -2,16 +2,20 @@
 //!
 //! - [`TestDb`] creates a fresh Postgres database per test, migrates it, and drops it when the
 //!   test ends (pass or fail), so tests run in parallel and leave nothing behind.
+//! - [`TestStreams`] gives a test JetStream streams and subjects of its own, deleted when the
+//!   test ends.
 //! - [`spawn_app`] starts the real gateway on port 0 against such a database (or the embedded
 //!   log) and hands back a client for it.
 //!
 //! Logs stay quiet unless `TEST_LOG` is set.
 pub mod app;
+pub mod bus;
 pub mod db;
 
 pub use app::{
     expect_json, expect_problem, spawn_app, spawn_app_with, Backend, TestApp, OPERATOR_TOKEN,
 };
+pub use bus::TestStreams;
 pub use db::TestDb;
 
 /// Installs a tracing subscriber once, writing to the test output when `TEST_LOG` is set.

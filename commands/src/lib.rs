@@ -6,12 +6,18 @@
 //!   against both.
 //! - [`handler::CommandHandler`] loads an aggregate (snapshot plus tail), decides, and appends
 //!   with the expected version, retrying with jitter when another writer got there first.
+//! - [`relay`] mirrors the log into the [`bus`] (JetStream, or in process), one active relay
+//!   among all instances; [`subscription`] is the runtime sagas and projections consume it
+//!   through: durable consumers, per-stream order, dedupe, retries and dead letters.
 //! - [`idempotency`] holds the Idempotency-Key records the gateway completes in the same
 //!   transaction as the append.
 
+pub mod bus;
 pub mod handler;
 pub mod idempotency;
 pub mod log;
+pub mod relay;
+pub mod subscription;
 
 pub use handler::{CommandError, CommandHandler, Executed};
 pub use log::{

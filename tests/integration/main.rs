@@ -23,3 +23,4 @@ mod api_input;
 mod api_orders;
 mod command_handling;
 mod event_log;
+mod mirror;

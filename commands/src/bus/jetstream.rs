@@ -1,0 +1,364 @@
+//! The production bus: NATS JetStream.
+//!
+//! Two streams, both declared here in full so the code is the one place their configuration
+//! lives (see docs/adr/0005-jetstream-mirror.md):
+//!
+//! - `<PREFIX>_EVENTS` holds the mirror of the log on subjects
+//!   `<prefix>.events.<category>.<stream id>`;
+//! - `<PREFIX>_DEAD_LETTERS` holds what consumers gave up on, on
+//!   `<prefix>.dead.<consumer>`.
+//!
+//! Durability: the streams use file storage with one replica. JetStream acknowledges a
+//! publish once the message is written to the store, *before* it is fsynced, so a machine
+//! crash (not a process crash) can lose the last acknowledged messages. The relay checks for
+//! that when it takes over: when the stream ends before the relay's checkpoint it publishes
+//! again from where the stream ends ([`Bus::published`]).
+
+use std::time::Duration;
+
+use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self as js, Context};
+use async_trait::async_trait;
+use futures::StreamExt;
+
+use super::{
+    decode, encode, format_cursor, header, parse_cursor, Acker, Bus, BusError, ConsumerOptions,
+    Deliveries, Delivery, Published,
+};
+use crate::log::RecordedEvent;
+
+/// Where the mirror lives and how it keeps messages.
+#[derive(Clone, Debug)]
+pub struct JetStreamSettings {
+    /// The NATS server, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// First token of every subject, and (upper-cased) of the stream names. Tests use a
+    /// prefix of their own.
+    pub prefix: String,
+    /// How long JetStream remembers message ids to drop re-published events.
+    pub duplicate_window: Duration,
+    /// How long the mirror keeps events. The Postgres log keeps them for ever; a consumer
+    /// that falls further behind than this rebuilds from the log.
+    pub max_age: Duration,
+}
+
+impl JetStreamSettings {
+    /// The defaults for the server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        JetStreamSettings {
+            url: url.into(),
+            prefix: "groupbuy".into(),
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+
+    fn stream_name(&self, suffix: &str) -> String {
+        let prefix: String = self
+            .prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{prefix}_{suffix}")
+    }
+
+    /// The name of the stream that mirrors the log.
+    pub fn events_stream(&self) -> String {
+        self.stream_name("EVENTS")
+    }
+
+    /// The name of the dead-letter stream.
+    pub fn dead_letter_stream(&self) -> String {
+        self.stream_name("DEAD_LETTERS")
+    }
+
+    /// The subject an event of `stream_id` is published on.
+    pub fn subject(&self, category: &str, stream_id: &str) -> String {
+        format!("{}.events.{category}.{stream_id}", self.prefix)
+    }
+
+    /// The subject of a consumer's dead letters.
+    pub fn dead_letter_subject(&self, consumer: &str) -> String {
+        format!("{}.dead.{consumer}", self.prefix)
+    }
+
+    /// The configuration of the stream that mirrors the log.
+    pub fn events_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.events_stream(),
+            description: Some("groupbuy: mirror of the Postgres event log".into()),
+            subjects: vec![format!("{}.events.>", self.prefix)],
+            storage: StorageType::File,
+            num_replicas: 1,
+            // Consumers keep their own position; messages go when they are old, not when
+            // consumed, so a new consumer or a rebuild can start from any retained point.
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::Old,
+            max_age: self.max_age,
+            duplicate_window: self.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    /// The configuration of the dead-letter stream.
+    pub fn dead_letter_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.dead_letter_stream(),
+            description: Some("groupbuy: events consumers gave up on".into()),
+            subjects: vec![format!("{}.dead.>", self.prefix)],
+            storage: StorageType::File,
+            num_replicas: 1,
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::Old,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            duplicate_window: self.duplicate_window,
+            ..Default::default()
+        }
+    }
+}
+
+/// The log's mirror in JetStream.
+#[derive(Clone)]
+pub struct JetStreamBus {
+    client: async_nats::Client,
+    context: Context,
+    settings: JetStreamSettings,
+}
+
+impl JetStreamBus {
+    /// Connects and creates (or updates to the configuration in code) both streams. The
+    /// client reconnects on its own after the server goes away.
+    pub async fn connect(settings: JetStreamSettings) -> Result<JetStreamBus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("groupbuy")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(&settings.url)
+            .await
+            .map_err(BusError::unavailable)?;
+        let bus = JetStreamBus {
+            context: js::new(client.clone()),
+            client,
+            settings,
+        };
+        bus.ensure_streams().await?;
+        Ok(bus)
+    }
+
+    async fn ensure_streams(&self) -> Result<(), BusError> {
+        for config in [
+            self.settings.events_config(),
+            self.settings.dead_letter_config(),
+        ] {
+            self.context
+                .create_or_update_stream(config)
+                .await
+                .map_err(BusError::unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// The settings it was connected with.
+    pub fn settings(&self) -> &JetStreamSettings {
+        &self.settings
+    }
+
+    /// The JetStream context, for tests and tools that inspect the streams.
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// Deletes both streams and everything in them; for tests that clean up after
+    /// themselves.
+    pub async fn delete_streams(&self) -> Result<(), BusError> {
+        for name in [
+            self.settings.events_stream(),
+            self.settings.dead_letter_stream(),
+        ] {
+            self.context
+                .delete_stream(&name)
+                .await
+                .map_err(BusError::unavailable)?;
+        }
+        Ok(())
+    }
+
+    fn headers(event: &RecordedEvent) -> HeaderMap {
+        let envelope = &event.envelope;
+        let mut headers = HeaderMap::new();
+        headers.insert(NATS_MESSAGE_ID, envelope.event_id.to_string());
+        headers.insert(header::EVENT_TYPE, envelope.event_type.as_str());
+        headers.insert(header::STREAM, envelope.stream_id.as_str());
+        headers.insert(header::STREAM_VERSION, envelope.stream_version.to_string());
+        headers.insert(
+            header::GLOBAL_POSITION,
+            envelope.global_position.to_string(),
+        );
+        headers.insert(header::LOG_CURSOR, format_cursor(event.cursor));
+        if let Some(trace_id) = &envelope.metadata.trace_id {
+            headers.insert(header::TRACE_ID, trace_id.as_str());
+        }
+        headers
+    }
+}
+
+#[async_trait]
+impl Bus for JetStreamBus {
+    async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
+        // Send every publish first and collect the acks after, so the whole batch is in
+        // flight at once; JetStream stores them in the order they were sent.
+        let mut acks = Vec::with_capacity(events.len());
+        for event in events {
+            let envelope = &event.envelope;
+            let message = PublishMessage::build()
+                .payload(encode(event)?)
+                .headers(Self::headers(event));
+            let subject = self
+                .settings
+                .subject(envelope.category(), &envelope.stream_id);
+            let ack = self
+                .context
+                .send_publish(subject, message)
+                .await
+                .map_err(BusError::unavailable)?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(BusError::unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn published(&self) -> Result<Published, BusError> {
+        let stream = self
+            .context
+            .get_stream(self.settings.events_stream())
+            .await
+            .map_err(BusError::unavailable)?;
+        let info = stream.get_info().await.map_err(BusError::unavailable)?;
+        let last = info.state.last_sequence;
+        if last == 0 {
+            return Ok(Published::Nothing);
+        }
+        let Ok(message) = stream.get_raw_message(last).await else {
+            return Ok(Published::Unknown);
+        };
+        Ok(message
+            .headers
+            .get(header::LOG_CURSOR)
+            .and_then(|value| parse_cursor(value.as_str()))
+            .map_or(Published::Unknown, Published::UpTo))
+    }
+
+    async fn subscribe(&self, options: &ConsumerOptions) -> Result<Box<dyn Deliveries>, BusError> {
+        let stream = self
+            .context
+            .get_stream(self.settings.events_stream())
+            .await
+            .map_err(BusError::unavailable)?;
+        let filter_subject = match &options.category {
+            Some(category) => format!("{}.events.{category}.>", self.settings.prefix),
+            None => format!("{}.events.>", self.settings.prefix),
+        };
+        let config = pull::Config {
+            durable_name: Some(options.name.clone()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            // The subscription runtime decides when to give up (and dead-letters); the
+            // server keeps redelivering until then.
+            max_deliver: -1,
+            max_ack_pending: i64::try_from(options.max_in_flight).unwrap_or(i64::MAX),
+            filter_subject,
+            ..Default::default()
+        };
+        let consumer: js::consumer::Consumer<pull::Config> = stream
+            .get_or_create_consumer(&options.name, config)
+            .await
+            .map_err(BusError::unavailable)?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(options.max_in_flight.clamp(1, 1_000))
+            .heartbeat(Duration::from_secs(5))
+            .messages()
+            .await
+            .map_err(BusError::unavailable)?;
+        Ok(Box::new(JetStreamDeliveries { messages }))
+    }
+
+    async fn dead_letter(
+        &self,
+        consumer: &str,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        let mut headers = HeaderMap::new();
+        if let Ok(event) = &delivery.event {
+            // One dead letter per consumer and event, however often it is reported.
+            headers.insert(NATS_MESSAGE_ID, format!("{consumer}:{}", event.event_id));
+            headers.insert(header::EVENT_TYPE, event.event_type.as_str());
+            headers.insert(header::STREAM, event.stream_id.as_str());
+            headers.insert(header::STREAM_VERSION, event.stream_version.to_string());
+        }
+        headers.insert(header::DEAD_CONSUMER, consumer);
+        headers.insert(header::DEAD_SUBJECT, delivery.subject.as_str());
+        // Header values are one line.
+        headers.insert(header::DEAD_REASON, reason.replace(['\r', '\n'], " "));
+        self.context
+            .publish_with_headers(
+                self.settings.dead_letter_subject(consumer),
+                headers,
+                delivery.payload.clone(),
+            )
+            .await
+            .map_err(BusError::unavailable)?
+            .await
+            .map_err(BusError::unavailable)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        self.client.flush().await.map_err(BusError::unavailable)?;
+        self.context
+            .get_stream(self.settings.events_stream())
+            .await
+            .map_err(BusError::unavailable)?;
+        Ok(())
+    }
+}
+
+struct JetStreamDeliveries {
+    messages: pull::Stream,
+}
+
+#[async_trait]
+impl Deliveries for JetStreamDeliveries {
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        let message = match self.messages.next().await? {
+            Ok(message) => message,
+            Err(error) => return Some(Err(BusError::unavailable(error))),
+        };
+        let delivered = message
+            .info()
+            .map(|info| u64::try_from(info.delivered).unwrap_or(1))
+            .unwrap_or(1);
+        let (message, acker) = message.split();
+        Some(Ok(Delivery {
+            event: decode(&message.payload),
+            subject: message.subject.to_string(),
+            payload: message.payload,
+            delivered,
+            acker: Acker::JetStream(acker),
+        }))
+    }
+}

@@ -1,0 +1,850 @@
+//! The log's mirror: the outbox relay and the subscription runtime, on the embedded bus and
+//! on the machine's real NATS JetStream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use commands::bus::jetstream::{JetStreamBus, JetStreamSettings};
+use commands::bus::memory::MemoryBus;
+use commands::bus::{header, Bus, BusError, ConsumerOptions, Deliveries, Delivery, Published};
+use commands::log::memory::MemoryEventLog;
+use commands::relay::postgres::PgRelayLeases;
+use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions, RelayStatus};
+use commands::subscription::{
+    Dedupe, Handler, HandlerError, MemoryStreamVersions, PgStreamVersions, Subscription,
+    SubscriptionOptions, SubscriptionStats,
+};
+use commands::{AppendRequest, EventLog, NewEvent, RecordedEvent, StreamAppend};
+use domain::campaign::CampaignEvent;
+use harness::{TestDb, TestStreams};
+use schemas::{Envelope, Metadata};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use ulid::Ulid;
+
+/// Runs a test on the embedded log and bus, and on Postgres with the machine's JetStream.
+macro_rules! on_both_mirrors {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn embedded() {
+                super::$name(super::Rig::embedded()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jetstream() {
+                super::$name(super::Rig::real(super::fast_settings()).await).await;
+            }
+        }
+    )*};
+}
+
+on_both_mirrors!(
+    every_event_reaches_a_subscriber_once_in_stream_order,
+    a_relay_killed_between_publish_and_checkpoint_loses_nothing_and_repeats_no_effect,
+    a_poison_event_is_dead_lettered_and_the_consumer_goes_on,
+);
+
+// --- the rig: a log, a bus, relay leases and a dedupe store that belong together ---
+
+enum Mirror {
+    Memory(MemoryBus),
+    JetStream(Box<JetStreamBus>, Box<TestStreams>),
+}
+
+struct Rig {
+    log: Arc<dyn EventLog>,
+    bus: Arc<dyn Bus>,
+    leases: Arc<dyn RelayLeases>,
+    dedupe: Arc<dyn Dedupe>,
+    mirror: Mirror,
+    db: Option<TestDb>,
+    stop: watch::Sender<bool>,
+}
+
+/// Streams of the test's own on the machine's NATS, with a duplicate window so short that
+/// what a relay publishes again reaches consumers again: the tests then prove consumer-side
+/// dedupe, which has to hold past any window.
+fn fast_settings() -> JetStreamSettings {
+    JetStreamSettings {
+        duplicate_window: Duration::from_millis(100),
+        ..harness::bus::unique_settings(&harness::bus::nats_url())
+    }
+}
+
+impl Rig {
+    fn embedded() -> Rig {
+        harness::init_tracing();
+        let bus = MemoryBus::new();
+        Rig {
+            log: Arc::new(MemoryEventLog::new()),
+            bus: Arc::new(bus.clone()),
+            leases: Arc::new(MemoryRelayLeases::new()),
+            dedupe: Arc::new(MemoryStreamVersions::new()),
+            mirror: Mirror::Memory(bus),
+            db: None,
+            stop: watch::channel(false).0,
+        }
+    }
+
+    async fn real(settings: JetStreamSettings) -> Rig {
+        let db = TestDb::with_pool(16).await;
+        let streams = TestStreams {
+            settings: settings.clone(),
+        };
+        let bus = streams.connect().await;
+        let pool = db.log().pool().clone();
+        Rig {
+            log: db.log(),
+            bus: Arc::new(bus.clone()),
+            leases: Arc::new(PgRelayLeases::new(
+                (*pool.connect_options()).clone(),
+                "events",
+            )),
+            dedupe: Arc::new(PgStreamVersions::new(pool)),
+            mirror: Mirror::JetStream(Box::new(bus), Box::new(streams)),
+            db: Some(db),
+            stop: watch::channel(false).0,
+        }
+    }
+
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stop = self.stop.subscribe();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }
+    }
+
+    fn relay_options() -> RelayOptions {
+        RelayOptions {
+            poll_interval: Duration::from_millis(10),
+            standby_poll: Duration::from_millis(100),
+            retry_after_error: Duration::from_millis(50),
+            ..RelayOptions::default()
+        }
+    }
+
+    /// Starts a relay on this rig's lease (with `bus` in place of the rig's when given).
+    fn relay(&self, bus: Option<Arc<dyn Bus>>) -> (watch::Receiver<RelayStatus>, JoinHandle<()>) {
+        let relay = Relay::new(
+            Arc::clone(&self.log),
+            bus.unwrap_or_else(|| Arc::clone(&self.bus)),
+            Arc::clone(&self.leases),
+            Self::relay_options(),
+        );
+        let status = relay.status();
+        (status, tokio::spawn(relay.run(self.stopped())))
+    }
+
+    /// Starts a subscription of `handler` as the consumer `name`.
+    fn subscribe(
+        &self,
+        name: &str,
+        handler: Arc<dyn Handler>,
+        tune: impl FnOnce(&mut SubscriptionOptions),
+    ) -> Arc<SubscriptionStats> {
+        let mut options = SubscriptionOptions::new(name);
+        options.consumer.ack_wait = Duration::from_secs(2);
+        options.gap_wait = Duration::from_secs(6);
+        options.first_backoff = Duration::from_millis(10);
+        tune(&mut options);
+        let subscription = Subscription::new(
+            Arc::clone(&self.bus),
+            options,
+            Arc::clone(&self.dedupe),
+            handler,
+        );
+        let stats = subscription.stats();
+        tokio::spawn(subscription.run(self.stopped()));
+        stats
+    }
+
+    /// Publishes a body that is not an event on an event subject.
+    async fn publish_garbage(&self) {
+        match &self.mirror {
+            Mirror::Memory(bus) => bus.publish_raw("campaign", Bytes::from_static(b"{not json")),
+            Mirror::JetStream(bus, streams) => {
+                let subject = streams.settings.subject("campaign", "campaign-garbage");
+                bus.context()
+                    .publish(subject, Bytes::from_static(b"{not json"))
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// The reasons of the dead letters stored so far.
+    async fn dead_letter_reasons(&self) -> Vec<String> {
+        match &self.mirror {
+            Mirror::Memory(bus) => bus.dead_letters().into_iter().map(|d| d.reason).collect(),
+            Mirror::JetStream(bus, streams) => {
+                let stream = bus
+                    .context()
+                    .get_stream(streams.settings.dead_letter_stream())
+                    .await
+                    .unwrap();
+                let last = stream.get_info().await.unwrap().state.last_sequence;
+                let mut reasons = Vec::new();
+                for sequence in 1..=last {
+                    let message = stream.get_raw_message(sequence).await.unwrap();
+                    let reason = message.headers.get(header::DEAD_REASON).unwrap();
+                    reasons.push(reason.to_string());
+                }
+                reasons
+            }
+        }
+    }
+
+    /// Messages the bus stores for the log (duplicates included).
+    async fn stored_messages(&self) -> u64 {
+        match &self.mirror {
+            Mirror::Memory(bus) => bus.len() as u64,
+            Mirror::JetStream(bus, streams) => {
+                let stream = bus
+                    .context()
+                    .get_stream(streams.settings.events_stream())
+                    .await
+                    .unwrap();
+                stream.get_info().await.unwrap().state.messages
+            }
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+// --- writing events ---
+
+fn event(n: i64) -> NewEvent {
+    let at = chrono::DateTime::from_timestamp(1_700_000_000 + n, 0).unwrap();
+    NewEvent {
+        event_id: Ulid::new(),
+        event: schemas::encode(&CampaignEvent::CampaignClosed { at }).unwrap(),
+        metadata: Metadata {
+            trace_id: Some(format!("{:032x}", rand::random::<u128>())),
+            ..Default::default()
+        },
+    }
+}
+
+/// `writers` tasks append `per_writer` events each, one event per append, round-robin over
+/// `streams_per_writer` streams of their own. Returns the ids appended.
+async fn write_concurrently(
+    log: &Arc<dyn EventLog>,
+    writers: usize,
+    streams_per_writer: usize,
+    per_writer: usize,
+) -> Vec<Ulid> {
+    let tasks: Vec<_> = (0..writers)
+        .map(|_| {
+            let log = Arc::clone(log);
+            tokio::spawn(async move {
+                let streams: Vec<String> = (0..streams_per_writer)
+                    .map(|_| format!("campaign-{}", Ulid::new()))
+                    .collect();
+                let mut versions = vec![0u64; streams_per_writer];
+                let mut ids = Vec::with_capacity(per_writer);
+                for i in 0..per_writer {
+                    let s = i % streams_per_writer;
+                    let event = event(i as i64);
+                    ids.push(event.event_id);
+                    log.append(AppendRequest {
+                        streams: vec![StreamAppend {
+                            stream_id: streams[s].clone(),
+                            expected_version: versions[s],
+                            events: vec![event],
+                        }],
+                        idempotency: None,
+                    })
+                    .await
+                    .expect("each writer owns its streams, so nothing conflicts");
+                    versions[s] += 1;
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.extend(task.await.unwrap());
+    }
+    ids
+}
+
+// --- a handler that records what it saw ---
+
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Seen>,
+    changed: watch::Sender<usize>,
+    /// Fails every time on these events.
+    poison: Vec<Ulid>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// How many times each event was handled.
+    times: HashMap<Ulid, u32>,
+    /// Versions per stream in the order handled.
+    streams: BTreeMap<String, Vec<u64>>,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
+        if self.poison.contains(&event.event_id) {
+            return Err("this event always fails".into());
+        }
+        let count = {
+            let mut seen = self.seen.lock().unwrap();
+            *seen.times.entry(event.event_id).or_default() += 1;
+            seen.streams
+                .entry(event.stream_id.clone())
+                .or_default()
+                .push(event.stream_version);
+            seen.times.len()
+        };
+        self.changed.send_replace(count);
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn poisoned(poison: Vec<Ulid>) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            poison,
+            ..Recorder::default()
+        })
+    }
+
+    /// Waits until `count` distinct events were handled.
+    async fn wait_for(&self, count: usize, within: Duration) {
+        let mut changed = self.changed.subscribe();
+        let reached = tokio::time::timeout(within, changed.wait_for(|n| *n >= count)).await;
+        let got = *self.changed.borrow();
+        assert!(
+            reached.is_ok(),
+            "only {got} of {count} events arrived within {within:?}"
+        );
+    }
+
+    /// Checks every id was handled exactly once and nothing else was, and that every stream
+    /// was handled in version order with no version missing.
+    fn assert_exactly_once_in_order(&self, ids: &[Ulid]) {
+        let seen = self.seen.lock().unwrap();
+        let repeated: Vec<_> = seen.times.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            repeated.is_empty(),
+            "{} events handled more than once, e.g. {:?}",
+            repeated.len(),
+            &repeated[..repeated.len().min(3)]
+        );
+        let missing: Vec<_> = ids
+            .iter()
+            .filter(|id| !seen.times.contains_key(id))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "never handled: {} events",
+            missing.len()
+        );
+        assert_eq!(
+            seen.times.len(),
+            ids.len(),
+            "handled events nobody appended"
+        );
+        for (stream, versions) in &seen.streams {
+            let expected: Vec<u64> = (1..=versions.len() as u64).collect();
+            assert_eq!(versions, &expected, "stream {stream} out of order");
+        }
+    }
+}
+
+fn get(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    SubscriptionStats::get(counter)
+}
+
+// --- the tests on both mirrors ---
+
+async fn every_event_reaches_a_subscriber_once_in_stream_order(rig: Rig) {
+    let recorder = Arc::new(Recorder::default());
+    rig.subscribe("orderly", recorder.clone(), |_| {});
+    let (status, _relay) = rig.relay(None);
+    let ids = write_concurrently(&rig.log, 8, 5, 125).await;
+    recorder.wait_for(ids.len(), Duration::from_secs(30)).await;
+    recorder.assert_exactly_once_in_order(&ids);
+    assert!(status.borrow().leader);
+    assert_eq!(status.borrow().published, ids.len() as u64);
+}
+
+/// A bus that stores what it is given and then fails, as a relay killed after its publishes
+/// were acknowledged and before it saved its checkpoint would.
+struct KilledAfterPublish {
+    inner: Arc<dyn Bus>,
+    kills_left: AtomicU32,
+}
+
+#[async_trait]
+impl Bus for KilledAfterPublish {
+    async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
+        self.inner.publish(events).await?;
+        let killed = self
+            .kills_left
+            .fetch_update(AtomicOrdering::SeqCst, AtomicOrdering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok();
+        if killed {
+            // Outlive the duplicate window, so the next relay's repeats reach consumers.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            return Err(BusError::Unavailable("killed before the checkpoint".into()));
+        }
+        Ok(())
+    }
+
+    async fn published(&self) -> Result<Published, BusError> {
+        self.inner.published().await
+    }
+
+    async fn subscribe(&self, options: &ConsumerOptions) -> Result<Box<dyn Deliveries>, BusError> {
+        self.inner.subscribe(options).await
+    }
+
+    async fn dead_letter(
+        &self,
+        consumer: &str,
+        d: &Delivery,
+        reason: &str,
+    ) -> Result<(), BusError> {
+        self.inner.dead_letter(consumer, d, reason).await
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        self.inner.ping().await
+    }
+}
+
+async fn a_relay_killed_between_publish_and_checkpoint_loses_nothing_and_repeats_no_effect(
+    rig: Rig,
+) {
+    let recorder = Arc::new(Recorder::default());
+    let stats = rig.subscribe("effects", recorder.clone(), |_| {});
+    let ids = write_concurrently(&rig.log, 4, 3, 100).await;
+    // Five relays in a row die after publishing and before checkpointing; a sixth succeeds.
+    let killer = Arc::new(KilledAfterPublish {
+        inner: Arc::clone(&rig.bus),
+        kills_left: AtomicU32::new(5),
+    });
+    let (status, _relay) = rig.relay(Some(killer.clone()));
+    wait_until(
+        || status.borrow().position.global_position == ids.len() as u64,
+        "a relay survives to checkpoint everything",
+    )
+    .await;
+    assert_eq!(killer.kills_left.load(AtomicOrdering::SeqCst), 0);
+    let more = write_concurrently(&rig.log, 2, 2, 50).await;
+    recorder
+        .wait_for(ids.len() + more.len(), Duration::from_secs(30))
+        .await;
+    let all: Vec<Ulid> = ids.into_iter().chain(more).collect();
+    recorder.assert_exactly_once_in_order(&all);
+    wait_until(
+        || status.borrow().position.global_position == all.len() as u64,
+        "the relay checkpoints the whole log",
+    )
+    .await;
+    // Whatever the bus stored more than once was dropped by the consumer's dedupe.
+    let stored = rig.stored_messages().await;
+    assert_eq!(
+        stored - all.len() as u64,
+        get(&stats.duplicates),
+        "every repeated message was recognised as a duplicate"
+    );
+    if let Mirror::JetStream(..) = rig.mirror {
+        assert!(
+            stored > all.len() as u64,
+            "JetStream's window let the repeats through"
+        );
+    }
+}
+
+async fn a_poison_event_is_dead_lettered_and_the_consumer_goes_on(rig: Rig) {
+    let first = write_concurrently(&rig.log, 2, 2, 20).await;
+    let poison = first[7];
+    let recorder = Recorder::poisoned(vec![poison]);
+    let stats = rig.subscribe("careful", recorder.clone(), |o| o.max_attempts = 3);
+    let (_status, _relay) = rig.relay(None);
+    recorder
+        .wait_for(first.len() - 1, Duration::from_secs(30))
+        .await;
+    rig.publish_garbage().await;
+    let later = write_concurrently(&rig.log, 2, 2, 20).await;
+    recorder
+        .wait_for(first.len() - 1 + later.len(), Duration::from_secs(30))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while get(&stats.dead_lettered) < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let handled: Vec<Ulid> = first
+        .iter()
+        .chain(&later)
+        .copied()
+        .filter(|id| *id != poison)
+        .collect();
+    {
+        let seen = recorder.seen.lock().unwrap();
+        assert!(!seen.times.contains_key(&poison));
+        assert!(handled.iter().all(|id| seen.times.get(id) == Some(&1)));
+    }
+    assert_eq!(get(&stats.dead_lettered), 2);
+    assert_eq!(get(&stats.retries), 2, "the poison event was tried 3 times");
+    let reasons = rig.dead_letter_reasons().await;
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains("handler failed 3 times") && reasons[0].contains("always fails"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("not an event envelope"), "{reasons:?}");
+}
+
+// --- Postgres and JetStream only ---
+
+/// Holds a transaction open with one event in it.
+async fn hold_open(db: &TestDb) -> (sqlx::PgConnection, Ulid) {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
+    let held = event(0);
+    sqlx::query(
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata) \
+         VALUES ($1, $2, 1, $3, $4, $5, $6)",
+    )
+    .bind(uuid::Uuid::from(held.event_id))
+    .bind(format!("campaign-{}", Ulid::new()))
+    .bind(&held.event.event_type)
+    .bind(held.event.schema_version as i32)
+    .bind(&held.event.data)
+    .bind(serde_json::to_value(&held.metadata).unwrap())
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    (connection, held.event_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_behind_an_open_transaction_arrive_once_each_in_stream_order() {
+    let rig = Rig::real(fast_settings()).await;
+    let recorder = Arc::new(Recorder::default());
+    let stats = rig.subscribe("ten-thousand", recorder.clone(), |o| {
+        o.consumer.max_in_flight = 512;
+    });
+    let (status, _relay) = rig.relay(None);
+    let (mut held, held_id) = hold_open(rig.db.as_ref().unwrap()).await;
+    let ids = write_concurrently(&rig.log, 16, 25, 625).await;
+    assert_eq!(ids.len(), 10_000);
+    // Everything committed after the open transaction began, so none of it may pass it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status.borrow().published,
+        0,
+        "the relay passed an open transaction"
+    );
+    assert_eq!(*recorder.changed.borrow(), 0);
+    sqlx::query("COMMIT").execute(&mut held).await.unwrap();
+    recorder.wait_for(10_001, Duration::from_secs(120)).await;
+    let all: Vec<Ulid> = std::iter::once(held_id).chain(ids).collect();
+    recorder.assert_exactly_once_in_order(&all);
+    assert_eq!(get(&stats.dead_lettered), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relay_takes_over_within_seconds_when_the_leader_dies() {
+    let rig = Rig::real(fast_settings()).await;
+    let recorder = Arc::new(Recorder::default());
+    rig.subscribe("takeover", recorder.clone(), |_| {});
+    let (first_status, first) = rig.relay(None);
+    wait_until(|| first_status.borrow().leader, "the first relay leads").await;
+    let (second_status, _second) = rig.relay(None);
+    let before = write_concurrently(&rig.log, 4, 2, 50).await;
+    recorder
+        .wait_for(before.len(), Duration::from_secs(30))
+        .await;
+    assert!(first_status.borrow().leader);
+    assert!(!second_status.borrow().leader, "two relays lead at once");
+    assert_eq!(second_status.borrow().published, 0);
+
+    // The leader dies: its task is dropped mid-flight, and with it the lock's connection.
+    first.abort();
+    let _ = first.await;
+    let died = tokio::time::Instant::now();
+    wait_until(|| second_status.borrow().leader, "the standby takes over").await;
+    let took = died.elapsed();
+    assert!(took < Duration::from_secs(5), "takeover took {took:?}");
+
+    let after = write_concurrently(&rig.log, 4, 2, 50).await;
+    let all: Vec<Ulid> = before.into_iter().chain(after).collect();
+    recorder.wait_for(all.len(), Duration::from_secs(30)).await;
+    recorder.assert_exactly_once_in_order(&all);
+    assert!(second_status.borrow().published >= 200);
+}
+
+/// The first `count` events of the log, once they are all below the watermark.
+async fn settled(log: &dyn EventLog, count: usize) -> Vec<RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events = log.read_all(Default::default(), count).await.unwrap();
+        if events.len() == count {
+            return events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "events never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_until(condition: impl Fn() -> bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A NATS server of the test's own, on its own port and store, so it can be killed.
+struct OwnNats {
+    port: u16,
+    store: std::path::PathBuf,
+    process: Option<tokio::process::Child>,
+}
+
+impl OwnNats {
+    async fn start() -> OwnNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = std::env::temp_dir().join(format!("gb-nats-{}", Ulid::new()));
+        let mut nats = OwnNats {
+            port,
+            store,
+            process: None,
+        };
+        nats.restart().await;
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn restart(&mut self) {
+        let binary = which_nats_server();
+        let process = tokio::process::Command::new(binary)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        self.process = Some(process);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.kill().await.unwrap();
+        }
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        if let Some(process) = self.process.as_mut() {
+            let _ = process.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+fn which_nats_server() -> std::path::PathBuf {
+    [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+    .expect("nats-server is installed (scripts/services installs it)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_and_consumers_resume_after_nats_is_killed_and_restarted() {
+    let mut nats = OwnNats::start().await;
+    let rig = Rig::real(harness::bus::unique_settings(&nats.url())).await;
+    let recorder = Arc::new(Recorder::default());
+    let stats = rig.subscribe("survivor", recorder.clone(), |_| {});
+    let (status, _relay) = rig.relay(None);
+    let before = write_concurrently(&rig.log, 4, 4, 50).await;
+    recorder
+        .wait_for(before.len(), Duration::from_secs(30))
+        .await;
+
+    nats.kill().await;
+    // The log takes appends while the mirror is down.
+    let during = write_concurrently(&rig.log, 4, 4, 50).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nats.restart().await;
+    let after = write_concurrently(&rig.log, 4, 4, 50).await;
+
+    let all: Vec<Ulid> = before.into_iter().chain(during).chain(after).collect();
+    recorder.wait_for(all.len(), Duration::from_secs(60)).await;
+    recorder.assert_exactly_once_in_order(&all);
+    assert_eq!(
+        status.borrow().position.global_position,
+        all.len() as u64,
+        "the relay checkpointed the whole log"
+    );
+    assert_eq!(get(&stats.dead_lettered), 0);
+}
+
+#[tokio::test]
+async fn jetstream_messages_carry_the_event_headers() {
+    let rig = Rig::real(harness::bus::unique_settings(&harness::bus::nats_url())).await;
+    let ids = write_concurrently(&rig.log, 1, 1, 3).await;
+    // The watermark is server-wide: another test's open transaction may hold it back a while.
+    let events = settled(rig.log.as_ref(), 3).await;
+    rig.bus.publish(&events).await.unwrap();
+    let Mirror::JetStream(bus, streams) = &rig.mirror else {
+        unreachable!()
+    };
+    let stream = bus
+        .context()
+        .get_stream(streams.settings.events_stream())
+        .await
+        .unwrap();
+    let message = stream.get_raw_message(2).await.unwrap();
+    let envelope = &events[1].envelope;
+    let h = |name: &str| {
+        message
+            .headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", message.headers))
+            .to_string()
+    };
+    let msg_id = message.headers.get(async_nats::header::NATS_MESSAGE_ID);
+    assert_eq!(msg_id.unwrap().as_str(), ids[1].to_string());
+    assert_eq!(h(header::EVENT_TYPE), "CampaignClosed");
+    assert_eq!(h(header::STREAM), envelope.stream_id);
+    assert_eq!(h(header::STREAM_VERSION), "2");
+    assert_eq!(
+        h(header::GLOBAL_POSITION),
+        envelope.global_position.to_string()
+    );
+    assert_eq!(
+        h(header::TRACE_ID),
+        envelope.metadata.trace_id.clone().unwrap()
+    );
+    assert_eq!(
+        message.subject.as_str(),
+        streams.settings.subject("campaign", &envelope.stream_id)
+    );
+    let body: Envelope = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(&body, envelope);
+    // Published again: JetStream drops the repeats by message id.
+    rig.bus.publish(&events).await.unwrap();
+    assert_eq!(rig.stored_messages().await, 3);
+    assert_eq!(
+        rig.bus.published().await.unwrap(),
+        Published::UpTo(events[2].cursor)
+    );
+}
+
+#[tokio::test]
+async fn a_relay_republishes_what_jetstream_lost_past_its_checkpoint() {
+    let rig = Rig::real(fast_settings()).await;
+    let recorder = Arc::new(Recorder::default());
+    let (status, relay) = rig.relay(None);
+    let ids = write_concurrently(&rig.log, 2, 2, 50).await;
+    wait_until(|| status.borrow().published == 100, "the relay publishes").await;
+    relay.abort();
+    let _ = relay.await;
+    // The mirror loses everything it stored (its store is gone, as after a crash of a
+    // server that had not synced), though the relay's checkpoint says it was published.
+    let Mirror::JetStream(bus, streams) = &rig.mirror else {
+        unreachable!()
+    };
+    bus.context()
+        .delete_stream(streams.settings.events_stream())
+        .await
+        .unwrap();
+    let restored = streams.connect().await;
+    assert_eq!(restored.published().await.unwrap(), Published::Nothing);
+    let (status, _relay) = rig.relay(None);
+    rig.subscribe("after-loss", recorder.clone(), |_| {});
+    recorder.wait_for(ids.len(), Duration::from_secs(30)).await;
+    recorder.assert_exactly_once_in_order(&ids);
+    assert_eq!(
+        status.borrow().published,
+        100,
+        "the new leader published everything again"
+    );
+}
+
+#[tokio::test]
+async fn the_embedded_bus_redelivers_what_a_consumer_sends_back() {
+    let bus = MemoryBus::new();
+    let log: Arc<dyn EventLog> = Arc::new(MemoryEventLog::new());
+    write_concurrently(&log, 1, 1, 2).await;
+    let events = log.read_all(Default::default(), 10).await.unwrap();
+    bus.publish(&events).await.unwrap();
+    bus.publish(&events).await.unwrap();
+    assert_eq!(bus.len(), 2, "the same event ids are stored once");
+    let mut deliveries = bus.subscribe(&ConsumerOptions::new("c")).await.unwrap();
+    let first = deliveries.next().await.unwrap().unwrap();
+    assert_eq!(first.delivered, 1);
+    first.retry_after(Duration::from_millis(50)).await.unwrap();
+    let second = deliveries.next().await.unwrap().unwrap();
+    assert_eq!(second.event.as_ref().unwrap().stream_version, 2);
+    let again = deliveries.next().await.unwrap().unwrap();
+    assert_eq!(again.event.as_ref().unwrap().stream_version, 1);
+    assert_eq!(again.delivered, 2);
+    // A new subscription of the same durable consumer goes on where it stopped.
+    drop(deliveries);
+    bus.publish(&[]).await.unwrap();
+    let mut resumed = bus.subscribe(&ConsumerOptions::new("c")).await.unwrap();
+    let nothing = tokio::time::timeout(Duration::from_millis(100), resumed.next()).await;
+    assert!(nothing.is_err(), "a durable consumer does not start over");
+}
