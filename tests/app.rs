@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
-use gateway::app::{Application, Settings, Storage};
+use gateway::app::{Application, Mirror, Settings, Storage};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use crate::bus::TestStreams;
 use crate::db::TestDb;
 
 /// The operator token every test app is configured with.
@@ -17,7 +18,7 @@ pub const OPERATOR_TOKEN: &str = "test-operator-token";
 pub enum Backend {
     /// The in-process default.
     Embedded,
-    /// A fresh Postgres database.
+    /// The real services: a fresh Postgres database and JetStream streams of its own.
     Postgres,
 }
 
@@ -29,6 +30,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// The database, when running on Postgres.
     pub db: Option<TestDb>,
+    /// The JetStream mirror, when running on the real services.
+    pub streams: Option<TestStreams>,
     stop: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -55,11 +58,17 @@ pub async fn spawn_app_with(backend: Backend, limits: gateway::overload::Limits)
             },
         },
     };
+    let streams = db.as_ref().map(|_| TestStreams::new());
+    let mirror = match &streams {
+        None => Mirror::Embedded,
+        Some(streams) => Mirror::JetStream(streams.settings.clone()),
+    };
     let settings = Settings {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: OPERATOR_TOKEN.into(),
         token_secret: b"test-token-secret".to_vec(),
         storage,
+        mirror,
         read_your_writes_timeout: Duration::from_secs(2),
         limits,
     };
@@ -79,6 +88,7 @@ pub async fn spawn_app_with(backend: Backend, limits: gateway::overload::Limits)
         address,
         client,
         db,
+        streams,
         stop: Some(stop),
         served: Some(served),
     }

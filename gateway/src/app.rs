@@ -8,9 +8,14 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
+use commands::bus::jetstream::{JetStreamBus, JetStreamSettings};
+use commands::bus::memory::MemoryBus;
+use commands::bus::{Bus, BusError};
 use commands::handler::HandlerOptions;
 use commands::log::memory::MemoryEventLog;
 use commands::log::postgres::{PgEventLog, PgLogOptions};
+use commands::relay::postgres::PgRelayLeases;
+use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions};
 use commands::{CommandHandler, EventLog, LogCursor, LogError};
 use projections::MemoryReadModel;
 use tokio::net::TcpListener;
@@ -38,6 +43,15 @@ pub enum Storage {
     },
 }
 
+/// Where the log is mirrored for sagas and projections.
+#[derive(Clone, Debug)]
+pub enum Mirror {
+    /// An in-process bus: volatile, one instance only.
+    Embedded,
+    /// NATS JetStream.
+    JetStream(JetStreamSettings),
+}
+
 /// Everything the application needs to start.
 #[derive(Clone)]
 pub struct Settings {
@@ -49,6 +63,8 @@ pub struct Settings {
     pub token_secret: Vec<u8>,
     /// Where events are stored.
     pub storage: Storage,
+    /// Where the log is mirrored.
+    pub mirror: Mirror,
     /// How long queries wait to read the caller's own writes.
     pub read_your_writes_timeout: Duration,
     /// Load shedding and request timeouts.
@@ -66,6 +82,12 @@ impl std::fmt::Debug for Settings {
                 "storage",
                 &matches!(self.storage, Storage::Postgres { .. })
                     .then_some("postgres")
+                    .unwrap_or("embedded"),
+            )
+            .field(
+                "mirror",
+                &matches!(self.mirror, Mirror::JetStream(_))
+                    .then_some("jetstream")
                     .unwrap_or("embedded"),
             )
             .finish()
@@ -89,6 +111,9 @@ pub enum StartupError {
     /// The database schema could not be brought up to date.
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The bus could not be reached.
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
 }
 
 /// A built application, bound to its port, not yet serving.
@@ -97,25 +122,42 @@ pub struct Application {
     state: AppState,
     log: Arc<dyn EventLog>,
     read_model: Arc<MemoryReadModel>,
+    relay: Relay,
     limits: Limits,
 }
 
-/// Connects (and migrates) the configured event log.
-pub async fn open_log(storage: &Storage) -> Result<Arc<dyn EventLog>, StartupError> {
+/// Connects (and migrates) the configured event log, with the relay leases that go with it.
+pub async fn open_log(
+    storage: &Storage,
+) -> Result<(Arc<dyn EventLog>, Arc<dyn RelayLeases>), StartupError> {
     Ok(match storage {
-        Storage::Embedded => Arc::new(MemoryEventLog::new()),
+        Storage::Embedded => (
+            Arc::new(MemoryEventLog::new()),
+            Arc::new(MemoryRelayLeases::new()),
+        ),
         Storage::Postgres { url, options } => {
             let log = PgEventLog::connect(url, options).await?;
             log.migrate().await?;
-            Arc::new(log)
+            let leases = PgRelayLeases::new((*log.pool().connect_options()).clone(), "events");
+            (Arc::new(log), Arc::new(leases))
         }
+    })
+}
+
+/// Connects the configured mirror.
+pub async fn open_bus(mirror: &Mirror) -> Result<Arc<dyn Bus>, StartupError> {
+    Ok(match mirror {
+        Mirror::Embedded => Arc::new(MemoryBus::new()),
+        Mirror::JetStream(settings) => Arc::new(JetStreamBus::connect(settings.clone()).await?),
     })
 }
 
 impl Application {
     /// Opens storage, builds the read model and binds the listener.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        let log = open_log(&settings.storage).await?;
+        let (log, leases) = open_log(&settings.storage).await?;
+        let bus = open_bus(&settings.mirror).await?;
+        let relay = Relay::new(Arc::clone(&log), bus, leases, RelayOptions::default());
         let read_model = Arc::new(MemoryReadModel::new());
         let state = AppState::new(Shared {
             handler: CommandHandler::new(Arc::clone(&log), HandlerOptions::default()),
@@ -135,6 +177,7 @@ impl Application {
             state,
             log,
             read_model,
+            relay,
             limits: settings.limits,
         })
     }
@@ -146,8 +189,13 @@ impl Application {
             .expect("a bound listener has an address")
     }
 
+    /// The relay's status: whether this instance publishes the log, and how far.
+    pub fn relay_status(&self) -> watch::Receiver<commands::relay::RelayStatus> {
+        self.relay.status()
+    }
+
     /// Serves until `shutdown` resolves, then stops taking connections, lets requests in
-    /// flight finish, and stops the projector.
+    /// flight finish, and stops the projector and the relay.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -161,11 +209,13 @@ impl Application {
             self.read_model,
             wait_stop(stopped.clone()),
         ));
+        let relay = tokio::spawn(self.relay.run(wait_stop(stopped.clone())));
         let served = axum::serve(self.listener, router(self.state, self.limits))
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop.send(true);
         let _ = projector.await;
+        let _ = relay.await;
         served
     }
 }

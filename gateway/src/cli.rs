@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 
-use crate::app::{Application, Settings, StartupError, Storage};
+use commands::bus::jetstream::JetStreamSettings;
+
+use crate::app::{Application, Mirror, Settings, StartupError, Storage};
 use crate::overload::Limits;
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
@@ -43,9 +45,12 @@ pub struct ServeArgs {
     /// PostgreSQL URL of the event log. Unset: the embedded, volatile log.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// NATS URL of the JetStream mirror (not used by this version yet).
+    /// NATS URL of the JetStream mirror of the log. Unset: an embedded, in-process mirror.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
+    /// First token of the JetStream subjects (and of the stream names, upper-cased).
+    #[arg(long, env = "GROUPBUY_NATS_PREFIX", default_value = "groupbuy")]
+    pub nats_prefix: String,
     /// Redis URL of the read models (not used by this version yet).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -81,6 +86,13 @@ impl ServeArgs {
             },
             None => Storage::Embedded,
         };
+        let mirror = match &self.nats_url {
+            Some(url) => Mirror::JetStream(JetStreamSettings {
+                prefix: self.nats_prefix.clone(),
+                ..JetStreamSettings::new(url)
+            }),
+            None => Mirror::Embedded,
+        };
         let operator_token = self.operator_token.clone().unwrap_or_else(|| {
             let token = format!("op_{:032x}", rand::random::<u128>());
             // Printed, not logged: it is the only way to learn it, and it dies with the process.
@@ -96,6 +108,7 @@ impl ServeArgs {
             operator_token,
             token_secret,
             storage,
+            mirror,
             read_your_writes_timeout: Duration::from_secs(2),
             limits: Limits {
                 in_flight_requests_max: self.in_flight_requests_max,
@@ -118,8 +131,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     if args.token_secret.is_none() && args.database_url.is_some() {
         tracing::warn!("GROUPBUY_TOKEN_SECRET is not set: replayed POST /v1/users answers differ across restarts");
     }
-    if args.nats_url.is_some() || args.redis_url.is_some() {
-        tracing::warn!("NATS_URL and REDIS_URL are accepted but not used by this version yet");
+    match &settings.mirror {
+        Mirror::Embedded => tracing::warn!(
+            "NATS_URL is not set: the log is mirrored to an EMBEDDED in-process bus; run one instance only"
+        ),
+        Mirror::JetStream(_) => tracing::info!("log mirrored to NATS JetStream"),
+    }
+    if args.redis_url.is_some() {
+        tracing::warn!("REDIS_URL is accepted but not used by this version yet");
     }
     let app = Application::build(settings).await?;
     tracing::info!(addr = %app.local_addr(), "listening");
