@@ -209,12 +209,15 @@ impl Relay {
         let mut cursor = self.resume_point(lease.as_mut()).await?;
         self.status.send_modify(|s| s.position = cursor);
         let mut appends = self.log.appends();
+        let mut batch = Vec::new();
         loop {
-            appends.borrow_and_update();
-            let batch = tokio::select! {
-                _ = &mut *shutdown => return Ok(()),
-                batch = self.log.read_all(cursor, self.options.batch_events) => batch?,
-            };
+            if batch.is_empty() {
+                appends.borrow_and_update();
+                batch = tokio::select! {
+                    _ = &mut *shutdown => return Ok(()),
+                    batch = self.log.read_all(cursor, self.options.batch_events) => batch?,
+                };
+            }
             let Some(last) = batch.last().map(|event| event.cursor) else {
                 lease.keep_alive().await?;
                 tokio::select! {
@@ -223,7 +226,13 @@ impl Relay {
                 }
                 continue;
             };
-            self.bus.publish(&batch).await?;
+            // Read the next batch while this one's acks come back.
+            appends.borrow_and_update();
+            let (published, next) = tokio::join!(
+                self.bus.publish(&batch),
+                self.log.read_all(last, self.options.batch_events)
+            );
+            published?;
             lease.save(last).await?;
             cursor = last;
             let count = batch.len() as u64;
@@ -231,6 +240,13 @@ impl Relay {
                 s.position = last;
                 s.published += count;
             });
+            // A busy log never waits, so look for a shutdown here too.
+            tokio::select! {
+                biased;
+                _ = &mut *shutdown => return Ok(()),
+                _ = std::future::ready(()) => {}
+            }
+            batch = next?;
         }
     }
 

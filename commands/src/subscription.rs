@@ -49,7 +49,8 @@ pub trait Handler: Send + Sync + 'static {
 /// Whether events of one stream must be handled in version order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ordering {
-    /// In version order, one at a time per stream.
+    /// In version order, one at a time per stream. Order holds within one process: run one
+    /// consumer process per durable consumer (a second one is a hot standby at best).
     PerStream,
     /// In any order, as many at once as there are lanes.
     Unordered,
@@ -181,15 +182,43 @@ impl Dedupe for MemoryStreamVersions {
 }
 
 /// Dedupe by (stream, version) in Postgres (`consumer_stream_versions`): survives restarts.
-#[derive(Clone)]
+///
+/// Writes go to Postgres and to an in-process cache that answers repeat questions about a
+/// stream without a round trip. They commit asynchronously (no wait for the WAL flush): a
+/// Postgres crash can forget the last fraction of a second of records, and those events are
+/// then handled once more, the same window a consumer crash between handling and recording
+/// leaves, which handlers tolerate anyway. Under a saturating write load this is what lets a
+/// consumer keep up (see docs/adr/0005-jetstream-mirror.md). The cache assumes one process consumes each durable consumer
+/// at a time, which per-stream order needs anyway (see [`Ordering::PerStream`]).
 pub struct PgStreamVersions {
     pool: PgPool,
+    cache: Mutex<HashMap<(String, String), u64>>,
 }
+
+/// Streams a [`PgStreamVersions`] cache holds before it starts over.
+const VERSION_CACHE_MAX: usize = 100_000;
 
 impl PgStreamVersions {
     /// A store in the database of `pool` (migrated by the event log).
     pub fn new(pool: PgPool) -> Self {
-        PgStreamVersions { pool }
+        PgStreamVersions {
+            pool,
+            cache: Mutex::default(),
+        }
+    }
+
+    fn cached(&self, key: &(String, String)) -> Option<u64> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(key).copied()
+    }
+
+    fn remember(&self, key: (String, String), done_to: u64) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERSION_CACHE_MAX && !cache.contains_key(&key) {
+            cache.clear();
+        }
+        let entry = cache.entry(key).or_default();
+        *entry = (*entry).max(done_to);
     }
 }
 
@@ -200,6 +229,10 @@ fn dedupe_error(error: sqlx::Error) -> DedupeError {
 #[async_trait]
 impl Dedupe for PgStreamVersions {
     async fn seen(&self, consumer: &str, event: &Envelope) -> Result<Seen, DedupeError> {
+        let key = (consumer.to_owned(), event.stream_id.clone());
+        if let Some(done_to) = self.cached(&key) {
+            return Ok(by_version(done_to, event.stream_version));
+        }
         let done_to: Option<i64> = sqlx::query_scalar(
             "SELECT stream_version FROM consumer_stream_versions \
              WHERE consumer = $1 AND stream_id = $2",
@@ -210,13 +243,17 @@ impl Dedupe for PgStreamVersions {
         .await
         .map_err(dedupe_error)?;
         let done_to = done_to.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        self.remember(key, done_to);
         Ok(by_version(done_to, event.stream_version))
     }
 
     async fn record(&self, consumer: &str, event: &Envelope) -> Result<(), DedupeError> {
+        // Committed without waiting for the WAL flush (see the type's docs): the CTE sets
+        // synchronous_commit for this statement's own transaction only.
         sqlx::query(
-            "INSERT INTO consumer_stream_versions (consumer, stream_id, stream_version) \
-             VALUES ($1, $2, $3) ON CONFLICT (consumer, stream_id) DO UPDATE \
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+             INSERT INTO consumer_stream_versions (consumer, stream_id, stream_version) \
+             SELECT $1, $2, $3 FROM relaxed ON CONFLICT (consumer, stream_id) DO UPDATE \
              SET stream_version = GREATEST(consumer_stream_versions.stream_version, EXCLUDED.stream_version)",
         )
         .bind(consumer)
@@ -225,6 +262,10 @@ impl Dedupe for PgStreamVersions {
         .execute(&self.pool)
         .await
         .map_err(dedupe_error)?;
+        self.remember(
+            (consumer.to_owned(), event.stream_id.clone()),
+            event.stream_version,
+        );
         Ok(())
     }
 
