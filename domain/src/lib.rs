@@ -12,6 +12,8 @@
 //!   holds, so that stock and per-user limit are decided in one place and one stream.
 //! - [`order::Order`]: a customer's order as the saga moves it to a final state.
 //! - [`payment::Payment`]: a payment request and what the provider (or the deadline) said.
+//! - [`saga::OrderSaga`]: the steps the order saga took for one order, and [`saga::plan`], its
+//!   next step from where the order, its reservation and its payment stand.
 //!
 //! [`scenario`] holds the given/when/then harness used by every decide test.
 
@@ -23,6 +25,7 @@ pub mod limits;
 pub mod money;
 pub mod order;
 pub mod payment;
+pub mod saga;
 pub mod scenario;
 pub mod store;
 pub mod user;

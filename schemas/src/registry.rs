@@ -94,6 +94,7 @@ event_schemas!(
     "PaymentFailed" v 1,
     "PaymentTimedOut" v 1,
     "PaymentRefunded" v 1,
+    "OrderSagaStepTaken" v 1,
 );
 
 /// Upcasters for every schema version that is no longer the current one. When an event's

@@ -7,6 +7,7 @@ use chrono::TimeZone;
 use domain::campaign::{CampaignCreated, CampaignEvent};
 use domain::order::{CancelReason, OrderEvent, RejectReason};
 use domain::payment::PaymentEvent;
+use domain::saga::{OrderSagaEvent, SagaStep};
 use domain::store::{Store, StoreEvent};
 use domain::user::{User, UserEvent};
 use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp, UserId};
@@ -155,7 +156,32 @@ fn samples() -> Vec<Sample> {
     ] {
         out.push(sample(type_of_payment(&e), &e));
     }
+    for step in [
+        SagaStep::ReserveStock,
+        SagaStep::RejectOrder,
+        SagaStep::RequestPayment,
+        SagaStep::AwaitPayment,
+        SagaStep::TimeOutPayment,
+        SagaStep::ConfirmOrder,
+        SagaStep::SellStock,
+        SagaStep::CancelOrder,
+        SagaStep::ReleaseStock,
+        SagaStep::RefundPayment,
+    ] {
+        let e = OrderSagaEvent::OrderSagaStepTaken {
+            order_id: order,
+            step,
+            at: at(),
+        };
+        out.push(sample(type_of_saga(&e), &e));
+    }
     out
+}
+
+fn type_of_saga(e: &OrderSagaEvent) -> &'static str {
+    match e {
+        OrderSagaEvent::OrderSagaStepTaken { .. } => "OrderSagaStepTaken",
+    }
 }
 
 fn type_of_user(e: &UserEvent) -> &'static str {
