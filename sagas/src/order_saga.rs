@@ -1,0 +1,363 @@
+//! The order saga: a process manager that moves every order to a final state.
+//!
+//! Woken by any event of an order or its payment (and by the order's payment deadline), it
+//! loads the order, the campaign's reservation for it and the payment, asks
+//! [`domain::saga::plan`] for the next step, records in its own stream (`ordersaga-<order id>`)
+//! that it takes it, takes it, and plans again, until the order is done or waits on its payment.
+//!
+//! Every step is a command with an id derived from the order and the step, so a step taken
+//! again (after a crash between two steps, a redelivered trigger, a replay) appends nothing:
+//! its events are already stored under the same ids, or the aggregate finds nothing left to do.
+//! Reservation, release, sale and refund are each idempotent per order in their aggregates, so
+//! none of them can happen twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+use commands::handler::Context;
+use commands::subscription::{Handler, HandlerError};
+use commands::{stream_id, CommandError, CommandHandler};
+use domain::campaign::{CampaignAggregate, CampaignCommand};
+use domain::order::{OrderAggregate, OrderCommand, RejectReason};
+use domain::payment::{PaymentAggregate, PaymentCommand};
+use domain::saga::{payment_id_of, plan, Action, OrderSagaAggregate, OrderSagaCommand, Plan};
+use domain::{OrderId, Timestamp};
+use schemas::{Envelope, Metadata};
+use sha2::{Digest, Sha256};
+use ulid::Ulid;
+
+use crate::deadlines::Deadlines;
+use crate::payments::PaymentProvider;
+
+/// Most steps one wake-up takes; the longest path (reserve, request, await, confirm, sell)
+/// takes five, so reaching this means steps are not taking effect.
+const STEPS_MAX: usize = 12;
+
+/// An id derived from `what`, the same every time: for saga steps and settlements.
+pub fn derived_id(what: &str) -> Ulid {
+    let digest = Sha256::digest(what.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Ulid::from_bytes(bytes)
+}
+
+/// The saga failed to move an order on; the trigger is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    /// A command failed for a reason other than the business rules.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The deadline store failed.
+    #[error(transparent)]
+    Deadline(#[from] crate::deadlines::DeadlineError),
+    /// An order refers to a campaign that does not exist (a corrupt log).
+    #[error("order {0} refers to a missing campaign")]
+    MissingCampaign(OrderId),
+    /// Steps kept being planned without taking effect.
+    #[error("order {0}: no progress after {STEPS_MAX} steps")]
+    Stuck(OrderId),
+}
+
+/// Where an order stands after the saga moved it on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// No such order (yet).
+    Unknown,
+    /// Waiting for the payment's answer or its deadline.
+    Waiting(Timestamp),
+    /// Final, with every compensation done.
+    Done,
+}
+
+/// Runs the order saga.
+pub struct OrderSaga {
+    handler: CommandHandler,
+    payments: Arc<dyn PaymentProvider>,
+    deadlines: Arc<dyn Deadlines>,
+    /// One wake-up per order at a time in this process.
+    turns: Mutex<HashMap<OrderId, Weak<tokio::sync::Mutex<()>>>>,
+}
+
+impl OrderSaga {
+    /// A saga that commands through `handler`.
+    pub fn new(
+        handler: CommandHandler,
+        payments: Arc<dyn PaymentProvider>,
+        deadlines: Arc<dyn Deadlines>,
+    ) -> Self {
+        OrderSaga {
+            handler,
+            payments,
+            deadlines,
+            turns: Mutex::default(),
+        }
+    }
+
+    fn turn(&self, order_id: OrderId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(turn) = turns.get(&order_id).and_then(Weak::upgrade) {
+            return turn;
+        }
+        turns.retain(|_, turn| turn.strong_count() > 0);
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        turns.insert(order_id, Arc::downgrade(&turn));
+        turn
+    }
+
+    /// Moves `order_id` on as far as it can go now. `cause` is the metadata of what woke the
+    /// saga; its trace continues into the steps.
+    pub async fn advance(
+        &self,
+        order_id: OrderId,
+        cause: &Metadata,
+    ) -> Result<Progress, SagaError> {
+        let turn = self.turn(order_id);
+        let _turn = turn.lock().await;
+        for _ in 0..STEPS_MAX {
+            let order = self
+                .handler
+                .load::<OrderAggregate>(&stream_id::<OrderAggregate>(order_id))
+                .await?
+                .state;
+            let Some(order) = order else {
+                return Ok(Progress::Unknown);
+            };
+            let campaign = self
+                .handler
+                .load::<CampaignAggregate>(&stream_id::<CampaignAggregate>(order.campaign_id))
+                .await?
+                .state
+                .ok_or(SagaError::MissingCampaign(order_id))?;
+            let payment_id = payment_id_of(order_id);
+            let payment = self
+                .handler
+                .load::<PaymentAggregate>(&stream_id::<PaymentAggregate>(payment_id))
+                .await?
+                .state;
+            let now = chrono::Utc::now();
+            let next = plan(
+                &order,
+                campaign.reservations.get(&order_id),
+                payment.as_ref(),
+                campaign.payment_timeout_seconds,
+                now,
+            );
+            match next {
+                Plan::Done => {
+                    self.deadlines.clear(order_id).await?;
+                    return Ok(Progress::Done);
+                }
+                Plan::WaitUntil(deadline) => {
+                    self.deadlines.schedule(order_id, deadline).await?;
+                    if let Some(payment) = &payment {
+                        // Again after a restart too: providers take repeated requests.
+                        self.payments
+                            .request(payment.payment_id, payment.amount_cents)
+                            .await;
+                    }
+                    return Ok(Progress::Waiting(deadline));
+                }
+                Plan::Act(action) => {
+                    self.take(order_id, &order, action, now, cause).await?;
+                }
+            }
+        }
+        Err(SagaError::Stuck(order_id))
+    }
+
+    /// Records one step and takes it.
+    async fn take(
+        &self,
+        order_id: OrderId,
+        order: &domain::order::Order,
+        action: Action,
+        now: Timestamp,
+        cause: &Metadata,
+    ) -> Result<(), SagaError> {
+        let step = action.step();
+        let order_stream = stream_id::<OrderAggregate>(order_id);
+        let campaign_stream = stream_id::<CampaignAggregate>(order.campaign_id);
+        let payment_id = payment_id_of(order_id);
+        let payment_stream = stream_id::<PaymentAggregate>(payment_id);
+        let campaign = |command: CampaignCommand| async move {
+            self.handler
+                .execute::<CampaignAggregate>(
+                    &campaign_stream,
+                    &command,
+                    &step_context(order_id, step.name(), cause),
+                )
+                .await
+                .map(|_| ())
+        };
+        let on_order = |command: OrderCommand| {
+            let order_stream = order_stream.clone();
+            async move {
+                self.handler
+                    .execute::<OrderAggregate>(
+                        &order_stream,
+                        &command,
+                        &step_context(order_id, step.name(), cause),
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        };
+        let on_payment = |command: PaymentCommand| {
+            let payment_stream = payment_stream.clone();
+            async move {
+                self.handler
+                    .execute::<PaymentAggregate>(
+                        &payment_stream,
+                        &command,
+                        &step_context(order_id, step.name(), cause),
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        };
+        self.record(order_id, step, now, cause).await?;
+        let done = match action {
+            Action::ReserveStock => {
+                let reserved = campaign(CampaignCommand::Reserve {
+                    order_id,
+                    user_id: order.user_id,
+                    quantity: order.quantity,
+                    now,
+                })
+                .await;
+                match reserved {
+                    Err(CommandError::Domain(refusal)) => match RejectReason::for_refusal(&refusal)
+                    {
+                        Some(reason) => {
+                            let taken = domain::saga::SagaStep::RejectOrder;
+                            self.record(order_id, taken, now, cause).await?;
+                            self.handler
+                                .execute::<OrderAggregate>(
+                                    &order_stream,
+                                    &OrderCommand::Reject { reason, now },
+                                    &step_context(order_id, taken.name(), cause),
+                                )
+                                .await
+                                .map(|_| ())
+                        }
+                        None => Err(CommandError::Domain(refusal)),
+                    },
+                    other => other,
+                }
+            }
+            Action::RejectOrder(reason) => on_order(OrderCommand::Reject { reason, now }).await,
+            Action::RequestPayment {
+                payment_id,
+                deadline,
+            } => {
+                on_payment(PaymentCommand::Request {
+                    payment_id,
+                    order_id,
+                    amount_cents: order.amount_cents,
+                    deadline,
+                    now,
+                })
+                .await
+            }
+            Action::AwaitPayment {
+                payment_id,
+                deadline,
+            } => {
+                on_order(OrderCommand::AwaitPayment {
+                    payment_id,
+                    deadline,
+                    now,
+                })
+                .await
+            }
+            Action::TimeOutPayment => on_payment(PaymentCommand::TimeOut { now }).await,
+            Action::ConfirmOrder(payment_id) => {
+                on_order(OrderCommand::Confirm { payment_id, now }).await
+            }
+            Action::SellStock => campaign(CampaignCommand::Sell { order_id, now }).await,
+            Action::CancelOrder(reason) => on_order(OrderCommand::Cancel { reason, now }).await,
+            Action::ReleaseStock(reason) => {
+                campaign(CampaignCommand::Release {
+                    order_id,
+                    reason,
+                    now,
+                })
+                .await
+            }
+            Action::RefundPayment => on_payment(PaymentCommand::Refund { now }).await,
+        };
+        match done {
+            Ok(()) => {}
+            // The state moved on between planning and acting (a customer's cancel, a payment's
+            // answer): plan again from the new state.
+            Err(CommandError::Domain(error)) => {
+                tracing::debug!(%order_id, step = step.name(), %error, "step overtaken; planning again");
+            }
+            Err(error) => return Err(error.into()),
+        }
+        Ok(())
+    }
+
+    /// Records in the saga's stream that it takes `step`, before taking it: a worker that dies
+    /// in between finds the same step planned again, and the record is not repeated.
+    async fn record(
+        &self,
+        order_id: OrderId,
+        step: domain::saga::SagaStep,
+        now: Timestamp,
+        cause: &Metadata,
+    ) -> Result<(), SagaError> {
+        self.handler
+            .execute::<OrderSagaAggregate>(
+                &stream_id::<OrderSagaAggregate>(order_id),
+                &OrderSagaCommand::Record {
+                    order_id,
+                    step,
+                    now,
+                },
+                &step_context(order_id, &format!("record:{}", step.name()), cause),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The order an event concerns, if the saga cares about it: every event of an order or
+    /// of a payment (whose id is its order's).
+    pub fn order_of(event: &Envelope) -> Option<OrderId> {
+        let (category, id) = event.stream_id.split_once('-')?;
+        match category {
+            "order" | "payment" => id.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
+/// How a saga step's command is recorded: its id derives from the order and the step.
+fn step_context<S>(order_id: OrderId, name: &str, cause: &Metadata) -> Context<'static, S> {
+    Context {
+        metadata: Metadata {
+            actor: Some("saga:order".into()),
+            correlation_id: Some(order_id.to_string()),
+            ..cause.clone()
+        },
+        command_id: derived_id(&format!("ordersaga:{order_id}:{name}")),
+        idempotency: None,
+    }
+}
+
+/// The saga as a subscription handler.
+#[async_trait]
+impl Handler for OrderSaga {
+    async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
+        let Some(order_id) = Self::order_of(event) else {
+            return Ok(());
+        };
+        let cause = Metadata {
+            causation_id: Some(event.event_id.to_string()),
+            ..event.metadata.clone()
+        };
+        self.advance(order_id, &cause).await?;
+        Ok(())
+    }
+}
