@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use gateway::app::{Application, Mirror, Settings, Storage};
+use gateway::app::{Application, Mirror, Payments, Settings, Storage};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -12,6 +12,8 @@ use crate::db::TestDb;
 
 /// The operator token every test app is configured with.
 pub const OPERATOR_TOKEN: &str = "test-operator-token";
+/// The key test apps check payment webhooks with.
+pub const WEBHOOK_SECRET: &[u8] = b"test-webhook-secret";
 
 /// Which event log the app runs on.
 #[derive(Clone, Copy, Debug)]
@@ -41,8 +43,18 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(backend, gateway::overload::Limits::default()).await
 }
 
-/// Starts the application with these load limits.
+/// Starts the application with these load limits (and the external payment provider: orders
+/// wait for a webhook that only the test sends).
 pub async fn spawn_app_with(backend: Backend, limits: gateway::overload::Limits) -> TestApp {
+    spawn_app_configured(backend, limits, Payments::External).await
+}
+
+/// Starts the application with these load limits and payment provider.
+pub async fn spawn_app_configured(
+    backend: Backend,
+    limits: gateway::overload::Limits,
+    payments: Payments,
+) -> TestApp {
     crate::init_tracing();
     let db = match backend {
         Backend::Embedded => None,
@@ -69,6 +81,8 @@ pub async fn spawn_app_with(backend: Backend, limits: gateway::overload::Limits)
         token_secret: b"test-token-secret".to_vec(),
         storage,
         mirror,
+        payments,
+        webhook_secret: WEBHOOK_SECRET.to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),
         limits,
     };
@@ -123,6 +137,44 @@ impl TestApp {
     pub async fn post(&self, path: &str, token: &str, key: Option<&str>, body: &Value) -> Response {
         self.send(reqwest::Method::POST, path, Some(token), key, Some(body))
             .await
+    }
+
+    /// Polls an order until it has `status`, and returns it; panics after 20 s.
+    pub async fn wait_for_status(&self, token: &str, order_id: &str, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let order = expect_json(
+                self.get(&format!("/v1/orders/{order_id}"), token).await,
+                StatusCode::OK,
+            )
+            .await;
+            if order["status"] == status {
+                return order;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order {order_id} never reached {status}: {order}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a payment webhook signed with [`WEBHOOK_SECRET`] at `t` (unix seconds).
+    pub async fn webhook(&self, body: &Value, t: i64, secret: &[u8]) -> Response {
+        use hmac::Mac;
+        let raw = serde_json::to_vec(body).unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(&raw);
+        let signature = format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()));
+        self.client
+            .post(format!("{}/v1/payments/webhook", self.address))
+            .header("X-Groupbuy-Signature", signature)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .expect("the request is answered")
     }
 
     /// GET.

@@ -13,7 +13,8 @@ pub mod bus;
 pub mod db;
 
 pub use app::{
-    expect_json, expect_problem, spawn_app, spawn_app_with, Backend, TestApp, OPERATOR_TOKEN,
+    expect_json, expect_problem, spawn_app, spawn_app_configured, spawn_app_with, Backend, TestApp,
+    OPERATOR_TOKEN, WEBHOOK_SECRET,
 };
 pub use bus::TestStreams;
 pub use db::TestDb;

@@ -16,8 +16,12 @@ use commands::log::memory::MemoryEventLog;
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 use commands::relay::postgres::PgRelayLeases;
 use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions};
+use commands::subscription::{Ordering, RecentEventIds, Subscription, SubscriptionOptions};
 use commands::{CommandHandler, EventLog, LogCursor, LogError};
 use projections::MemoryReadModel;
+use sagas::deadlines::{Deadlines, MemoryDeadlines, PgDeadlines};
+use sagas::order_saga::OrderSaga;
+use sagas::payments::{External, PaymentProvider, Simulated};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower_http::trace::TraceLayer;
@@ -26,7 +30,7 @@ use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::extract::BODY_BYTES_MAX;
 use crate::overload::{self, Limits, Overload};
-use crate::routes::{campaigns, health, orders, stores, users};
+use crate::routes::{campaigns, health, orders, payments, stores, users};
 use crate::state::{AppState, Shared};
 
 /// Where events are stored.
@@ -52,6 +56,20 @@ pub enum Mirror {
     JetStream(JetStreamSettings),
 }
 
+/// Which payment provider the saga asks.
+#[derive(Clone, Debug)]
+pub enum Payments {
+    /// Answers by itself after `delay`, failing a `failure_rate` share: for demos and tests.
+    Simulated {
+        /// How long it takes to answer.
+        delay: Duration,
+        /// The share of payments it fails, 0 to 1.
+        failure_rate: f64,
+    },
+    /// A real provider, answering through the signed webhook.
+    External,
+}
+
 /// Everything the application needs to start.
 #[derive(Clone)]
 pub struct Settings {
@@ -65,6 +83,10 @@ pub struct Settings {
     pub storage: Storage,
     /// Where the log is mirrored.
     pub mirror: Mirror,
+    /// The payment provider.
+    pub payments: Payments,
+    /// The key payment webhooks are signed with.
+    pub webhook_secret: Vec<u8>,
     /// How long queries wait to read the caller's own writes.
     pub read_your_writes_timeout: Duration,
     /// Load shedding and request timeouts.
@@ -78,6 +100,8 @@ impl std::fmt::Debug for Settings {
             .field("http_addr", &self.http_addr)
             .field("operator_token", &"<redacted>")
             .field("token_secret", &"<redacted>")
+            .field("webhook_secret", &"<redacted>")
+            .field("payments", &self.payments)
             .field(
                 "storage",
                 &matches!(self.storage, Storage::Postgres { .. })
@@ -123,23 +147,40 @@ pub struct Application {
     log: Arc<dyn EventLog>,
     read_model: Arc<MemoryReadModel>,
     relay: Relay,
+    saga: Subscription,
+    deadlines: Arc<dyn Deadlines>,
+    order_saga: Arc<OrderSaga>,
     limits: Limits,
 }
 
-/// Connects (and migrates) the configured event log, with the relay leases that go with it.
-pub async fn open_log(
-    storage: &Storage,
-) -> Result<(Arc<dyn EventLog>, Arc<dyn RelayLeases>), StartupError> {
+/// The event log and the stores that live beside it.
+pub struct Opened {
+    /// The log.
+    pub log: Arc<dyn EventLog>,
+    /// Where relays take their lease.
+    pub leases: Arc<dyn RelayLeases>,
+    /// The saga's payment deadlines.
+    pub deadlines: Arc<dyn Deadlines>,
+}
+
+/// Connects (and migrates) the configured event log, with the stores that go with it.
+pub async fn open_log(storage: &Storage) -> Result<Opened, StartupError> {
     Ok(match storage {
-        Storage::Embedded => (
-            Arc::new(MemoryEventLog::new()),
-            Arc::new(MemoryRelayLeases::new()),
-        ),
+        Storage::Embedded => Opened {
+            log: Arc::new(MemoryEventLog::new()),
+            leases: Arc::new(MemoryRelayLeases::new()),
+            deadlines: Arc::new(MemoryDeadlines::new()),
+        },
         Storage::Postgres { url, options } => {
             let log = PgEventLog::connect(url, options).await?;
             log.migrate().await?;
             let leases = PgRelayLeases::new((*log.pool().connect_options()).clone(), "events");
-            (Arc::new(log), Arc::new(leases))
+            let deadlines = PgDeadlines::new(log.pool().clone());
+            Opened {
+                log: Arc::new(log),
+                leases: Arc::new(leases),
+                deadlines: Arc::new(deadlines),
+            }
         }
     })
 }
@@ -155,16 +196,48 @@ pub async fn open_bus(mirror: &Mirror) -> Result<Arc<dyn Bus>, StartupError> {
 impl Application {
     /// Opens storage, builds the read model and binds the listener.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        let (log, leases) = open_log(&settings.storage).await?;
+        let Opened {
+            log,
+            leases,
+            deadlines,
+        } = open_log(&settings.storage).await?;
         let bus = open_bus(&settings.mirror).await?;
-        let relay = Relay::new(Arc::clone(&log), bus, leases, RelayOptions::default());
+        let relay = Relay::new(
+            Arc::clone(&log),
+            Arc::clone(&bus),
+            leases,
+            RelayOptions::default(),
+        );
+        let handler = CommandHandler::new(Arc::clone(&log), HandlerOptions::default());
+        let provider: Arc<dyn PaymentProvider> = match settings.payments {
+            Payments::Simulated {
+                delay,
+                failure_rate,
+            } => Arc::new(Simulated::new(handler.clone(), delay, failure_rate)),
+            Payments::External => Arc::new(External),
+        };
+        let order_saga = Arc::new(OrderSaga::new(
+            handler.clone(),
+            provider,
+            Arc::clone(&deadlines),
+        ));
+        let saga = Subscription::new(
+            bus,
+            SubscriptionOptions {
+                ordering: Ordering::Unordered,
+                ..SubscriptionOptions::new("order-saga")
+            },
+            Arc::new(RecentEventIds::new(100_000)),
+            order_saga.clone(),
+        );
         let read_model = Arc::new(MemoryReadModel::new());
         let state = AppState::new(Shared {
-            handler: CommandHandler::new(Arc::clone(&log), HandlerOptions::default()),
+            handler,
             read_model: read_model.clone(),
             auth: Auth::new(&settings.operator_token, settings.token_secret.clone()),
             last_append: watch::channel(LogCursor::default()).0,
             read_your_writes_timeout: settings.read_your_writes_timeout,
+            webhook_secret: settings.webhook_secret.clone(),
         });
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -178,6 +251,9 @@ impl Application {
             log,
             read_model,
             relay,
+            saga,
+            deadlines,
+            order_saga,
             limits: settings.limits,
         })
     }
@@ -210,12 +286,28 @@ impl Application {
             wait_stop(stopped.clone()),
         ));
         let relay = tokio::spawn(self.relay.run(wait_stop(stopped.clone())));
+        let saga = tokio::spawn(self.saga.run(wait_stop(stopped.clone())));
+        let order_saga = self.order_saga;
+        let deadlines = tokio::spawn(sagas::deadlines::run(
+            self.deadlines,
+            move |order_id| {
+                let order_saga = Arc::clone(&order_saga);
+                async move {
+                    if let Err(error) = order_saga.advance(order_id, &Default::default()).await {
+                        tracing::warn!(%order_id, %error, "the saga could not act on a deadline");
+                    }
+                }
+            },
+            wait_stop(stopped.clone()),
+        ));
         let served = axum::serve(self.listener, router(self.state, self.limits))
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop.send(true);
         let _ = projector.await;
         let _ = relay.await;
+        let _ = saga.await;
+        let _ = deadlines.await;
         served
     }
 }
@@ -236,6 +328,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/v1/orders", post(orders::place).get(orders::list))
         .route("/v1/orders/{id}", get(orders::get))
         .route("/v1/orders/{id}/cancel", post(orders::cancel))
+        .route("/v1/payments/webhook", post(payments::webhook))
         .layer(axum::middleware::from_fn_with_state(
             Overload::new(limits),
             overload::guard,

@@ -9,7 +9,7 @@ use commands::log::postgres::{PgEventLog, PgLogOptions};
 
 use commands::bus::jetstream::JetStreamSettings;
 
-use crate::app::{Application, Mirror, Settings, StartupError, Storage};
+use crate::app::{Application, Mirror, Payments, Settings, StartupError, Storage};
 use crate::overload::Limits;
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Runs the HTTP gateway and the background roles.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Brings the Postgres schema up to date and exits.
     Migrate(MigrateArgs),
 }
@@ -54,6 +54,28 @@ pub struct ServeArgs {
     /// Redis URL of the read models (not used by this version yet).
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Which payment provider the saga asks: `simulated` (answers by itself) or `external`
+    /// (answers through the signed webhook).
+    #[arg(long, env = "GROUPBUY_PAYMENT_PROVIDER", default_value = "simulated")]
+    pub payment_provider: PaymentProviderArg,
+    /// How long the simulated provider takes to answer, in milliseconds.
+    #[arg(
+        long,
+        env = "GROUPBUY_SIMULATED_PAYMENT_DELAY_MS",
+        default_value_t = 500
+    )]
+    pub simulated_payment_delay_ms: u64,
+    /// The share of payments the simulated provider fails, 0 to 1.
+    #[arg(
+        long,
+        env = "GROUPBUY_SIMULATED_PAYMENT_FAILURE_RATE",
+        default_value_t = 0.0
+    )]
+    pub simulated_payment_failure_rate: f64,
+    /// Key the payment provider signs webhooks with. A random one (so no webhook is accepted)
+    /// when unset.
+    #[arg(long, env = "GROUPBUY_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
     /// Most Postgres connections this instance opens.
     #[arg(long, env = "GROUPBUY_PG_CONNECTIONS_MAX", default_value_t = 16)]
     pub pg_connections_max: u32,
@@ -63,6 +85,15 @@ pub struct ServeArgs {
     /// Longest an API request may take, in milliseconds, before it is answered 503.
     #[arg(long, env = "GROUPBUY_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
+}
+
+/// The payment providers `serve` can use.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PaymentProviderArg {
+    /// Answers by itself after a delay.
+    Simulated,
+    /// Answers through the signed webhook.
+    External,
 }
 
 /// Flags of `groupbuy migrate`.
@@ -109,6 +140,17 @@ impl ServeArgs {
             token_secret,
             storage,
             mirror,
+            payments: match self.payment_provider {
+                PaymentProviderArg::Simulated => Payments::Simulated {
+                    delay: Duration::from_millis(self.simulated_payment_delay_ms),
+                    failure_rate: self.simulated_payment_failure_rate.clamp(0.0, 1.0),
+                },
+                PaymentProviderArg::External => Payments::External,
+            },
+            webhook_secret: match &self.webhook_secret {
+                Some(secret) => secret.as_bytes().to_vec(),
+                None => rand::random::<[u8; 32]>().to_vec(),
+            },
             read_your_writes_timeout: Duration::from_secs(2),
             limits: Limits {
                 in_flight_requests_max: self.in_flight_requests_max,

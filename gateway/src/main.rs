@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     match cli.command {
-        Command::Serve(args) => cli::serve(args).await?,
+        Command::Serve(args) => cli::serve(*args).await?,
         Command::Migrate(args) => cli::migrate(args).await?,
     }
     Ok(())

@@ -33,6 +33,8 @@ pub struct Shared {
     pub last_append: watch::Sender<LogCursor>,
     /// The longest a query waits for that.
     pub read_your_writes_timeout: Duration,
+    /// The key payment webhooks are signed with.
+    pub webhook_secret: Vec<u8>,
 }
 
 impl Deref for AppState {

@@ -48,8 +48,22 @@ async fn a_customer_places_an_order_that_is_pending_with_its_amount(app: TestApp
     assert_eq!(order["amount_cents"], 2500);
     assert_eq!(order["user_id"], user_id.as_str());
     assert_eq!(order["quantity"], 2);
-    let read = expect_json(app.get(&location, &token).await, StatusCode::OK).await;
-    assert_eq!(read, order);
+    // The saga reserves the units and asks for payment; the order waits for the provider.
+    let id = order["order_id"].as_str().unwrap();
+    let read = app.wait_for_status(&token, id, "awaiting_payment").await;
+    for field in [
+        "order_id",
+        "user_id",
+        "campaign_id",
+        "quantity",
+        "amount_cents",
+        "created_at",
+    ] {
+        assert_eq!(read[field], order[field], "{field}");
+    }
+    assert_eq!(read["payment"]["payment_id"], order["order_id"]);
+    assert_eq!(read["payment"]["status"], "pending");
+    assert_eq!(read["payment"]["amount_cents"], 2500);
 }
 
 async fn the_same_key_and_body_replays_the_first_answer(app: TestApp) {
@@ -214,12 +228,17 @@ async fn orders_are_listed_newest_first_in_pages(app: TestApp) {
     );
     let of_second = expect_json(app.get(&second, OPERATOR_TOKEN).await, StatusCode::OK).await;
     assert_eq!(of_second["items"].as_array().unwrap().len(), 1);
-    let pending = expect_json(
-        app.get("/v1/orders?status=pending", &ada).await,
+    // The saga reserves each order and asks for payment; nobody pays in this test.
+    for order_id in &placed {
+        app.wait_for_status(&ada, order_id, "awaiting_payment")
+            .await;
+    }
+    let awaiting = expect_json(
+        app.get("/v1/orders?status=awaiting_payment", &ada).await,
         StatusCode::OK,
     )
     .await;
-    assert_eq!(pending["items"].as_array().unwrap().len(), 5);
+    assert_eq!(awaiting["items"].as_array().unwrap().len(), 5);
     let confirmed = expect_json(
         app.get("/v1/orders?status=confirmed", &ada).await,
         StatusCode::OK,

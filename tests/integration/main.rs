@@ -24,3 +24,4 @@ mod api_orders;
 mod command_handling;
 mod event_log;
 mod mirror;
+mod order_saga;

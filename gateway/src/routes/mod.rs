@@ -3,5 +3,6 @@
 pub mod campaigns;
 pub mod health;
 pub mod orders;
+pub mod payments;
 pub mod stores;
 pub mod users;

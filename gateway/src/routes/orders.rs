@@ -51,9 +51,11 @@ pub async fn place(
     caller: Caller,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     TraceId(trace_id): TraceId,
+    headers: axum::http::HeaderMap,
     body: RawJson,
 ) -> Result<Response, ApiError> {
     let user_id = caller.require_customer()?;
+    let wait = prefer_wait(&headers);
     if key.is_none() {
         return Err(ApiError::BadRequest {
             code: "idempotency_key_required",
@@ -104,13 +106,64 @@ pub async fn place(
             let executed = state
                 .execute::<OrderAggregate>(&stream, &command, meta, claim.as_ref(), &render)
                 .await?;
+            let reply = match decided(state, order_id, wait).await {
+                Some(view) => {
+                    let location =
+                        HeaderValue::try_from(format!("/v1/orders/{order_id}")).expect("ascii");
+                    Reply::json(StatusCode::ACCEPTED, &OrderBody::from(&view))
+                        .with_header(header::LOCATION, location)
+                }
+                None => render(&executed.state),
+            };
             Ok(Done {
-                reply: render(&executed.state),
+                reply,
                 recorded: claim.is_some(),
             })
         },
     )
     .await)
+}
+
+/// The longest `Prefer: wait=N` is honoured, in seconds: below the request timeout.
+pub const PREFER_WAIT_MAX_SECONDS: u64 = 20;
+
+/// `Prefer: wait=N` (RFC 7240), capped; anything unreadable is ignored, as preferences are.
+fn prefer_wait(headers: &axum::http::HeaderMap) -> std::time::Duration {
+    let seconds = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .filter_map(|p| p.trim().strip_prefix("wait="))
+        .find_map(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    std::time::Duration::from_secs(seconds.min(PREFER_WAIT_MAX_SECONDS))
+}
+
+/// Waits up to `wait` for the order to leave `pending` in the read model; its view then.
+async fn decided(
+    state: &AppState,
+    order_id: OrderId,
+    wait: std::time::Duration,
+) -> Option<OrderView> {
+    if wait.is_zero() {
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut position = state.read_model.position();
+    loop {
+        position.borrow_and_update();
+        let view = state.read_model.order(order_id).await.ok().flatten();
+        if let Some(view) = view.filter(|v| v.status != OrderStatus::Pending) {
+            return Some(view);
+        }
+        if tokio::time::timeout_at(deadline, position.changed())
+            .await
+            .is_err()
+        {
+            return state.read_model.order(order_id).await.ok().flatten();
+        }
+    }
 }
 
 /// One order, to its owner or the operator.
