@@ -1,6 +1,6 @@
 //! The order saga: a process manager that moves every order to a final state.
 //!
-//! Woken by any event of an order or its payment (and by the order's payment deadline), it
+//! Woken by an order placed or cancelled, a payment's answer, or the payment's deadline, it
 //! loads the order, the campaign's reservation for it and the payment, asks
 //! [`domain::saga::plan`] for the next step, records in its own stream (`ordersaga-<order id>`)
 //! that it takes it, takes it, and plans again, until the order is done or waits on its payment.
@@ -322,13 +322,21 @@ impl OrderSaga {
         Ok(())
     }
 
-    /// The order an event concerns, if the saga cares about it: every event of an order or
-    /// of a payment (whose id is its order's).
+    /// The order an event wakes the saga for: events that come from outside the saga (a
+    /// placed or cancelled order, a provider's answer). What the saga's own steps append needs
+    /// no wake-up: the saga goes on planning after each step, and after a crash the trigger it
+    /// had not acknowledged yet is delivered again.
     pub fn order_of(event: &Envelope) -> Option<OrderId> {
         let (category, id) = event.stream_id.split_once('-')?;
-        match category {
-            "order" | "payment" => id.parse().ok(),
-            _ => None,
+        let wakes = matches!(
+            (category, event.event_type.as_str()),
+            ("order", "OrderPlaced" | "OrderCancelled")
+                | ("payment", "PaymentSucceeded" | "PaymentFailed")
+        );
+        if wakes {
+            id.parse().ok()
+        } else {
+            None
         }
     }
 }
