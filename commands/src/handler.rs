@@ -265,8 +265,24 @@ impl CommandHandler {
         let lock = self.local.lock_for(stream_id);
         let _turn = lock.lock().await;
         for attempt in 0..attempts {
-            let loaded = self.load::<A>(stream_id).await?;
-            let events = A::decide(&loaded.state, command)?;
+            // First try the state this process cached, without a round trip: the append's
+            // expected version makes a stale cache a conflict, and the retry reads the tail.
+            // Refusals and no-ops are only trusted on a fresh read.
+            let optimistic = (attempt == 0)
+                .then(|| self.local.cached::<A>(stream_id))
+                .flatten()
+                .and_then(|(state, version)| {
+                    let events = A::decide(&state, command).ok()?;
+                    (!events.is_empty()).then_some((Loaded { state, version }, events))
+                });
+            let (loaded, events) = match optimistic {
+                Some(decided) => decided,
+                None => {
+                    let loaded = self.load::<A>(stream_id).await?;
+                    let events = A::decide(&loaded.state, command)?;
+                    (loaded, events)
+                }
+            };
             if events.is_empty() {
                 return Ok(Executed {
                     state: loaded.state,
@@ -298,8 +314,10 @@ impl CommandHandler {
             };
             match self.log.append(request).await {
                 Ok(appended) => {
-                    self.maybe_snapshot::<A>(stream_id, loaded.version, version, &state);
+                    // A replayed append means the events were stored before, maybe after
+                    // more events: the state here is not known to be the stream's.
                     if !appended.replayed {
+                        self.maybe_snapshot::<A>(stream_id, loaded.version, version, &state);
                         self.local.remember::<A>(stream_id, version, &state);
                     }
                     return Ok(Executed {

@@ -257,3 +257,63 @@ async fn commands_for_one_stream_in_one_process_take_turns_instead_of_conflictin
         .stock;
     assert_eq!(stock.reserved, 32);
 }
+
+/// A handler decides first on the state it cached, without reading the log. When another
+/// instance appended meanwhile, that first decision conflicts and is made again on the fresh
+/// stream; a refusal on a cached state is checked against the fresh stream before it stands.
+#[tokio::test]
+async fn a_stale_cached_state_costs_a_retry_never_a_wrong_decision() {
+    let db = TestDb::new().await;
+    let log: Arc<dyn EventLog> = db.log();
+    let here = CommandHandler::new(Arc::clone(&log), HandlerOptions::default());
+    let elsewhere = CommandHandler::new(Arc::clone(&log), HandlerOptions::default());
+    let stream = create_campaign(&here, 3, 3).await;
+    here.execute::<CampaignAggregate>(&stream, &reserve_one(), &context())
+        .await
+        .unwrap();
+    // Another instance takes the other two units; `here` still caches version 2.
+    for _ in 0..2 {
+        elsewhere
+            .execute::<CampaignAggregate>(&stream, &reserve_one(), &context())
+            .await
+            .unwrap();
+    }
+    // The cached state has units left, the stream has none: the append conflicts, and the
+    // decision made again on the fresh stream refuses.
+    let refused = here
+        .execute::<CampaignAggregate>(&stream, &reserve_one(), &context())
+        .await;
+    assert!(
+        matches!(refused, Err(CommandError::Domain(DomainError::SoldOut))),
+        "{refused:?}"
+    );
+    // A release elsewhere; `here` caches the sold-out state, which would refuse. A refusal
+    // on a cached state is not trusted: the fresh stream has the released unit.
+    let release = |order_id| CampaignCommand::Release {
+        order_id,
+        reason: domain::order::CancelReason::Customer,
+        now: Utc::now(),
+    };
+    let state = elsewhere
+        .load::<CampaignAggregate>(&stream)
+        .await
+        .unwrap()
+        .state
+        .unwrap();
+    let some_order = *state.reservations.keys().next().unwrap();
+    elsewhere
+        .execute::<CampaignAggregate>(&stream, &release(some_order), &context())
+        .await
+        .unwrap();
+    let executed = here
+        .execute::<CampaignAggregate>(&stream, &reserve_one(), &context())
+        .await
+        .unwrap();
+    assert_eq!(executed.version, 6);
+    let stock = executed.state.unwrap().stock;
+    assert_eq!(stock.available, 0);
+    assert_eq!(stock.reserved, 3);
+    let events = log.read_stream(&stream, 0, 100).await.unwrap();
+    let versions: Vec<u64> = events.iter().map(|e| e.envelope.stream_version).collect();
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+}
