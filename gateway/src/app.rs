@@ -328,6 +328,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/v1/orders", post(orders::place).get(orders::list))
         .route("/v1/orders/{id}", get(orders::get))
         .route("/v1/orders/{id}/cancel", post(orders::cancel))
+        .route("/v1/orders/{id}/events", get(orders::events))
         .route("/v1/payments/webhook", post(payments::webhook))
         .layer(axum::middleware::from_fn_with_state(
             Overload::new(limits),

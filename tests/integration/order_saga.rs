@@ -41,6 +41,7 @@ on_both_backends!(
     a_failed_payment_cancels_the_order_and_releases_its_units,
     an_unanswered_payment_is_cancelled_at_its_deadline,
     a_customer_cancel_releases_and_a_late_success_is_refunded,
+    the_customer_follows_an_order_live_until_it_is_settled,
 );
 
 // --- through the API ---
@@ -268,6 +269,52 @@ async fn a_customer_cancel_releases_and_a_late_success_is_refunded(app: TestApp)
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(stock(&app, &campaign).await, full);
+}
+
+async fn the_customer_follows_an_order_live_until_it_is_settled(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let (_, bob) = app.create_user("Bob").await;
+    let campaign = campaign(&app, 10, 3, 600).await;
+    let placed = place(&app, &ada, &campaign, 1).await;
+    let id = placed["order_id"].as_str().unwrap();
+    let path = format!("/v1/orders/{id}/events");
+    expect_problem(
+        app.get(&path, &bob).await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
+    let mut live = app.get(&path, &ada).await;
+    assert_eq!(live.status(), StatusCode::OK);
+    assert_eq!(live.headers()["content-type"], "text/event-stream");
+    let awaiting = app.wait_for_status(&ada, id, "awaiting_payment").await;
+    let answer = app
+        .webhook(&paid(&awaiting, "succeeded"), now(), WEBHOOK_SECRET)
+        .await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    // Read the stream to its end: it closes once the order is confirmed and paid.
+    let mut text = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = live.chunk().await.unwrap() {
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stream did not end: {text}");
+    let statuses: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|data| serde_json::from_str::<Value>(data.trim()).unwrap())
+        .map(|order| order["status"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(text.contains("event: order"), "{text}");
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("confirmed"),
+        "{statuses:?}"
+    );
+    // It began with the order as it was when the customer subscribed, before the payment.
+    assert_ne!(statuses[0], "confirmed", "{statuses:?}");
 }
 
 fn simulated() -> Payments {

@@ -2,12 +2,16 @@
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use std::convert::Infallible;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::Response;
 use axum::Json;
 use commands::stream_id;
 use domain::campaign::CampaignAggregate;
 use domain::order::{CancelReason, Order, OrderAggregate, OrderCommand, OrderStatus};
 use domain::{CampaignId, OrderId};
+use futures::Stream;
 use projections::{OrderFilter, OrderView};
 use serde::Deserialize;
 
@@ -122,6 +126,51 @@ pub async fn place(
         },
     )
     .await)
+}
+
+/// `GET /v1/orders/{id}/events`: the order as Server-Sent Events, to its owner or the
+/// operator. An `order` event carries the order (as `GET /v1/orders/{id}` does) now and after
+/// every change; the stream ends once the order is final and its payment settled.
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let id: OrderId = path_id(&id, "order_not_found", "order")?;
+    state.caught_up().await;
+    let order = state.read_model.order(id).await?.ok_or_else(not_found)?;
+    if let Caller::Customer(user) = caller {
+        if order.user_id != user {
+            return Err(not_found());
+        }
+    }
+    let position = state.read_model.position();
+    let changes = futures::stream::unfold(
+        (state, position, None::<serde_json::Value>, false),
+        move |(state, mut position, last, finished)| async move {
+            if finished {
+                return None;
+            }
+            loop {
+                position.borrow_and_update();
+                let view = state.read_model.order(id).await.ok().flatten()?;
+                let body = serde_json::to_value(OrderBody::from(&view)).ok()?;
+                if last.as_ref() != Some(&body) {
+                    let settled = !matches!(
+                        view.status,
+                        OrderStatus::Pending | OrderStatus::AwaitingPayment
+                    ) && view
+                        .payment
+                        .as_ref()
+                        .is_none_or(|p| p.status != domain::payment::PaymentStatus::Pending);
+                    let event = SseEvent::default().event("order").json_data(&body).ok()?;
+                    return Some((Ok(event), (state, position, Some(body), settled)));
+                }
+                position.changed().await.ok()?;
+            }
+        },
+    );
+    Ok(Sse::new(changes).keep_alive(KeepAlive::default()))
 }
 
 /// The longest `Prefer: wait=N` is honoured, in seconds: below the request timeout.
