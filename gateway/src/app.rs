@@ -222,7 +222,7 @@ impl Application {
             Arc::clone(&deadlines),
         ));
         let saga = Subscription::new(
-            bus,
+            Arc::clone(&bus),
             SubscriptionOptions {
                 ordering: Ordering::Unordered,
                 ..SubscriptionOptions::new("order-saga")
@@ -238,6 +238,8 @@ impl Application {
             last_append: watch::channel(LogCursor::default()).0,
             read_your_writes_timeout: settings.read_your_writes_timeout,
             webhook_secret: settings.webhook_secret.clone(),
+            bus,
+            relay: relay.status(),
         });
         let listener = TcpListener::bind(settings.http_addr)
             .await

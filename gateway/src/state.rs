@@ -35,6 +35,10 @@ pub struct Shared {
     pub read_your_writes_timeout: Duration,
     /// The key payment webhooks are signed with.
     pub webhook_secret: Vec<u8>,
+    /// The log's mirror, for readiness.
+    pub bus: Arc<dyn commands::bus::Bus>,
+    /// What this instance's relay is doing, for readiness.
+    pub relay: watch::Receiver<commands::relay::RelayStatus>,
 }
 
 impl Deref for AppState {

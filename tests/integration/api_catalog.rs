@@ -320,8 +320,8 @@ async fn readiness_and_liveness_answer(app: TestApp) {
     let ready = app
         .send(reqwest::Method::GET, "/readyz", None, None, None)
         .await;
-    assert_eq!(
-        expect_json(ready, StatusCode::OK).await["checks"]["event_log"],
-        "up"
-    );
+    let ready = expect_json(ready, StatusCode::OK).await;
+    assert_eq!(ready["checks"]["event_log"], "up");
+    assert_eq!(ready["checks"]["bus"], "up");
+    assert!(["leader", "standby"].contains(&ready["relay"]["role"].as_str().unwrap()));
 }

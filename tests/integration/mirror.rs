@@ -859,3 +859,48 @@ async fn the_embedded_bus_redelivers_what_a_consumer_sends_back() {
     let nothing = tokio::time::timeout(Duration::from_millis(100), resumed.next()).await;
     assert!(nothing.is_err(), "a durable consumer does not start over");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
+    use gateway::app::{Application, Mirror as AppMirror, Payments, Settings, Storage};
+    let mut nats = OwnNats::start().await;
+    let db = TestDb::new().await;
+    let settings = Settings {
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        operator_token: "operator".into(),
+        token_secret: b"secret".to_vec(),
+        storage: Storage::Postgres {
+            url: db.url.clone(),
+            options: Default::default(),
+        },
+        mirror: AppMirror::JetStream(harness::bus::unique_settings(&nats.url())),
+        payments: Payments::External,
+        webhook_secret: b"webhook".to_vec(),
+        read_your_writes_timeout: Duration::from_secs(2),
+        limits: Default::default(),
+    };
+    let app = Application::build(settings).await.unwrap();
+    let url = format!("http://{}/readyz", app.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let readiness = || async {
+        let response = client.get(&url).send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        (status, body["checks"]["bus"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(readiness().await, (200, "up".to_owned()));
+    nats.kill().await;
+    assert_eq!(readiness().await, (503, "down".to_owned()));
+    nats.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while readiness().await != (200, "up".to_owned()) {
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    let _ = served.await;
+}

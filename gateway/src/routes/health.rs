@@ -15,17 +15,34 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Readiness: every dependency answers. 503 when one does not.
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let log = match tokio::time::timeout(PROBE_TIMEOUT, state.handler.log().ping()).await {
+/// "up" when `probe` succeeds within [`PROBE_TIMEOUT`], "down" otherwise.
+async fn probe<E: std::fmt::Display>(
+    what: &str,
+    probe: impl std::future::Future<Output = Result<(), E>>,
+) -> &'static str {
+    match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
         Ok(Ok(())) => "up",
         Ok(Err(error)) => {
-            tracing::warn!(%error, "event log not ready");
+            tracing::warn!(%error, "{what} not ready");
             "down"
         }
-        Err(_) => "down",
-    };
-    let ready = log == "up";
+        Err(_) => {
+            tracing::warn!("{what} did not answer within {PROBE_TIMEOUT:?}");
+            "down"
+        }
+    }
+}
+
+/// Readiness: every dependency answers (the event log, and the bus it is mirrored to). 503
+/// when one does not. The relay's role (`leader` or `standby`) and position are reported, not
+/// judged: one instance leads, the others stand by.
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let (log, bus) = tokio::join!(
+        probe("event log", state.handler.log().ping()),
+        probe("bus", state.bus.ping()),
+    );
+    let relay = *state.relay.borrow();
+    let ready = log == "up" && bus == "up";
     let status = if ready {
         StatusCode::OK
     } else {
@@ -33,8 +50,14 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     };
     (
         status,
-        Json(
-            json!({ "status": if ready { "ready" } else { "not_ready" }, "checks": { "event_log": log } }),
-        ),
+        Json(json!({
+            "status": if ready { "ready" } else { "not_ready" },
+            "checks": { "event_log": log, "bus": bus },
+            "relay": {
+                "role": if relay.leader { "leader" } else { "standby" },
+                "global_position": relay.position.global_position,
+                "published": relay.published,
+            },
+        })),
     )
 }
