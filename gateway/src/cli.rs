@@ -74,7 +74,7 @@ pub struct ServeArgs {
     pub simulated_payment_failure_rate: f64,
     /// Key the payment provider signs webhooks with. A random one (so no webhook is accepted)
     /// when unset.
-    #[arg(long, env = "GROUPBUY_WEBHOOK_SECRET", hide_env_values = true)]
+    #[arg(long, env = "GROUPBUY_PAYMENT_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
     /// Most Postgres connections this instance opens.
     #[arg(long, env = "GROUPBUY_PG_CONNECTIONS_MAX", default_value_t = 16)]
@@ -172,6 +172,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     }
     if args.token_secret.is_none() && args.database_url.is_some() {
         tracing::warn!("GROUPBUY_TOKEN_SECRET is not set: replayed POST /v1/users answers differ across restarts");
+    }
+    if matches!(args.payment_provider, PaymentProviderArg::External)
+        && args.webhook_secret.is_none()
+    {
+        tracing::warn!(
+            "GROUPBUY_PAYMENT_PROVIDER is external but GROUPBUY_PAYMENT_WEBHOOK_SECRET is not set: \
+             no webhook can be verified, so every payment will time out"
+        );
     }
     match &settings.mirror {
         Mirror::Embedded => tracing::warn!(

@@ -23,6 +23,9 @@ pub enum ApiError {
     /// 401: no credentials, or credentials that match nobody.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// 401: a payment webhook whose signature is wrong or too old.
+    #[error("{0}")]
+    InvalidSignature(&'static str),
     /// 403: authenticated, but this role may not do this.
     #[error("{0}")]
     Forbidden(&'static str),
@@ -88,7 +91,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::InvalidSignature(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -109,6 +112,7 @@ impl ApiError {
             | ApiError::Unprocessable { code, .. }
             | ApiError::Unavailable { code, .. } => code,
             ApiError::Unauthorized => "unauthorized",
+            ApiError::InvalidSignature(_) => "invalid_signature",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",

@@ -169,11 +169,11 @@ async fn the_webhook_checks_signature_time_and_payment(app: TestApp) {
         .unwrap();
     expect_problem(malformed, StatusCode::BAD_REQUEST, "signature_malformed").await;
     let forged = app.webhook(&body, now(), b"not-the-secret").await;
-    expect_problem(forged, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    expect_problem(forged, StatusCode::UNAUTHORIZED, "invalid_signature").await;
     let stale = app.webhook(&body, now() - 301, WEBHOOK_SECRET).await;
-    expect_problem(stale, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    expect_problem(stale, StatusCode::UNAUTHORIZED, "invalid_signature").await;
     let future = app.webhook(&body, now() + 301, WEBHOOK_SECRET).await;
-    expect_problem(future, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    expect_problem(future, StatusCode::UNAUTHORIZED, "invalid_signature").await;
     let unknown = json!({"payment_id": Ulid::new().to_string(), "status": "succeeded", "provider_reference": "x"});
     let unknown = app.webhook(&unknown, now(), WEBHOOK_SECRET).await;
     expect_problem(unknown, StatusCode::NOT_FOUND, "payment_not_found").await;

@@ -83,7 +83,9 @@ pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8], now: i64) -> Res
     })?;
     let (time, mac) = parse_signature(header)?;
     if (now - time).abs() > TOLERANCE_SECONDS {
-        return Err(ApiError::Unauthorized);
+        return Err(ApiError::InvalidSignature(
+            "the signature's time is more than 300 s from now",
+        ));
     }
     let mut expected = Hmac::<Sha256>::new_from_slice(secret).expect("any key length works");
     expected.update(time.to_string().as_bytes());
@@ -92,7 +94,7 @@ pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8], now: i64) -> Res
     // Constant-time comparison.
     expected
         .verify_slice(&mac)
-        .map_err(|_| ApiError::Unauthorized)
+        .map_err(|_| ApiError::InvalidSignature("the signature does not match the body"))
 }
 
 /// `POST /v1/payments/webhook`.
