@@ -13,24 +13,6 @@ use harness::TestDb;
 use schemas::Metadata;
 use ulid::Ulid;
 
-/// Runs a contract test against the in-memory log and against a fresh Postgres database.
-macro_rules! on_both_logs {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn memory() {
-                super::$name(std::sync::Arc::new(commands::log::memory::MemoryEventLog::new())).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                let db = harness::TestDb::new().await;
-                super::$name(db.log()).await;
-            }
-        }
-    )*};
-}
-
 on_both_logs!(
     appended_events_read_back_in_version_order_with_their_envelope,
     an_append_at_a_stale_version_conflicts_and_stores_nothing,

@@ -18,6 +18,24 @@ macro_rules! on_both_backends {
     )*};
 }
 
+/// Runs a contract test against the in-memory log and against a fresh Postgres database.
+macro_rules! on_both_logs {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                super::$name(std::sync::Arc::new(commands::log::memory::MemoryEventLog::new())).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let db = harness::TestDb::new().await;
+                super::$name(db.log()).await;
+            }
+        }
+    )*};
+}
+
 mod api_catalog;
 mod api_input;
 mod api_orders;

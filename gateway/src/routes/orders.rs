@@ -137,13 +137,7 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let id: OrderId = path_id(&id, "order_not_found", "order")?;
-    state.caught_up().await;
-    let order = state.read_model.order(id).await?.ok_or_else(not_found)?;
-    if let Caller::Customer(user) = caller {
-        if order.user_id != user {
-            return Err(not_found());
-        }
-    }
+    visible_order(&state, &caller, id).await?;
     let position = state.read_model.position();
     let changes = futures::stream::unfold(
         (state, position, None::<serde_json::Value>, false),
@@ -215,6 +209,21 @@ async fn decided(
     }
 }
 
+/// An order as the read model has it, once it caught up with this instance's writes; 404 to
+/// a customer who does not own it.
+async fn visible_order(
+    state: &AppState,
+    caller: &Caller,
+    id: OrderId,
+) -> Result<OrderView, ApiError> {
+    state.caught_up().await;
+    let order = state.read_model.order(id).await?.ok_or_else(not_found)?;
+    match caller {
+        Caller::Customer(user) if order.user_id != *user => Err(not_found()),
+        _ => Ok(order),
+    }
+}
+
 /// One order, to its owner or the operator.
 pub async fn get(
     State(state): State<AppState>,
@@ -222,13 +231,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<OrderBody>, ApiError> {
     let id: OrderId = path_id(&id, "order_not_found", "order")?;
-    state.caught_up().await;
-    let order = state.read_model.order(id).await?.ok_or_else(not_found)?;
-    if let Caller::Customer(user) = caller {
-        if order.user_id != user {
-            return Err(not_found());
-        }
-    }
+    let order = visible_order(&state, &caller, id).await?;
     Ok(Json(OrderBody::from(&order)))
 }
 
