@@ -176,116 +176,114 @@ impl OrderSaga {
         cause: &Metadata,
     ) -> Result<(), SagaError> {
         let step = action.step();
-        let order_stream = stream_id::<OrderAggregate>(order_id);
-        let campaign_stream = stream_id::<CampaignAggregate>(order.campaign_id);
+        let run = StepRun {
+            handler: &self.handler,
+            order_id,
+            step,
+            cause,
+        };
         let payment_id = payment_id_of(order_id);
-        let payment_stream = stream_id::<PaymentAggregate>(payment_id);
-        let campaign = |command: CampaignCommand| async move {
-            self.handler
-                .execute::<CampaignAggregate>(
-                    &campaign_stream,
-                    &command,
-                    &step_context(order_id, step.name(), cause),
-                )
-                .await
-                .map(|_| ())
-        };
-        let on_order = |command: OrderCommand| {
-            let order_stream = order_stream.clone();
-            async move {
-                self.handler
-                    .execute::<OrderAggregate>(
-                        &order_stream,
-                        &command,
-                        &step_context(order_id, step.name(), cause),
-                    )
-                    .await
-                    .map(|_| ())
-            }
-        };
-        let on_payment = |command: PaymentCommand| {
-            let payment_stream = payment_stream.clone();
-            async move {
-                self.handler
-                    .execute::<PaymentAggregate>(
-                        &payment_stream,
-                        &command,
-                        &step_context(order_id, step.name(), cause),
-                    )
-                    .await
-                    .map(|_| ())
-            }
-        };
+        let campaign_id = order.campaign_id;
         self.record(order_id, step, now, cause).await?;
         let done = match action {
             Action::ReserveStock => {
-                let reserved = campaign(CampaignCommand::Reserve {
-                    order_id,
-                    user_id: order.user_id,
-                    quantity: order.quantity,
-                    now,
-                })
-                .await;
+                let reserved = run
+                    .on::<CampaignAggregate>(
+                        campaign_id,
+                        CampaignCommand::Reserve {
+                            order_id,
+                            user_id: order.user_id,
+                            quantity: order.quantity,
+                            now,
+                        },
+                    )
+                    .await;
                 match reserved {
                     Err(CommandError::Domain(refusal)) => match RejectReason::for_refusal(&refusal)
                     {
                         Some(reason) => {
-                            let taken = domain::saga::SagaStep::RejectOrder;
-                            self.record(order_id, taken, now, cause).await?;
-                            self.handler
-                                .execute::<OrderAggregate>(
-                                    &order_stream,
-                                    &OrderCommand::Reject { reason, now },
-                                    &step_context(order_id, taken.name(), cause),
+                            let rejecting = StepRun {
+                                step: domain::saga::SagaStep::RejectOrder,
+                                ..run
+                            };
+                            self.record(order_id, rejecting.step, now, cause).await?;
+                            rejecting
+                                .on::<OrderAggregate>(
+                                    order_id,
+                                    OrderCommand::Reject { reason, now },
                                 )
                                 .await
-                                .map(|_| ())
                         }
                         None => Err(CommandError::Domain(refusal)),
                     },
                     other => other,
                 }
             }
-            Action::RejectOrder(reason) => on_order(OrderCommand::Reject { reason, now }).await,
+            Action::RejectOrder(reason) => {
+                run.on::<OrderAggregate>(order_id, OrderCommand::Reject { reason, now })
+                    .await
+            }
             Action::RequestPayment {
                 payment_id,
                 deadline,
             } => {
-                on_payment(PaymentCommand::Request {
+                run.on::<PaymentAggregate>(
                     payment_id,
-                    order_id,
-                    amount_cents: order.amount_cents,
-                    deadline,
-                    now,
-                })
+                    PaymentCommand::Request {
+                        payment_id,
+                        order_id,
+                        amount_cents: order.amount_cents,
+                        deadline,
+                        now,
+                    },
+                )
                 .await
             }
             Action::AwaitPayment {
                 payment_id,
                 deadline,
             } => {
-                on_order(OrderCommand::AwaitPayment {
-                    payment_id,
-                    deadline,
-                    now,
-                })
-                .await
-            }
-            Action::TimeOutPayment => on_payment(PaymentCommand::TimeOut { now }).await,
-            Action::ConfirmOrder(payment_id) => {
-                on_order(OrderCommand::Confirm { payment_id, now }).await
-            }
-            Action::SellStock => campaign(CampaignCommand::Sell { order_id, now }).await,
-            Action::CancelOrder(reason) => on_order(OrderCommand::Cancel { reason, now }).await,
-            Action::ReleaseStock(reason) => {
-                campaign(CampaignCommand::Release {
+                run.on::<OrderAggregate>(
                     order_id,
-                    reason,
-                    now,
-                })
+                    OrderCommand::AwaitPayment {
+                        payment_id,
+                        deadline,
+                        now,
+                    },
+                )
                 .await
             }
-            Action::RefundPayment => on_payment(PaymentCommand::Refund { now }).await,
+            Action::TimeOutPayment => {
+                run.on::<PaymentAggregate>(payment_id, PaymentCommand::TimeOut { now })
+                    .await
+            }
+            Action::ConfirmOrder(payment_id) => {
+                run.on::<OrderAggregate>(order_id, OrderCommand::Confirm { payment_id, now })
+                    .await
+            }
+            Action::SellStock => {
+                run.on::<CampaignAggregate>(campaign_id, CampaignCommand::Sell { order_id, now })
+                    .await
+            }
+            Action::CancelOrder(reason) => {
+                run.on::<OrderAggregate>(order_id, OrderCommand::Cancel { reason, now })
+                    .await
+            }
+            Action::ReleaseStock(reason) => {
+                run.on::<CampaignAggregate>(
+                    campaign_id,
+                    CampaignCommand::Release {
+                        order_id,
+                        reason,
+                        now,
+                    },
+                )
+                .await
+            }
+            Action::RefundPayment => {
+                run.on::<PaymentAggregate>(payment_id, PaymentCommand::Refund { now })
+                    .await
+            }
         };
         match done {
             Ok(()) => {}
@@ -338,6 +336,33 @@ impl OrderSaga {
         } else {
             None
         }
+    }
+}
+
+/// One step's commands: on any aggregate, with the step's derived command id.
+#[derive(Clone, Copy)]
+struct StepRun<'a> {
+    handler: &'a CommandHandler,
+    order_id: OrderId,
+    step: domain::saga::SagaStep,
+    cause: &'a Metadata,
+}
+
+impl StepRun<'_> {
+    /// Executes `command` on the stream of aggregate `A` with id `id`.
+    async fn on<A: domain::Aggregate>(
+        &self,
+        id: impl std::fmt::Display,
+        command: A::Command,
+    ) -> Result<(), CommandError> {
+        self.handler
+            .execute::<A>(
+                &stream_id::<A>(id),
+                &command,
+                &step_context(self.order_id, self.step.name(), self.cause),
+            )
+            .await
+            .map(|_| ())
     }
 }
 
