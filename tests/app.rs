@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
-use gateway::app::{Application, Mirror, Payments, Settings, Storage};
+use gateway::app::{Application, Mirror, Payments, ReadModels, Settings, Storage};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::bus::TestStreams;
 use crate::db::TestDb;
+use crate::redis::TestRedis;
 
 /// The operator token every test app is configured with.
 pub const OPERATOR_TOKEN: &str = "test-operator-token";
@@ -20,7 +21,8 @@ pub const WEBHOOK_SECRET: &[u8] = b"test-webhook-secret";
 pub enum Backend {
     /// The in-process default.
     Embedded,
-    /// The real services: a fresh Postgres database and JetStream streams of its own.
+    /// The real services: a fresh Postgres database, JetStream streams and a Redis key prefix
+    /// of its own.
     Postgres,
 }
 
@@ -34,6 +36,8 @@ pub struct TestApp {
     pub db: Option<TestDb>,
     /// The JetStream mirror, when running on the real services.
     pub streams: Option<TestStreams>,
+    /// The Redis read models, when running on the real services.
+    pub redis: Option<TestRedis>,
     stop: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -55,6 +59,15 @@ pub async fn spawn_app_configured(
     limits: gateway::overload::Limits,
     payments: Payments,
 ) -> TestApp {
+    spawn_app_tuned(backend, move |settings| {
+        settings.limits = limits;
+        settings.payments = payments;
+    })
+    .await
+}
+
+/// Starts the application with the test defaults (external payments), changed by `tune`.
+pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings)) -> TestApp {
     crate::init_tracing();
     let db = match backend {
         Backend::Embedded => None,
@@ -75,17 +88,28 @@ pub async fn spawn_app_configured(
         None => Mirror::Embedded,
         Some(streams) => Mirror::JetStream(streams.settings.clone()),
     };
-    let settings = Settings {
+    let redis = db.as_ref().map(|_| TestRedis::new());
+    let read_models = match &redis {
+        None => ReadModels::Embedded,
+        Some(redis) => ReadModels::Redis {
+            url: redis.url.clone(),
+            prefix: redis.prefix.clone(),
+        },
+    };
+    let mut settings = Settings {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: OPERATOR_TOKEN.into(),
         token_secret: b"test-token-secret".to_vec(),
         storage,
         mirror,
-        payments,
+        read_models,
+        rebuild: Default::default(),
+        payments: Payments::External,
         webhook_secret: WEBHOOK_SECRET.to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),
-        limits,
+        limits: Default::default(),
     };
+    tune(&mut settings);
     let app = Application::build(settings)
         .await
         .expect("the application starts");
@@ -103,6 +127,7 @@ pub async fn spawn_app_configured(
         client,
         db,
         streams,
+        redis,
         stop: Some(stop),
         served: Some(served),
     }

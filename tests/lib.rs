@@ -4,6 +4,7 @@
 //!   test ends (pass or fail), so tests run in parallel and leave nothing behind.
 //! - [`TestStreams`] gives a test JetStream streams and subjects of its own, deleted when the
 //!   test ends.
+//! - [`TestRedis`] gives a test a Redis key prefix of its own, cleared when the test ends.
 //! - [`spawn_app`] starts the real gateway on port 0 against such a database (or the embedded
 //!   log) and hands back a client for it.
 //!
@@ -11,13 +12,15 @@
 pub mod app;
 pub mod bus;
 pub mod db;
+pub mod redis;
 
 pub use app::{
-    expect_json, expect_problem, spawn_app, spawn_app_configured, spawn_app_with, Backend, TestApp,
-    OPERATOR_TOKEN, WEBHOOK_SECRET,
+    expect_json, expect_problem, spawn_app, spawn_app_configured, spawn_app_tuned, spawn_app_with,
+    Backend, TestApp, OPERATOR_TOKEN, WEBHOOK_SECRET,
 };
 pub use bus::TestStreams;
 pub use db::TestDb;
+pub use redis::TestRedis;
 
 /// Installs a tracing subscriber once, writing to the test output when `TEST_LOG` is set.
 pub fn init_tracing() {

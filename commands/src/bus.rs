@@ -60,6 +60,9 @@ pub struct ConsumerOptions {
     pub max_in_flight: usize,
     /// How long a delivery may stay unacknowledged before the bus delivers it again.
     pub ack_wait: Duration,
+    /// Remove the consumer after it has had no subscriber this long; `None` keeps it. For
+    /// consumers of one process only (an in-memory read model), which nobody resumes.
+    pub inactive_threshold: Option<Duration>,
 }
 
 impl ConsumerOptions {
@@ -70,6 +73,7 @@ impl ConsumerOptions {
             category: None,
             max_in_flight: 256,
             ack_wait: Duration::from_secs(10),
+            inactive_threshold: None,
         }
     }
 }

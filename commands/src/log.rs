@@ -171,6 +171,13 @@ pub trait EventLog: Send + Sync + 'static {
     /// are found by polling.
     fn appends(&self) -> tokio::sync::watch::Receiver<u64>;
 
+    /// The highest global position stored; 0 for an empty log.
+    async fn head(&self) -> Result<u64, LogError>;
+
+    /// How many events of streams in `categories` lie after global position `after`: how far
+    /// behind a reader of those categories is that got to `after`.
+    async fn count_after(&self, after: u64, categories: &[&str]) -> Result<u64, LogError>;
+
     /// Checks the log's storage answers, for readiness probes.
     async fn ping(&self) -> Result<(), LogError> {
         Ok(())

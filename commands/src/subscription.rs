@@ -120,6 +120,13 @@ pub enum Seen {
 #[error("dedupe store: {0}")]
 pub struct DedupeError(String);
 
+impl DedupeError {
+    /// A failure of a dedupe store, with the reason.
+    pub fn new(reason: impl Into<String>) -> Self {
+        DedupeError(reason.into())
+    }
+}
+
 /// What a consumer is done with, for consumer-side dedupe.
 #[async_trait]
 pub trait Dedupe: Send + Sync + 'static {

@@ -1,4 +1,5 @@
-//! Building and running the application: storage, read model, projector, router.
+//! Building and running the application: storage, mirror, read models and their consumers,
+//! the saga, the router.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,8 +18,13 @@ use commands::log::postgres::{PgEventLog, PgLogOptions};
 use commands::relay::postgres::PgRelayLeases;
 use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions};
 use commands::subscription::{Ordering, RecentEventIds, Subscription, SubscriptionOptions};
-use commands::{CommandHandler, EventLog, LogCursor, LogError};
-use projections::MemoryReadModel;
+use commands::{CommandHandler, EventLog, LogError};
+use projections::read_model::ReadModelError;
+use projections::rebuild::RebuildOptions;
+use projections::{
+    MemoryProjections, ProjectionConsumer, ProjectionName, ProjectionStore, RedisProjections,
+    VersionStatus,
+};
 use sagas::deadlines::{Deadlines, MemoryDeadlines, PgDeadlines};
 use sagas::order_saga::OrderSaga;
 use sagas::payments::{External, PaymentProvider, Simulated};
@@ -30,7 +36,7 @@ use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::extract::BODY_BYTES_MAX;
 use crate::overload::{self, Limits, Overload};
-use crate::routes::{campaigns, health, orders, payments, stores, users};
+use crate::routes::{admin, campaigns, health, orders, payments, stores, users};
 use crate::state::{AppState, Shared};
 
 /// Where events are stored.
@@ -54,6 +60,20 @@ pub enum Mirror {
     Embedded,
     /// NATS JetStream.
     JetStream(JetStreamSettings),
+}
+
+/// Where the read models live.
+#[derive(Clone, Debug)]
+pub enum ReadModels {
+    /// In this instance's memory: built from the log at start, then kept up from the mirror.
+    Embedded,
+    /// Redis, shared by every instance.
+    Redis {
+        /// Connection URL.
+        url: String,
+        /// First part of every key, so deployments (and tests) can share one Redis.
+        prefix: String,
+    },
 }
 
 /// Which payment provider the saga asks.
@@ -83,6 +103,10 @@ pub struct Settings {
     pub storage: Storage,
     /// Where the log is mirrored.
     pub mirror: Mirror,
+    /// Where the read models live.
+    pub read_models: ReadModels,
+    /// How operator rebuilds of read models run.
+    pub rebuild: RebuildOptions,
     /// The payment provider.
     pub payments: Payments,
     /// The key payment webhooks are signed with.
@@ -114,6 +138,12 @@ impl std::fmt::Debug for Settings {
                     .then_some("jetstream")
                     .unwrap_or("embedded"),
             )
+            .field(
+                "read_models",
+                &matches!(self.read_models, ReadModels::Redis { .. })
+                    .then_some("redis")
+                    .unwrap_or("embedded"),
+            )
             .finish()
     }
 }
@@ -138,15 +168,20 @@ pub enum StartupError {
     /// The bus could not be reached.
     #[error("bus: {0}")]
     Bus(#[from] BusError),
+    /// The configuration cannot work.
+    #[error("configuration: {0}")]
+    Config(&'static str),
+    /// The read models could not be reached.
+    #[error("read models: {0}")]
+    ReadModels(#[from] ReadModelError),
 }
 
 /// A built application, bound to its port, not yet serving.
 pub struct Application {
     listener: TcpListener,
     state: AppState,
-    log: Arc<dyn EventLog>,
-    read_model: Arc<MemoryReadModel>,
     relay: Relay,
+    projectors: Vec<Subscription>,
     saga: Subscription,
     deadlines: Arc<dyn Deadlines>,
     order_saga: Arc<OrderSaga>,
@@ -183,6 +218,81 @@ pub async fn open_log(storage: &Storage) -> Result<Opened, StartupError> {
             }
         }
     })
+}
+
+/// Connects the configured read-model store. Embedded stores start with no versions: the
+/// application builds them from the log before it serves.
+pub async fn open_read_models(
+    read_models: &ReadModels,
+) -> Result<Arc<dyn ProjectionStore>, StartupError> {
+    Ok(match read_models {
+        ReadModels::Embedded => Arc::new(MemoryProjections::unbuilt()),
+        ReadModels::Redis { url, prefix } => {
+            Arc::new(RedisProjections::connect(url, prefix).await?)
+        }
+    })
+}
+
+/// The subscriptions feeding each projection of `store` from `bus`.
+fn projectors(
+    bus: &Arc<dyn Bus>,
+    store: &Arc<dyn ProjectionStore>,
+    read_models: &ReadModels,
+    mirror: &Mirror,
+) -> Vec<Subscription> {
+    // Read models in memory are one process's own: on a shared mirror each process needs a
+    // consumer of its own, which goes away once the process does.
+    let own_consumer =
+        matches!(read_models, ReadModels::Embedded) && matches!(mirror, Mirror::JetStream(_));
+    ProjectionName::ALL
+        .into_iter()
+        .map(|name| {
+            let consumer = Arc::new(ProjectionConsumer::new(name, Arc::clone(store)));
+            let mut options = SubscriptionOptions::new(consumer.consumer_name());
+            if let [category] = name.categories() {
+                options.consumer.category = Some((*category).to_owned());
+            }
+            if own_consumer {
+                options.consumer.name = format!("{}-{}", options.consumer.name, ulid::Ulid::new());
+                options.consumer.inactive_threshold = Some(Duration::from_secs(600));
+            }
+            Subscription::new(Arc::clone(bus), options, consumer.clone(), consumer)
+        })
+        .collect()
+}
+
+/// Builds, from the log, every projection that has no live version yet (a new deployment,
+/// an embedded store, a flushed Redis), before the application serves.
+async fn build_missing(
+    log: &Arc<dyn EventLog>,
+    store: &Arc<dyn ProjectionStore>,
+    options: &RebuildOptions,
+) -> Result<(), StartupError> {
+    let versions = store.versions().await?;
+    for name in ProjectionName::ALL {
+        let live = versions
+            .iter()
+            .any(|v| v.name == name && v.status == VersionStatus::Live);
+        if live {
+            continue;
+        }
+        tracing::info!(projection = %name, "no live version of this read model: building it from the log");
+        match projections::rebuild::rebuild(log.as_ref(), store.as_ref(), name, options, &|_| {})
+            .await
+        {
+            Ok(_) => {}
+            // Another instance is building it; its switch makes it live for everyone.
+            Err(projections::RebuildError::Busy(_)) => {
+                tracing::info!(projection = %name, "another instance is building this read model");
+            }
+            Err(projections::RebuildError::Store(error)) => return Err(error.into()),
+            Err(projections::RebuildError::Log(error)) => return Err(error.into()),
+            Err(error) => {
+                tracing::warn!(projection = %name, %error, "could not build this read model; rebuild it");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Connects the configured mirror.
@@ -230,12 +340,17 @@ impl Application {
             Arc::new(RecentEventIds::new(100_000)),
             order_saga.clone(),
         );
-        let read_model = Arc::new(MemoryReadModel::new());
+        let store = open_read_models(&settings.read_models).await?;
+        build_missing(&log, &store, &settings.rebuild).await?;
+        let projectors = projectors(&bus, &store, &settings.read_models, &settings.mirror);
         let state = AppState::new(Shared {
             handler,
-            read_model: read_model.clone(),
+            read_model: store.clone(),
+            projections: store,
+            rebuild: settings.rebuild.clone(),
+            audits: Arc::new(tokio::sync::Semaphore::new(1)),
             auth: Auth::new(&settings.operator_token, settings.token_secret.clone()),
-            last_append: watch::channel(LogCursor::default()).0,
+            recent_writes: Default::default(),
             read_your_writes_timeout: settings.read_your_writes_timeout,
             webhook_secret: settings.webhook_secret.clone(),
             bus,
@@ -250,9 +365,8 @@ impl Application {
         Ok(Application {
             listener,
             state,
-            log,
-            read_model,
             relay,
+            projectors,
             saga,
             deadlines,
             order_saga,
@@ -273,7 +387,7 @@ impl Application {
     }
 
     /// Serves until `shutdown` resolves, then stops taking connections, lets requests in
-    /// flight finish, and stops the projector and the relay.
+    /// flight finish, and stops the projections, the relay, the saga and the deadline worker.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -282,11 +396,11 @@ impl Application {
         let wait_stop = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let projector = tokio::spawn(projections::projector::run(
-            self.log,
-            self.read_model,
-            wait_stop(stopped.clone()),
-        ));
+        let projectors: Vec<_> = self
+            .projectors
+            .into_iter()
+            .map(|p| tokio::spawn(p.run(wait_stop(stopped.clone()))))
+            .collect();
         let relay = tokio::spawn(self.relay.run(wait_stop(stopped.clone())));
         let saga = tokio::spawn(self.saga.run(wait_stop(stopped.clone())));
         let order_saga = self.order_saga;
@@ -306,7 +420,9 @@ impl Application {
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop.send(true);
-        let _ = projector.await;
+        for projector in projectors {
+            let _ = projector.await;
+        }
         let _ = relay.await;
         let _ = saga.await;
         let _ = deadlines.await;
@@ -332,12 +448,16 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/v1/orders/{id}/cancel", post(orders::cancel))
         .route("/v1/orders/{id}/events", get(orders::events))
         .route("/v1/payments/webhook", post(payments::webhook))
+        .route("/v1/admin/projections", get(admin::projections))
+        .route("/v1/admin/projections/{name}/rebuild", post(admin::rebuild))
         .layer(axum::middleware::from_fn_with_state(
             Overload::new(limits),
             overload::guard,
         ));
     Router::new()
         .merge(api)
+        // Outside the request timeout: an audit replays the whole log. One runs at a time.
+        .route("/v1/admin/audit", get(admin::audit))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async {

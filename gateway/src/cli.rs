@@ -9,7 +9,7 @@ use commands::log::postgres::{PgEventLog, PgLogOptions};
 
 use commands::bus::jetstream::JetStreamSettings;
 
-use crate::app::{Application, Mirror, Payments, Settings, StartupError, Storage};
+use crate::app::{Application, Mirror, Payments, ReadModels, Settings, StartupError, Storage};
 use crate::overload::Limits;
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
@@ -28,6 +28,70 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Brings the Postgres schema up to date and exits.
     Migrate(MigrateArgs),
+    /// Operates the Redis read models.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+    /// Replays the whole log against the invariants (and compares the Redis read models with a
+    /// fresh fold); exits non-zero on any violation.
+    Audit(AuditArgs),
+}
+
+/// `groupbuy projections ...`.
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Builds a new version of a read model (`campaigns` or `orders`) from the log, switches
+    /// queries to it once it has caught up, and removes the old one; serving instances keep
+    /// answering throughout.
+    Rebuild(RebuildArgs),
+    /// Lists every version of every read model with its position and lag.
+    List(StoresArgs),
+}
+
+/// Where the log and the read models are.
+#[derive(Debug, Args)]
+pub struct StoresArgs {
+    /// PostgreSQL URL of the event log.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Redis URL of the read models.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: String,
+    /// First part of every read-model key.
+    #[arg(long, env = "GROUPBUY_REDIS_PREFIX", default_value = "groupbuy")]
+    pub redis_prefix: String,
+}
+
+/// Flags of `groupbuy projections rebuild`.
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    /// `campaigns` or `orders`.
+    pub name: projections::ProjectionName,
+    /// Where the log and the read models are.
+    #[command(flatten)]
+    pub stores: StoresArgs,
+    /// No progress bar (for scripts and logs).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Flags of `groupbuy audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// PostgreSQL URL of the event log.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Redis URL of the read models to compare; unset: the log alone is audited.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// First part of every read-model key.
+    #[arg(long, env = "GROUPBUY_REDIS_PREFIX", default_value = "groupbuy")]
+    pub redis_prefix: String,
+    /// Print the report as JSON (API.md's AuditReport) instead of for a human.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds an order may sit between saga steps before it counts as inconsistent.
+    #[arg(long, default_value_t = 120)]
+    pub settle_seconds: u64,
 }
 
 /// Flags of `groupbuy serve`.
@@ -51,9 +115,13 @@ pub struct ServeArgs {
     /// First token of the JetStream subjects (and of the stream names, upper-cased).
     #[arg(long, env = "GROUPBUY_NATS_PREFIX", default_value = "groupbuy")]
     pub nats_prefix: String,
-    /// Redis URL of the read models (not used by this version yet).
+    /// Redis URL of the read models, shared by every instance. Unset: read models in this
+    /// instance's memory, built from the log at start. Needs DATABASE_URL.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// First part of every read-model key in Redis.
+    #[arg(long, env = "GROUPBUY_REDIS_PREFIX", default_value = "groupbuy")]
+    pub redis_prefix: String,
     /// Which payment provider the saga asks: `simulated` (answers by itself) or `external`
     /// (answers through the signed webhook).
     #[arg(long, env = "GROUPBUY_PAYMENT_PROVIDER", default_value = "simulated")]
@@ -134,12 +202,21 @@ impl ServeArgs {
             Some(secret) => secret.as_bytes().to_vec(),
             None => rand::random::<[u8; 32]>().to_vec(),
         };
+        let read_models = match &self.redis_url {
+            Some(url) => ReadModels::Redis {
+                url: url.clone(),
+                prefix: self.redis_prefix.clone(),
+            },
+            None => ReadModels::Embedded,
+        };
         Settings {
             http_addr: self.http_addr,
             operator_token,
             token_secret,
             storage,
             mirror,
+            read_models,
+            rebuild: Default::default(),
             payments: match self.payment_provider {
                 PaymentProviderArg::Simulated => Payments::Simulated {
                     delay: Duration::from_millis(self.simulated_payment_delay_ms),
@@ -187,8 +264,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
         ),
         Mirror::JetStream(_) => tracing::info!("log mirrored to NATS JetStream"),
     }
-    if args.redis_url.is_some() {
-        tracing::warn!("REDIS_URL is accepted but not used by this version yet");
+    match (&settings.read_models, &settings.storage) {
+        (ReadModels::Redis { .. }, Storage::Embedded) => {
+            return Err(StartupError::Config(
+                "REDIS_URL needs DATABASE_URL: read models in Redis would outlive an embedded log",
+            ))
+        }
+        (ReadModels::Redis { .. }, _) => tracing::info!("read models in Redis"),
+        (ReadModels::Embedded, Storage::Postgres { .. }) => tracing::info!(
+            "REDIS_URL is not set: read models in this instance's memory, built from the log at start"
+        ),
+        (ReadModels::Embedded, Storage::Embedded) => {}
     }
     let app = Application::build(settings).await?;
     tracing::info!(addr = %app.local_addr(), "listening");
@@ -208,6 +294,163 @@ pub async fn migrate(args: MigrateArgs) -> Result<(), StartupError> {
     log.migrate().await?;
     tracing::info!("migrations applied");
     Ok(())
+}
+
+/// An operator command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    /// Something could not be reached.
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    /// The rebuild failed; the live version stays.
+    #[error("rebuild: {0}")]
+    Rebuild(#[from] projections::RebuildError),
+    /// The audit could not finish.
+    #[error("audit: {0}")]
+    Audit(#[from] projections::audit::AuditError),
+    /// The read models could not be read.
+    #[error("read models: {0}")]
+    ReadModels(#[from] projections::read_model::ReadModelError),
+    /// The log could not be read.
+    #[error("event log: {0}")]
+    Log(#[from] commands::LogError),
+}
+
+async fn open_stores(
+    database_url: &str,
+) -> Result<std::sync::Arc<dyn commands::EventLog>, StartupError> {
+    let log = PgEventLog::connect(database_url, &PgLogOptions::default()).await?;
+    log.migrate().await?;
+    Ok(std::sync::Arc::new(log))
+}
+
+/// Runs `groupbuy projections rebuild`, with a progress bar on stderr.
+pub async fn rebuild(args: RebuildArgs) -> Result<(), OperatorError> {
+    let log = open_stores(&args.stores.database_url).await?;
+    let store =
+        projections::RedisProjections::connect(&args.stores.redis_url, &args.stores.redis_prefix)
+            .await?;
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(log.head().await?)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+        )
+        .expect("the template is valid"),
+    );
+    bar.set_message(format!("rebuilding {}", args.name));
+    let report = projections::rebuild::rebuild(
+        log.as_ref(),
+        &store,
+        args.name,
+        &Default::default(),
+        &|p: &projections::rebuild::Progress| {
+            bar.set_length(p.head);
+            bar.set_position(p.read.min(p.head));
+        },
+    )
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "{} version {} is live (replaced {}): {} events in {:.1} s, {:.0} events/s",
+        report.name,
+        report.version,
+        report
+            .replaced
+            .map_or_else(|| "nothing".to_owned(), |v| format!("version {v}")),
+        report.read,
+        report.elapsed.as_secs_f64(),
+        report.rate()
+    );
+    Ok(())
+}
+
+/// Runs `groupbuy projections list`.
+pub async fn list_projections(args: StoresArgs) -> Result<(), OperatorError> {
+    let log = open_stores(&args.database_url).await?;
+    let store = projections::RedisProjections::connect(&args.redis_url, &args.redis_prefix).await?;
+    println!(
+        "{:<10} {:>8} {:<9} {:>12} {:>10}",
+        "NAME", "VERSION", "STATUS", "POSITION", "LAG"
+    );
+    for v in projections::ProjectionStore::versions(&store).await? {
+        let lag = log.count_after(v.position, v.name.categories()).await?;
+        println!(
+            "{:<10} {:>8} {:<9} {:>12} {:>10}",
+            v.name.as_str(),
+            v.version,
+            v.status.as_str(),
+            v.position,
+            lag
+        );
+    }
+    Ok(())
+}
+
+/// Runs `groupbuy audit`; returns whether the log and read models passed.
+pub async fn audit(args: AuditArgs) -> Result<bool, OperatorError> {
+    let log = open_stores(&args.database_url).await?;
+    let store = match &args.redis_url {
+        Some(url) => Some(projections::RedisProjections::connect(url, &args.redis_prefix).await?),
+        None => None,
+    };
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(log.head().await?)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "auditing [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events, {per_sec}",
+        )
+        .expect("the template is valid"),
+    );
+    let report = projections::audit::audit(
+        log.as_ref(),
+        store.as_ref().map(|s| s as &dyn projections::ReadModel),
+        &projections::audit::AuditOptions {
+            settle: Duration::from_secs(args.settle_seconds),
+            ..Default::default()
+        },
+        &|read| bar.set_position(read),
+    )
+    .await?;
+    bar.finish_and_clear();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("a report always serialises")
+        );
+    } else {
+        println!(
+            "{} events in {} streams checked at {}{}",
+            report.events_read,
+            report.streams_read,
+            report.checked_at.to_rfc3339(),
+            if store.is_some() {
+                ", read models compared"
+            } else {
+                ""
+            },
+        );
+        for v in &report.violations {
+            println!("VIOLATION {:<20} {:<34} {}", v.kind, v.stream_id, v.detail);
+        }
+        if report.violations_omitted > 0 {
+            println!("... and {} more", report.violations_omitted);
+        }
+        if report.views_in_flight > 0 {
+            println!(
+                "{} views skipped: their events were still being applied",
+                report.views_in_flight
+            );
+        }
+        println!("{}", if report.ok { "OK" } else { "FAILED" });
+    }
+    Ok(report.ok)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

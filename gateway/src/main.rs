@@ -1,7 +1,7 @@
 //! The `groupbuy` binary: parse flags, set up logging, run the subcommand.
 
 use clap::Parser;
-use gateway::cli::{self, Cli, Command};
+use gateway::cli::{self, Cli, Command, ProjectionsCommand};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -15,6 +15,13 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => cli::serve(*args).await?,
         Command::Migrate(args) => cli::migrate(args).await?,
+        Command::Projections(ProjectionsCommand::Rebuild(args)) => cli::rebuild(args).await?,
+        Command::Projections(ProjectionsCommand::List(args)) => cli::list_projections(args).await?,
+        Command::Audit(args) => {
+            if !cli::audit(args).await? {
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }

@@ -1,16 +1,18 @@
 //! What every request handler shares.
 
+use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use commands::handler::{Context, Idempotent};
 use commands::idempotency::IdempotencyClaim;
-use commands::{CommandHandler, Executed, LogCursor};
+use commands::{CommandHandler, Executed};
 use domain::Aggregate;
-use projections::ReadModel;
+use projections::rebuild::RebuildOptions;
+use projections::{ProjectionStore, ReadModel};
 use schemas::Metadata;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
@@ -26,11 +28,17 @@ pub struct Shared {
     pub handler: CommandHandler,
     /// Answers queries.
     pub read_model: Arc<dyn ReadModel>,
+    /// The same store, for operators: versions, rebuilds.
+    pub projections: Arc<dyn ProjectionStore>,
+    /// How rebuilds run.
+    pub rebuild: RebuildOptions,
+    /// Audits running at once (one).
+    pub audits: Arc<Semaphore>,
     /// Checks and issues tokens.
     pub auth: Auth,
-    /// The cursor of the latest append this instance made; queries wait for the read model to
-    /// reach it so a caller reads its own writes.
-    pub last_append: watch::Sender<LogCursor>,
+    /// Writes made through this instance that the read model may not show yet; queries wait
+    /// for them, so callers read what was just written.
+    pub recent_writes: RecentWrites,
     /// The longest a query waits for that.
     pub read_your_writes_timeout: Duration,
     /// The key payment webhooks are signed with.
@@ -87,27 +95,81 @@ impl AppState {
             .handler
             .execute::<A>(stream_id, command, &context)
             .await?;
-        if let Some(appended) = &executed.appended {
-            self.last_append.send_if_modified(|last| {
-                let moved = appended.last > *last;
-                *last = (*last).max(appended.last);
-                moved
-            });
+        let shown_in_read_model = projections::ProjectionName::of_stream(stream_id).is_some();
+        if executed.appended.is_some() && shown_in_read_model {
+            self.recent_writes.wrote(stream_id, executed.version);
         }
         Ok(executed)
     }
 
-    /// Waits (bounded) until the read model holds every append this instance made.
+    /// Waits (bounded) until the read model shows every write made through this instance,
+    /// so any caller reads what was just written here.
     pub async fn caught_up(&self) {
-        let target = *self.last_append.borrow();
-        if !projections::read_model::wait_for(
+        let pending = self.recent_writes.pending();
+        if pending.is_empty() {
+            return;
+        }
+        match projections::read_model::wait_for_all(
             self.read_model.as_ref(),
-            target,
+            pending.clone(),
             self.read_your_writes_timeout,
         )
         .await
         {
-            tracing::warn!(?target, "read model lagging; answering from what it has");
+            Ok(lagging) => {
+                if let Some((stream_id, version)) = lagging.first() {
+                    tracing::warn!(%stream_id, version, lagging = lagging.len(), "read model lagging; answering from what it has");
+                }
+                self.recent_writes.shown(&pending, &lagging);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot tell whether the read model shows recent writes");
+            }
+        }
+    }
+}
+
+/// Writes made through this instance that the read model may not show yet: per stream, the
+/// latest version written. An entry goes once a query saw it applied. Bounded: past
+/// [`PENDING_MAX`] streams it starts over, and reads may then miss a write for a moment.
+#[derive(Default)]
+pub struct RecentWrites(Mutex<HashMap<String, u64>>);
+
+/// Streams remembered at once.
+const PENDING_MAX: usize = 10_000;
+
+impl RecentWrites {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wrote(&self, stream_id: &str, version: u64) {
+        let mut pending = self.lock();
+        if pending.len() >= PENDING_MAX && !pending.contains_key(stream_id) {
+            tracing::warn!("too many writes not yet shown by the read model; forgetting them");
+            pending.clear();
+        }
+        let latest = pending.entry(stream_id.to_owned()).or_default();
+        *latest = (*latest).max(version);
+    }
+
+    fn pending(&self) -> Vec<(String, u64)> {
+        self.lock().iter().map(|(s, v)| (s.clone(), *v)).collect()
+    }
+
+    /// Forgets the writes of `asked` that are not in `lagging` (unless written again since).
+    fn shown(&self, asked: &[(String, u64)], lagging: &[(String, u64)]) {
+        let mut pending = self.lock();
+        for (stream_id, version) in asked {
+            if lagging.iter().any(|(s, _)| s == stream_id) {
+                continue;
+            }
+            if pending
+                .get(stream_id)
+                .is_some_and(|latest| latest <= version)
+            {
+                pending.remove(stream_id);
+            }
         }
     }
 }

@@ -1,273 +1,378 @@
-//! Read models in process memory: the embedded default, and what each gateway instance uses
-//! until the Redis read models land.
+//! Read models in process memory: the embedded default, and the fresh fold audits compare
+//! the live read models with. Same versions, same rules and same ops as the Redis store.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use commands::{LogCursor, RecordedEvent};
-use domain::campaign::{CampaignEvent, CampaignStatus, Stock};
-use domain::order::{OrderEvent, OrderStatus};
-use domain::payment::{PaymentEvent, PaymentStatus};
-use domain::{CampaignId, OrderId, PaymentId, StoreId, Timestamp, UserId};
+use domain::campaign::{CampaignStatus, Stock};
+use domain::order::OrderStatus;
+use domain::payment::PaymentStatus;
+use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp, UserId};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use crate::ops::{timestamp, unsnake, Change, Op, ProjectionName};
 use crate::read_model::{
     CampaignView, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel, ReadModelError,
     CAMPAIGNS_LIST_MAX, ORDERS_PAGE_MAX,
 };
+use crate::store::{ApplyOutcome, ProjectionStore, ProjectionVersion, RebuildError, VersionStatus};
 
-/// Campaign and order views in memory.
-pub struct MemoryReadModel {
-    views: RwLock<Views>,
-    position: watch::Sender<LogCursor>,
+/// Every projection's versions, in memory.
+pub struct MemoryProjections {
+    slots: RwLock<[Slot; 2]>,
+    changes: watch::Sender<u64>,
+}
+
+/// One projection's versions.
+#[derive(Default)]
+struct Slot {
+    live: Option<u32>,
+    last_version: u32,
+    versions: BTreeMap<u32, Keyspace>,
+    /// The version being built and until when its rebuild holds the lease.
+    lease: Option<(u32, Instant)>,
+}
+
+/// One version of one projection.
+struct Keyspace {
+    status: VersionStatus,
+    views: Views,
+    applied: HashMap<String, u64>,
+    position: u64,
+    events: u64,
+}
+
+impl Keyspace {
+    fn new(status: VersionStatus) -> Keyspace {
+        Keyspace {
+            status,
+            views: Views::default(),
+            applied: HashMap::new(),
+            position: 0,
+            events: 0,
+        }
+    }
+
+    /// Applies `change` unless the stream's `version` is done here; with `in_order`, only
+    /// when it is the stream's next version. Returns whether it applied.
+    fn apply(&mut self, change: &Change, in_order: bool) -> bool {
+        let done = self.applied.get(&change.stream_id).copied().unwrap_or(0);
+        if change.version <= done || (in_order && change.version != done + 1) {
+            return false;
+        }
+        for op in &change.ops {
+            self.views.run(op);
+        }
+        self.applied
+            .insert(change.stream_id.clone(), change.version);
+        self.position = self.position.max(change.position);
+        self.events += 1;
+        true
+    }
+}
+
+/// An order as stored: its payment is joined when it is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct OrderRecord {
+    user_id: UserId,
+    campaign_id: CampaignId,
+    quantity: u32,
+    amount_cents: Cents,
+    status: OrderStatus,
+    reason: String,
+    payment_id: Option<PaymentId>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PaymentRecord {
+    amount_cents: Cents,
+    status: PaymentStatus,
+    updated_at: i64,
 }
 
 #[derive(Default)]
 struct Views {
     campaigns: BTreeMap<CampaignId, CampaignView>,
-    orders: BTreeMap<OrderId, OrderView>,
+    orders: BTreeMap<OrderId, OrderRecord>,
     by_user: HashMap<UserId, BTreeSet<OrderId>>,
     by_campaign: HashMap<CampaignId, BTreeSet<OrderId>>,
-    payment_orders: HashMap<PaymentId, OrderId>,
+    payments: HashMap<PaymentId, PaymentRecord>,
+    /// The payment requested for an order, from the payment's own stream.
+    order_payments: HashMap<OrderId, PaymentId>,
 }
 
-impl Default for MemoryReadModel {
+impl Views {
+    fn run(&mut self, op: &Op) {
+        match op {
+            Op::Campaign {
+                campaign_id,
+                store_id,
+                sku,
+                title,
+                price_cents,
+                quota,
+                per_user_limit,
+                starts_at,
+                ends_at,
+                payment_timeout_seconds,
+            } => {
+                self.campaigns.insert(
+                    *campaign_id,
+                    CampaignView {
+                        campaign_id: *campaign_id,
+                        store_id: *store_id,
+                        sku: sku.clone(),
+                        title: title.clone(),
+                        price_cents: *price_cents,
+                        quota: *quota,
+                        per_user_limit: *per_user_limit,
+                        starts_at: timestamp(*starts_at),
+                        ends_at: timestamp(*ends_at),
+                        payment_timeout_seconds: *payment_timeout_seconds,
+                        closed_at: None,
+                        stock: Stock {
+                            total: *quota,
+                            available: *quota,
+                            reserved: 0,
+                            sold: 0,
+                        },
+                    },
+                );
+            }
+            Op::Stock {
+                campaign_id,
+                total,
+                available,
+                reserved,
+                sold,
+            } => {
+                if let Some(view) = self.campaigns.get_mut(campaign_id) {
+                    let stock = &mut view.stock;
+                    let moved = |units: u32, by: i64| {
+                        u32::try_from(i64::from(units).saturating_add(by).max(0))
+                            .unwrap_or(u32::MAX)
+                    };
+                    stock.total = moved(stock.total, *total);
+                    stock.available = moved(stock.available, *available);
+                    stock.reserved = moved(stock.reserved, *reserved);
+                    stock.sold = moved(stock.sold, *sold);
+                }
+            }
+            Op::Close { campaign_id, at } => {
+                if let Some(view) = self.campaigns.get_mut(campaign_id) {
+                    view.closed_at = Some(timestamp(*at));
+                }
+            }
+            Op::Order {
+                order_id,
+                user_id,
+                campaign_id,
+                quantity,
+                amount_cents,
+                at,
+            } => {
+                self.orders.insert(
+                    *order_id,
+                    OrderRecord {
+                        user_id: *user_id,
+                        campaign_id: *campaign_id,
+                        quantity: *quantity,
+                        amount_cents: *amount_cents,
+                        status: OrderStatus::Pending,
+                        reason: String::new(),
+                        payment_id: None,
+                        created_at: *at,
+                        updated_at: *at,
+                    },
+                );
+                self.by_user.entry(*user_id).or_default().insert(*order_id);
+                self.by_campaign
+                    .entry(*campaign_id)
+                    .or_default()
+                    .insert(*order_id);
+            }
+            Op::OrderStatus {
+                order_id,
+                status,
+                reason,
+                payment_id,
+                at,
+            } => {
+                if let Some(order) = self.orders.get_mut(order_id) {
+                    order.status = *status;
+                    order.reason.clone_from(reason);
+                    if payment_id.is_some() {
+                        order.payment_id = *payment_id;
+                    }
+                    order.updated_at = order.updated_at.max(*at);
+                }
+            }
+            Op::Payment {
+                payment_id,
+                requested,
+                status,
+                at,
+            } => {
+                if let Some((order_id, amount_cents)) = requested {
+                    self.order_payments.insert(*order_id, *payment_id);
+                    self.payments.insert(
+                        *payment_id,
+                        PaymentRecord {
+                            amount_cents: *amount_cents,
+                            status: *status,
+                            updated_at: *at,
+                        },
+                    );
+                } else if let Some(payment) = self.payments.get_mut(payment_id) {
+                    payment.status = *status;
+                    payment.updated_at = payment.updated_at.max(*at);
+                }
+            }
+        }
+    }
+
+    fn order(&self, order_id: OrderId) -> Option<OrderView> {
+        let order = self.orders.get(&order_id)?;
+        let payment_id = order
+            .payment_id
+            .or_else(|| self.order_payments.get(&order_id).copied());
+        let payment = payment_id.map(|payment_id| match self.payments.get(&payment_id) {
+            Some(p) => (
+                PaymentView {
+                    payment_id,
+                    status: p.status,
+                    amount_cents: p.amount_cents,
+                },
+                p.updated_at,
+            ),
+            None => (
+                PaymentView {
+                    payment_id,
+                    status: PaymentStatus::Pending,
+                    amount_cents: order.amount_cents,
+                },
+                order.updated_at,
+            ),
+        });
+        Some(order_view(
+            order_id,
+            &OrderFields {
+                user_id: order.user_id,
+                campaign_id: order.campaign_id,
+                quantity: order.quantity,
+                amount_cents: order.amount_cents,
+                status: order.status,
+                reason: &order.reason,
+                created_at: order.created_at,
+                updated_at: order.updated_at,
+            },
+            payment,
+        ))
+    }
+}
+
+/// An order's own fields, as both stores keep them.
+pub(crate) struct OrderFields<'a> {
+    pub user_id: UserId,
+    pub campaign_id: CampaignId,
+    pub quantity: u32,
+    pub amount_cents: Cents,
+    pub status: OrderStatus,
+    pub reason: &'a str,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The view of an order and its payment (with the time the payment last changed).
+pub(crate) fn order_view(
+    order_id: OrderId,
+    order: &OrderFields<'_>,
+    payment: Option<(PaymentView, i64)>,
+) -> OrderView {
+    let updated_at = payment
+        .as_ref()
+        .map_or(order.updated_at, |(_, at)| order.updated_at.max(*at));
+    OrderView {
+        order_id,
+        user_id: order.user_id,
+        campaign_id: order.campaign_id,
+        quantity: order.quantity,
+        amount_cents: order.amount_cents,
+        status: order.status,
+        rejection: (order.status == OrderStatus::Rejected)
+            .then(|| unsnake(order.reason))
+            .flatten(),
+        cancellation: (order.status == OrderStatus::Cancelled)
+            .then(|| unsnake(order.reason))
+            .flatten(),
+        payment: payment.map(|(view, _)| view),
+        created_at: timestamp(order.created_at),
+        updated_at: timestamp(updated_at),
+    }
+}
+
+impl MemoryProjections {
+    /// A store with a live, empty version of every projection: right for an empty log. For a
+    /// log that has events, see [`MemoryProjections::unbuilt`].
+    pub fn new() -> Self {
+        let store = Self::unbuilt();
+        {
+            let mut slots = store.write();
+            for slot in slots.iter_mut() {
+                slot.last_version = 1;
+                slot.live = Some(1);
+                slot.versions.insert(1, Keyspace::new(VersionStatus::Live));
+            }
+        }
+        store
+    }
+
+    /// A store with no versions at all: every projection needs a rebuild before it answers.
+    pub fn unbuilt() -> Self {
+        MemoryProjections {
+            slots: RwLock::new(Default::default()),
+            changes: watch::channel(0).0,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, [Slot; 2]> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, [Slot; 2]> {
+        self.slots.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Runs `f` on the live views of `name`, or on empty ones when it has none.
+    fn live<T>(&self, name: ProjectionName, f: impl FnOnce(&Views) -> T) -> T {
+        let slots = self.read();
+        let slot = &slots[name.index()];
+        match slot.live.and_then(|v| slot.versions.get(&v)) {
+            Some(keyspace) => f(&keyspace.views),
+            None => f(&Views::default()),
+        }
+    }
+}
+
+impl Default for MemoryProjections {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl MemoryReadModel {
-    /// An empty model at the start of the log.
-    pub fn new() -> Self {
-        MemoryReadModel {
-            views: RwLock::new(Views::default()),
-            position: watch::channel(LogCursor::default()).0,
-        }
-    }
-
-    /// Applies events in log order. Events at or before the current position are skipped, so
-    /// a batch delivered twice changes nothing the second time.
-    pub fn apply(&self, batch: &[RecordedEvent]) -> Result<(), schemas::SchemaError> {
-        let Some(last) = batch.last() else {
-            return Ok(());
-        };
-        let position = *self.position.borrow();
-        {
-            let mut views = self.views.write().unwrap_or_else(|p| p.into_inner());
-            for recorded in batch.iter().filter(|r| r.cursor > position) {
-                views.apply(recorded)?;
-            }
-        }
-        self.position.send_if_modified(|p| {
-            let moved = last.cursor > *p;
-            *p = (*p).max(last.cursor);
-            moved
-        });
-        Ok(())
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Views> {
-        self.views.read().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Views {
-    fn apply(&mut self, recorded: &RecordedEvent) -> Result<(), schemas::SchemaError> {
-        let envelope = &recorded.envelope;
-        match envelope.category() {
-            "campaign" => self.apply_campaign(
-                stream_ulid(&envelope.stream_id),
-                &schemas::from_envelope(envelope)?,
-            ),
-            "order" => self.apply_order(
-                stream_ulid(&envelope.stream_id),
-                &schemas::from_envelope(envelope)?,
-            ),
-            "payment" => self.apply_payment(
-                stream_ulid(&envelope.stream_id),
-                &schemas::from_envelope(envelope)?,
-            ),
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn apply_campaign(&mut self, id: Option<ulid::Ulid>, event: &CampaignEvent) {
-        let Some(id) = id.map(CampaignId::from_ulid) else {
-            return;
-        };
-        if let CampaignEvent::CampaignCreated(c) = event {
-            self.campaigns.insert(
-                id,
-                CampaignView {
-                    campaign_id: c.campaign_id,
-                    store_id: c.store_id,
-                    sku: c.sku.clone(),
-                    title: c.title.clone(),
-                    price_cents: c.price_cents,
-                    quota: c.quota,
-                    per_user_limit: c.per_user_limit,
-                    starts_at: c.starts_at,
-                    ends_at: c.ends_at,
-                    payment_timeout_seconds: c.payment_timeout_seconds,
-                    closed_at: None,
-                    stock: Stock {
-                        total: c.quota,
-                        available: c.quota,
-                        reserved: 0,
-                        sold: 0,
-                    },
-                },
-            );
-            return;
-        }
-        let Some(view) = self.campaigns.get_mut(&id) else {
-            return;
-        };
-        let stock = &mut view.stock;
-        match *event {
-            CampaignEvent::CampaignCreated(_) => unreachable!("handled above"),
-            CampaignEvent::StockReplenished { quantity, .. } => {
-                stock.total += quantity;
-                stock.available += quantity;
-            }
-            CampaignEvent::CampaignClosed { at } => view.closed_at = Some(at),
-            CampaignEvent::StockReserved { quantity, .. } => {
-                stock.available -= quantity;
-                stock.reserved += quantity;
-            }
-            CampaignEvent::StockReleased { quantity, .. } => {
-                stock.reserved -= quantity;
-                stock.available += quantity;
-            }
-            CampaignEvent::StockSold { quantity, .. } => {
-                stock.reserved -= quantity;
-                stock.sold += quantity;
-            }
-        }
-    }
-
-    fn apply_order(&mut self, id: Option<ulid::Ulid>, event: &OrderEvent) {
-        let Some(id) = id.map(OrderId::from_ulid) else {
-            return;
-        };
-        if let OrderEvent::OrderPlaced {
-            order_id,
-            user_id,
-            campaign_id,
-            quantity,
-            amount_cents,
-            placed_at,
-            ..
-        } = *event
-        {
-            self.orders.insert(
-                id,
-                OrderView {
-                    order_id,
-                    user_id,
-                    campaign_id,
-                    quantity,
-                    amount_cents,
-                    status: OrderStatus::Pending,
-                    rejection: None,
-                    cancellation: None,
-                    payment: None,
-                    created_at: placed_at,
-                    updated_at: placed_at,
-                },
-            );
-            self.by_user.entry(user_id).or_default().insert(id);
-            self.by_campaign.entry(campaign_id).or_default().insert(id);
-            return;
-        }
-        let Some(order) = self.orders.get_mut(&id) else {
-            return;
-        };
-        match *event {
-            OrderEvent::OrderPlaced { .. } => unreachable!("handled above"),
-            OrderEvent::OrderRejected { reason, at } => {
-                order.status = OrderStatus::Rejected;
-                order.rejection = Some(reason);
-                order.updated_at = at;
-            }
-            OrderEvent::OrderAwaitingPayment { payment_id, at, .. } => {
-                order.status = OrderStatus::AwaitingPayment;
-                order.updated_at = at;
-                self.payment_orders.insert(payment_id, id);
-                if order.payment.is_none() {
-                    order.payment = Some(PaymentView {
-                        payment_id,
-                        status: PaymentStatus::Pending,
-                        amount_cents: order.amount_cents,
-                    });
-                }
-            }
-            OrderEvent::OrderConfirmed { at, .. } => {
-                order.status = OrderStatus::Confirmed;
-                order.updated_at = at;
-            }
-            OrderEvent::OrderCancelled { reason, at } => {
-                order.status = OrderStatus::Cancelled;
-                order.cancellation = Some(reason);
-                order.updated_at = at;
-            }
-        }
-    }
-
-    fn apply_payment(&mut self, id: Option<ulid::Ulid>, event: &PaymentEvent) {
-        let Some(payment_id) = id.map(PaymentId::from_ulid) else {
-            return;
-        };
-        let (status, at) = match *event {
-            PaymentEvent::PaymentRequested {
-                order_id,
-                amount_cents,
-                at,
-                ..
-            } => {
-                self.payment_orders.insert(payment_id, order_id);
-                if let Some(order) = self.orders.get_mut(&order_id) {
-                    order.payment = Some(PaymentView {
-                        payment_id,
-                        status: PaymentStatus::Pending,
-                        amount_cents,
-                    });
-                    order.updated_at = order.updated_at.max(at);
-                }
-                return;
-            }
-            PaymentEvent::PaymentSucceeded { at, .. } => (PaymentStatus::Succeeded, at),
-            PaymentEvent::PaymentFailed { at, .. } => (PaymentStatus::Failed, at),
-            PaymentEvent::PaymentTimedOut { at } => (PaymentStatus::TimedOut, at),
-            PaymentEvent::PaymentRefunded { at } => (PaymentStatus::Refunded, at),
-        };
-        let order = self
-            .payment_orders
-            .get(&payment_id)
-            .and_then(|o| self.orders.get_mut(o));
-        if let Some(order) = order {
-            if let Some(payment) = order.payment.as_mut() {
-                payment.status = status;
-            }
-            order.updated_at = order.updated_at.max(at);
-        }
-    }
-}
-
-/// The aggregate id in a stream id `<category>-<ulid>`.
-fn stream_ulid(stream_id: &str) -> Option<ulid::Ulid> {
-    stream_id
-        .split_once('-')
-        .and_then(|(_, id)| ulid::Ulid::from_string(id).ok())
-}
-
 #[async_trait]
-impl ReadModel for MemoryReadModel {
+impl ReadModel for MemoryProjections {
     async fn campaign(&self, id: CampaignId) -> Result<Option<CampaignView>, ReadModelError> {
-        Ok(self.read().campaigns.get(&id).cloned())
+        Ok(self.live(ProjectionName::Campaigns, |v| v.campaigns.get(&id).cloned()))
     }
 
     async fn campaigns(
@@ -276,19 +381,20 @@ impl ReadModel for MemoryReadModel {
         status: Option<CampaignStatus>,
         now: Timestamp,
     ) -> Result<Vec<CampaignView>, ReadModelError> {
-        Ok(self
-            .read()
-            .campaigns
-            .values()
-            .filter(|c| store_id.is_none_or(|s| c.store_id == s))
-            .filter(|c| status.is_none_or(|s| c.status(now) == s))
-            .take(CAMPAIGNS_LIST_MAX)
-            .cloned()
-            .collect())
+        Ok(self.live(ProjectionName::Campaigns, |views| {
+            views
+                .campaigns
+                .values()
+                .filter(|c| store_id.is_none_or(|s| c.store_id == s))
+                .filter(|c| status.is_none_or(|s| c.status(now) == s))
+                .take(CAMPAIGNS_LIST_MAX)
+                .cloned()
+                .collect()
+        }))
     }
 
     async fn order(&self, id: OrderId) -> Result<Option<OrderView>, ReadModelError> {
-        Ok(self.read().orders.get(&id).cloned())
+        Ok(self.live(ProjectionName::Orders, |v| v.order(id)))
     }
 
     async fn orders(
@@ -298,37 +404,215 @@ impl ReadModel for MemoryReadModel {
         limit: usize,
     ) -> Result<OrderPage, ReadModelError> {
         let limit = limit.clamp(1, ORDERS_PAGE_MAX);
-        let views = self.read();
-        let empty = BTreeSet::new();
-        // Walk the narrowest index the filter allows, newest first.
-        let ids: Box<dyn Iterator<Item = &OrderId>> = match (filter.user_id, filter.campaign_id) {
-            (Some(user), _) => Box::new(views.by_user.get(&user).unwrap_or(&empty).iter().rev()),
-            (None, Some(campaign)) => Box::new(
-                views
-                    .by_campaign
-                    .get(&campaign)
-                    .unwrap_or(&empty)
-                    .iter()
-                    .rev(),
-            ),
-            (None, None) => Box::new(views.orders.keys().rev()),
-        };
-        let mut matching = ids
-            .filter(|id| after.is_none_or(|a| **id < a))
-            .filter_map(|id| views.orders.get(id))
-            .filter(|o| filter.user_id.is_none_or(|u| o.user_id == u))
-            .filter(|o| filter.campaign_id.is_none_or(|c| o.campaign_id == c))
-            .filter(|o| filter.status.is_none_or(|s| o.status == s));
-        let items: Vec<OrderView> = matching.by_ref().take(limit).cloned().collect();
-        let next = if matching.next().is_some() {
-            items.last().map(|o| o.order_id)
-        } else {
-            None
-        };
-        Ok(OrderPage { items, next })
+        Ok(self.live(ProjectionName::Orders, |views| {
+            let empty = BTreeSet::new();
+            // Walk the narrowest index the filter allows, newest first.
+            let ids: Box<dyn Iterator<Item = &OrderId>> = match (filter.user_id, filter.campaign_id)
+            {
+                (Some(user), _) => {
+                    Box::new(views.by_user.get(&user).unwrap_or(&empty).iter().rev())
+                }
+                (None, Some(campaign)) => Box::new(
+                    views
+                        .by_campaign
+                        .get(&campaign)
+                        .unwrap_or(&empty)
+                        .iter()
+                        .rev(),
+                ),
+                (None, None) => Box::new(views.orders.keys().rev()),
+            };
+            let mut matching = ids
+                .filter(|id| after.is_none_or(|a| **id < a))
+                .filter(|id| {
+                    views.orders.get(id).is_some_and(|o| {
+                        filter.user_id.is_none_or(|u| o.user_id == u)
+                            && filter.campaign_id.is_none_or(|c| o.campaign_id == c)
+                            && filter.status.is_none_or(|s| o.status == s)
+                    })
+                });
+            let items: Vec<OrderView> = matching
+                .by_ref()
+                .take(limit)
+                .filter_map(|id| views.order(*id))
+                .collect();
+            let next = if matching.next().is_some() {
+                items.last().map(|o| o.order_id)
+            } else {
+                None
+            };
+            OrderPage { items, next }
+        }))
     }
 
-    fn position(&self) -> watch::Receiver<LogCursor> {
-        self.position.subscribe()
+    async fn applied_version(&self, stream_id: &str) -> Result<u64, ReadModelError> {
+        let Some(name) = ProjectionName::of_stream(stream_id) else {
+            return Ok(0);
+        };
+        let slots = self.read();
+        let slot = &slots[name.index()];
+        Ok(slot
+            .live
+            .and_then(|v| slot.versions.get(&v))
+            .and_then(|k| k.applied.get(stream_id).copied())
+            .unwrap_or(0))
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+#[async_trait]
+impl ProjectionStore for MemoryProjections {
+    async fn apply(
+        &self,
+        name: ProjectionName,
+        change: &Change,
+    ) -> Result<ApplyOutcome, ReadModelError> {
+        let outcome = {
+            let mut slots = self.write();
+            let slot = &mut slots[name.index()];
+            let live = slot.live;
+            let mut applied = false;
+            for (version, keyspace) in slot.versions.iter_mut() {
+                let is_live = Some(*version) == live;
+                let took = keyspace.apply(change, !is_live);
+                applied |= took && is_live;
+            }
+            ApplyOutcome { live, applied }
+        };
+        self.changed();
+        Ok(outcome)
+    }
+
+    async fn skip(
+        &self,
+        name: ProjectionName,
+        stream_id: &str,
+        version: u64,
+    ) -> Result<(), ReadModelError> {
+        let mut slots = self.write();
+        let slot = &mut slots[name.index()];
+        if let Some(keyspace) = slot.live.and_then(|v| slot.versions.get_mut(&v)) {
+            let done = keyspace.applied.entry(stream_id.to_owned()).or_default();
+            *done = (*done).max(version);
+        }
+        Ok(())
+    }
+
+    async fn versions(&self) -> Result<Vec<ProjectionVersion>, ReadModelError> {
+        let slots = self.read();
+        Ok(ProjectionName::ALL
+            .into_iter()
+            .flat_map(|name| {
+                slots[name.index()]
+                    .versions
+                    .iter()
+                    .map(move |(version, k)| ProjectionVersion {
+                        name,
+                        version: *version,
+                        status: k.status,
+                        position: k.position,
+                        events: k.events,
+                    })
+            })
+            .collect())
+    }
+
+    async fn begin_rebuild(
+        &self,
+        name: ProjectionName,
+        lease: Duration,
+    ) -> Result<u32, RebuildError> {
+        let mut slots = self.write();
+        let slot = &mut slots[name.index()];
+        if let Some((version, until)) = slot.lease {
+            if until > Instant::now() {
+                return Err(RebuildError::Busy(name));
+            }
+            // Abandoned: its rebuild stopped renewing the lease.
+            slot.versions.remove(&version);
+        }
+        slot.last_version += 1;
+        let version = slot.last_version;
+        slot.versions
+            .insert(version, Keyspace::new(VersionStatus::Building));
+        slot.lease = Some((version, Instant::now() + lease));
+        Ok(version)
+    }
+
+    async fn rebuild_apply(
+        &self,
+        name: ProjectionName,
+        version: u32,
+        changes: &[Change],
+        lease: Duration,
+    ) -> Result<(), RebuildError> {
+        let mut slots = self.write();
+        let slot = &mut slots[name.index()];
+        match (&mut slot.lease, slot.versions.get_mut(&version)) {
+            (Some((leased, until)), Some(keyspace)) if *leased == version => {
+                *until = Instant::now() + lease;
+                for change in changes {
+                    keyspace.apply(change, false);
+                }
+                Ok(())
+            }
+            _ => Err(RebuildError::LeaseLost { name, version }),
+        }
+    }
+
+    async fn finish_rebuild(
+        &self,
+        name: ProjectionName,
+        version: u32,
+    ) -> Result<Option<u32>, RebuildError> {
+        let replaced = {
+            let mut slots = self.write();
+            let slot = &mut slots[name.index()];
+            if !matches!(slot.lease, Some((leased, _)) if leased == version) {
+                return Err(RebuildError::LeaseLost { name, version });
+            }
+            let Some(keyspace) = slot.versions.get_mut(&version) else {
+                return Err(RebuildError::LeaseLost { name, version });
+            };
+            keyspace.status = VersionStatus::Live;
+            slot.lease = None;
+            let replaced = slot.live.replace(version);
+            // Queries hold the lock while they read, so nothing reads the old version now.
+            if let Some(old) = replaced {
+                slot.versions.remove(&old);
+            }
+            replaced
+        };
+        self.changed();
+        Ok(replaced)
+    }
+
+    async fn abandon_rebuild(
+        &self,
+        name: ProjectionName,
+        version: u32,
+    ) -> Result<(), ReadModelError> {
+        let mut slots = self.write();
+        let slot = &mut slots[name.index()];
+        if matches!(slot.lease, Some((leased, _)) if leased == version) {
+            slot.lease = None;
+        }
+        if slot.live != Some(version) {
+            slot.versions.remove(&version);
+        }
+        Ok(())
+    }
+
+    async fn drop_version(&self, name: ProjectionName, version: u32) -> Result<(), ReadModelError> {
+        let mut slots = self.write();
+        let slot = &mut slots[name.index()];
+        let building = matches!(slot.lease, Some((leased, _)) if leased == version);
+        if slot.live != Some(version) && !building {
+            slot.versions.remove(&version);
+        }
+        Ok(())
     }
 }

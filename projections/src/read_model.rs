@@ -1,7 +1,6 @@
 //! What the gateway asks of a read model.
 
 use async_trait::async_trait;
-use commands::LogCursor;
 use domain::campaign::{CampaignStatus, Stock};
 use domain::order::{CancelReason, OrderStatus, RejectReason};
 use domain::payment::PaymentStatus;
@@ -179,19 +178,65 @@ pub trait ReadModel: Send + Sync + 'static {
         limit: usize,
     ) -> Result<OrderPage, ReadModelError>;
 
-    /// The log position everything up to which is applied.
-    fn position(&self) -> watch::Receiver<LogCursor>;
+    /// The last version of `stream_id` the live read model holding its views applied; 0 when
+    /// none (or when no read model reads the stream).
+    async fn applied_version(&self, stream_id: &str) -> Result<u64, ReadModelError>;
+
+    /// [`ReadModel::applied_version`] of each of `stream_ids`, at once.
+    async fn applied_versions(&self, stream_ids: &[String]) -> Result<Vec<u64>, ReadModelError> {
+        let mut versions = Vec::with_capacity(stream_ids.len());
+        for stream_id in stream_ids {
+            versions.push(self.applied_version(stream_id).await?);
+        }
+        Ok(versions)
+    }
+
+    /// A counter that moves whenever a read model may have changed: wait on it, then query
+    /// again. It may move without a change, and under load one move may stand for many.
+    fn changes(&self) -> watch::Receiver<u64>;
+
+    /// Checks the store answers, for readiness probes.
+    async fn ping(&self) -> Result<(), ReadModelError> {
+        Ok(())
+    }
 }
 
-/// Waits until `model` has applied everything up to `cursor`, or `timeout` passes. Returns
+/// Waits until `model` has applied `version` of `stream_id`, or `timeout` passes. Returns
 /// whether it got there.
 pub async fn wait_for(
     model: &dyn ReadModel,
-    cursor: LogCursor,
+    stream_id: &str,
+    version: u64,
     timeout: std::time::Duration,
-) -> bool {
-    let mut position = model.position();
-    tokio::time::timeout(timeout, position.wait_for(|p| *p >= cursor))
-        .await
-        .is_ok_and(|r| r.is_ok())
+) -> Result<bool, ReadModelError> {
+    let pending = wait_for_all(model, vec![(stream_id.to_owned(), version)], timeout).await?;
+    Ok(pending.is_empty())
+}
+
+/// Waits until `model` has applied every (stream, version) of `writes`, or `timeout` passes.
+/// Returns the writes it does not show yet.
+pub async fn wait_for_all(
+    model: &dyn ReadModel,
+    mut writes: Vec<(String, u64)>,
+    timeout: std::time::Duration,
+) -> Result<Vec<(String, u64)>, ReadModelError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut changes = model.changes();
+    loop {
+        changes.borrow_and_update();
+        if writes.is_empty() {
+            return Ok(writes);
+        }
+        let streams: Vec<String> = writes.iter().map(|(s, _)| s.clone()).collect();
+        let applied = model.applied_versions(&streams).await?;
+        let mut applied = applied.into_iter();
+        writes.retain(|(_, version)| applied.next().unwrap_or(0) < *version);
+        if writes.is_empty() {
+            return Ok(writes);
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Ok(writes),
+        }
+    }
 }

@@ -43,3 +43,4 @@ mod command_handling;
 mod event_log;
 mod mirror;
 mod order_saga;
+mod read_models;

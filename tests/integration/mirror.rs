@@ -874,6 +874,8 @@ async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
             options: Default::default(),
         },
         mirror: AppMirror::JetStream(harness::bus::unique_settings(&nats.url())),
+        read_models: gateway::app::ReadModels::Embedded,
+        rebuild: Default::default(),
         payments: Payments::External,
         webhook_secret: b"webhook".to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),

@@ -460,6 +460,12 @@ impl EventLog for DyingLog {
     ) -> Result<Vec<RecordedEvent>, LogError> {
         self.inner.read_all(after, limit).await
     }
+    async fn head(&self) -> Result<u64, LogError> {
+        self.inner.head().await
+    }
+    async fn count_after(&self, after: u64, categories: &[&str]) -> Result<u64, LogError> {
+        self.inner.count_after(after, categories).await
+    }
     async fn load_snapshot(&self, s: &str) -> Result<Option<Snapshot>, LogError> {
         self.inner.load_snapshot(s).await
     }

@@ -280,6 +280,7 @@ impl Bus for JetStreamBus {
             max_deliver: -1,
             max_ack_pending: i64::try_from(options.max_in_flight).unwrap_or(i64::MAX),
             filter_subject,
+            inactive_threshold: options.inactive_threshold.unwrap_or_default(),
             ..Default::default()
         };
         let consumer: js::consumer::Consumer<pull::Config> = stream

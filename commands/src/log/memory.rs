@@ -198,6 +198,21 @@ impl EventLog for MemoryEventLog {
             .collect())
     }
 
+    async fn head(&self) -> Result<u64, LogError> {
+        Ok(self.lock().events.len() as u64)
+    }
+
+    async fn count_after(&self, after: u64, categories: &[&str]) -> Result<u64, LogError> {
+        let inner = self.lock();
+        let start = usize::try_from(after).unwrap_or(usize::MAX);
+        Ok(inner
+            .events
+            .iter()
+            .skip(start)
+            .filter(|e| categories.contains(&e.envelope.category()))
+            .count() as u64)
+    }
+
     async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, LogError> {
         Ok(self.lock().snapshots.get(stream_id).cloned())
     }

@@ -359,6 +359,25 @@ impl EventLog for PgEventLog {
         self.appends.subscribe()
     }
 
+    async fn head(&self) -> Result<u64, LogError> {
+        let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(head.unsigned_abs())
+    }
+
+    async fn count_after(&self, after: u64, categories: &[&str]) -> Result<u64, LogError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events \
+             WHERE global_position > $1 AND split_part(stream_id, '-', 1) = ANY($2)",
+        )
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(categories)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(count.unsigned_abs())
+    }
+
     async fn ping(&self) -> Result<(), LogError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -33,16 +33,52 @@ async fn probe<E: std::fmt::Display>(
     }
 }
 
-/// Readiness: every dependency answers (the event log, and the bus it is mirrored to). 503
-/// when one does not. The relay's role (`leader` or `standby`) and position are reported, not
-/// judged: one instance leads, the others stand by.
+/// Readiness: every dependency answers (the event log, the bus it is mirrored to, the read
+/// models' store), and every read model has a live version. 503 when one does not. The
+/// relay's role (`leader` or `standby`) and position, and each read model's lag, are reported,
+/// not judged: one instance leads, the others stand by, and lag comes and goes with load.
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let (log, bus) = tokio::join!(
+    let (log, bus, read_models) = tokio::join!(
         probe("event log", state.handler.log().ping()),
         probe("bus", state.bus.ping()),
+        probe("read models", state.read_model.ping()),
     );
+    let mut projections = serde_json::Map::new();
+    let mut all_live = true;
+    if read_models == "up" {
+        let versions = tokio::time::timeout(PROBE_TIMEOUT, state.projections.versions()).await;
+        let versions = versions.ok().and_then(Result::ok).unwrap_or_default();
+        for name in projections::ProjectionName::ALL {
+            let live = versions
+                .iter()
+                .find(|v| v.name == name && v.status == projections::VersionStatus::Live);
+            let lag = match (live, log) {
+                (Some(v), "up") => {
+                    let count = state
+                        .handler
+                        .log()
+                        .count_after(v.position, name.categories());
+                    tokio::time::timeout(PROBE_TIMEOUT, count)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+                _ => None,
+            };
+            all_live &= live.is_some();
+            projections.insert(
+                name.as_str().into(),
+                json!({
+                    "status": if live.is_some() { "live" } else { "missing" },
+                    "version": live.map(|v| v.version),
+                    "position": live.map(|v| v.position),
+                    "lag": lag,
+                }),
+            );
+        }
+    }
     let relay = *state.relay.borrow();
-    let ready = log == "up" && bus == "up";
+    let ready = log == "up" && bus == "up" && read_models == "up" && all_live;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -52,12 +88,13 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         status,
         Json(json!({
             "status": if ready { "ready" } else { "not_ready" },
-            "checks": { "event_log": log, "bus": bus },
+            "checks": { "event_log": log, "bus": bus, "read_models": read_models },
             "relay": {
                 "role": if relay.leader { "leader" } else { "standby" },
                 "global_position": relay.position.global_position,
                 "published": relay.published,
             },
+            "projections": projections,
         })),
     )
 }

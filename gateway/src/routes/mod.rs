@@ -1,5 +1,6 @@
 //! The HTTP routes of API.md, one module per resource.
 
+pub mod admin;
 pub mod campaigns;
 pub mod health;
 pub mod orders;

@@ -138,15 +138,15 @@ pub async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let id: OrderId = path_id(&id, "order_not_found", "order")?;
     visible_order(&state, &caller, id).await?;
-    let position = state.read_model.position();
+    let changes = state.read_model.changes();
     let changes = futures::stream::unfold(
-        (state, position, None::<serde_json::Value>, false),
-        move |(state, mut position, last, finished)| async move {
+        (state, changes, None::<serde_json::Value>, false),
+        move |(state, mut changes, last, finished)| async move {
             if finished {
                 return None;
             }
             loop {
-                position.borrow_and_update();
+                changes.borrow_and_update();
                 let view = state.read_model.order(id).await.ok().flatten()?;
                 let body = serde_json::to_value(OrderBody::from(&view)).ok()?;
                 if last.as_ref() != Some(&body) {
@@ -158,9 +158,9 @@ pub async fn events(
                         .as_ref()
                         .is_none_or(|p| p.status != domain::payment::PaymentStatus::Pending);
                     let event = SseEvent::default().event("order").json_data(&body).ok()?;
-                    return Some((Ok(event), (state, position, Some(body), settled)));
+                    return Some((Ok(event), (state, changes, Some(body), settled)));
                 }
-                position.changed().await.ok()?;
+                changes.changed().await.ok()?;
             }
         },
     );
@@ -193,14 +193,14 @@ async fn decided(
         return None;
     }
     let deadline = tokio::time::Instant::now() + wait;
-    let mut position = state.read_model.position();
+    let mut changes = state.read_model.changes();
     loop {
-        position.borrow_and_update();
+        changes.borrow_and_update();
         let view = state.read_model.order(order_id).await.ok().flatten();
         if let Some(view) = view.filter(|v| v.status != OrderStatus::Pending) {
             return Some(view);
         }
-        if tokio::time::timeout_at(deadline, position.changed())
+        if tokio::time::timeout_at(deadline, changes.changed())
             .await
             .is_err()
         {

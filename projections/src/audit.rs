@@ -1,0 +1,647 @@
+//! The reconciliation audit: the whole log replayed, in global order, against the invariants
+//! of DESIGN.md, and the live read models compared with a fresh fold of the same log.
+//!
+//! Memory is bounded by the number of streams, campaigns, orders and payments (a few dozen
+//! bytes each, plus the fresh fold's views when read models are compared), never by the number
+//! of events: the log is read in batches and each event is dropped once folded.
+//!
+//! Checks, by violation `kind`:
+//!
+//! - `version_gap`: a stream's versions are not 1, 2, 3, ...
+//! - `stock_invariant`: at some version of a campaign, a bucket went negative or
+//!   `available + reserved + sold != total`.
+//! - `per_user_limit`: a reservation left a customer holding more live units of a campaign
+//!   than its limit.
+//! - `order_inconsistent`: an order disagrees with its stock and payment events. Confirmed
+//!   means reserved and paid (and, once settled, sold); sold means confirmed; cancelled means
+//!   released exactly once and never sold; rejected means never reserved; refunded means a
+//!   success that came after the order was cancelled; a success on a cancelled order must be
+//!   refunded. States that a running saga passes through (cancelled, release still to come)
+//!   count only once they are older than [`AuditOptions::settle`].
+//! - `undecodable`: an event whose payload does not decode as its type.
+//! - `read_model_mismatch`: a live view differs from the fresh fold, or is missing, or is
+//!   extra. Views whose streams the live read model has applied to another version than the
+//!   fold (events in flight) are not counted.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use commands::{EventLog, LogCursor, LogError, RecordedEvent};
+use domain::campaign::CampaignEvent;
+use domain::order::{OrderEvent, OrderStatus};
+use domain::payment::PaymentEvent;
+use domain::{CampaignId, OrderId, PaymentId, Timestamp, UserId};
+use serde::Serialize;
+
+use crate::memory::MemoryProjections;
+use crate::ops::{Change, ProjectionName};
+use crate::read_model::{OrderFilter, ReadModel, ReadModelError, ORDERS_PAGE_MAX};
+use crate::store::ProjectionStore;
+
+/// How an audit runs.
+#[derive(Clone, Debug)]
+pub struct AuditOptions {
+    /// Events read per batch.
+    pub batch: usize,
+    /// How long an order may sit in a state a saga is still working on before the audit
+    /// counts it as inconsistent.
+    pub settle: Duration,
+    /// Most violations reported (the count of events and streams is always complete).
+    pub violations_max: usize,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        AuditOptions {
+            batch: 5_000,
+            settle: Duration::from_secs(120),
+            violations_max: 1_000,
+        }
+    }
+}
+
+/// A broken invariant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// What kind (see the module docs).
+    pub kind: String,
+    /// The stream it was found in.
+    pub stream_id: String,
+    /// What exactly.
+    pub detail: String,
+}
+
+/// What an audit found, as API.md's AuditReport.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditReport {
+    /// Whether `violations` is empty.
+    pub ok: bool,
+    /// Events replayed.
+    pub events_read: u64,
+    /// Streams they belong to.
+    pub streams_read: u64,
+    /// When the audit finished.
+    pub checked_at: Timestamp,
+    /// What it found.
+    pub violations: Vec<Violation>,
+    /// Violations found beyond [`AuditOptions::violations_max`] and left out.
+    pub violations_omitted: u64,
+    /// Views not compared because the live read model was mid-way through their events.
+    pub views_in_flight: u64,
+}
+
+/// The audit could not run to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The log could not be read.
+    #[error("event log: {0}")]
+    Log(#[from] LogError),
+    /// The read model could not be read.
+    #[error(transparent)]
+    ReadModel(#[from] ReadModelError),
+}
+
+/// Replays the whole of `log` and checks it; compares `read_model` with a fresh fold when
+/// given. `progress` hears the number of events read after every batch.
+pub async fn audit(
+    log: &dyn EventLog,
+    read_model: Option<&dyn ReadModel>,
+    options: &AuditOptions,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<AuditReport, AuditError> {
+    let mut replay = Replay::new(options.violations_max);
+    let fold = MemoryProjections::new();
+    let batch_size = options.batch.clamp(1, commands::log::READ_EVENTS_MAX);
+    let mut cursor = LogCursor::default();
+    loop {
+        let batch = log.read_all(cursor, batch_size).await?;
+        for event in &batch {
+            replay.event(event);
+            if read_model.is_some() {
+                fold_event(&fold, event).await;
+            }
+        }
+        progress(replay.events);
+        match batch.last() {
+            Some(last) if batch.len() == batch_size => cursor = last.cursor,
+            _ => break,
+        }
+    }
+    let now = Utc::now();
+    replay.settled(now, options.settle);
+    let mut views_in_flight = 0;
+    if let Some(live) = read_model {
+        views_in_flight = compare(&fold, live, &mut replay).await?;
+    }
+    Ok(AuditReport {
+        ok: replay.violations.is_empty() && replay.omitted == 0,
+        events_read: replay.events,
+        streams_read: replay.versions.len() as u64,
+        checked_at: now,
+        violations: replay.violations,
+        violations_omitted: replay.omitted,
+        views_in_flight,
+    })
+}
+
+async fn fold_event(fold: &MemoryProjections, event: &RecordedEvent) {
+    for name in ProjectionName::ALL {
+        // Undecodable events are reported by the replay; the fold skips them.
+        if let Ok(Some(change)) = Change::of(name, &event.envelope) {
+            let _ = fold.apply(name, &change).await;
+        }
+    }
+}
+
+/// A reservation as the campaign's events tell it.
+#[derive(Default)]
+struct Held {
+    reserved: u8,
+    released: u8,
+    sold: u8,
+}
+
+#[derive(Default)]
+struct CampaignFacts {
+    per_user_limit: i64,
+    total: i64,
+    available: i64,
+    reserved: i64,
+    sold: i64,
+    /// Live units per customer.
+    holdings: HashMap<UserId, i64>,
+}
+
+struct OrderFacts {
+    status: OrderStatus,
+    since: Timestamp,
+    payment_id: Option<PaymentId>,
+}
+
+#[derive(Default)]
+struct PaymentFacts {
+    order_id: Option<OrderId>,
+    succeeded: bool,
+    succeeded_at: Option<Timestamp>,
+    refunded: bool,
+}
+
+struct Replay {
+    events: u64,
+    versions: HashMap<String, u64>,
+    campaigns: HashMap<CampaignId, CampaignFacts>,
+    held: HashMap<OrderId, Held>,
+    orders: HashMap<OrderId, OrderFacts>,
+    payments: HashMap<PaymentId, PaymentFacts>,
+    violations: Vec<Violation>,
+    violations_max: usize,
+    omitted: u64,
+}
+
+impl Replay {
+    fn new(violations_max: usize) -> Replay {
+        Replay {
+            events: 0,
+            versions: HashMap::new(),
+            campaigns: HashMap::new(),
+            held: HashMap::new(),
+            orders: HashMap::new(),
+            payments: HashMap::new(),
+            violations: Vec::new(),
+            violations_max,
+            omitted: 0,
+        }
+    }
+
+    fn violation(&mut self, kind: &str, stream_id: &str, detail: String) {
+        if self.violations.len() < self.violations_max {
+            self.violations.push(Violation {
+                kind: kind.to_owned(),
+                stream_id: stream_id.to_owned(),
+                detail,
+            });
+        } else {
+            self.omitted += 1;
+        }
+    }
+
+    fn event(&mut self, recorded: &RecordedEvent) {
+        let envelope = &recorded.envelope;
+        self.events += 1;
+        let stream = envelope.stream_id.as_str();
+        let last = self.versions.get(stream).copied().unwrap_or(0);
+        if envelope.stream_version != last + 1 {
+            self.violation(
+                "version_gap",
+                stream,
+                format!("version {} follows version {last}", envelope.stream_version),
+            );
+        }
+        self.versions
+            .insert(stream.to_owned(), envelope.stream_version.max(last));
+        let Some(id) = stream
+            .split_once('-')
+            .and_then(|(_, id)| ulid::Ulid::from_string(id).ok())
+        else {
+            return;
+        };
+        let decoded = match envelope.category() {
+            "campaign" => schemas::from_envelope(envelope)
+                .map(|e| self.campaign(stream, CampaignId::from_ulid(id), e)),
+            "order" => schemas::from_envelope(envelope)
+                .map(|e| self.order(stream, OrderId::from_ulid(id), e, envelope.recorded_at)),
+            "payment" => schemas::from_envelope(envelope)
+                .map(|e| self.payment(stream, PaymentId::from_ulid(id), e)),
+            _ => Ok(()),
+        };
+        if let Err(error) = decoded {
+            self.violation(
+                "undecodable",
+                stream,
+                format!("version {}: {error}", envelope.stream_version),
+            );
+        }
+    }
+
+    fn campaign(&mut self, stream: &str, id: CampaignId, event: CampaignEvent) {
+        if let CampaignEvent::CampaignCreated(c) = &event {
+            let quota = i64::from(c.quota);
+            self.campaigns.insert(
+                id,
+                CampaignFacts {
+                    per_user_limit: i64::from(c.per_user_limit),
+                    total: quota,
+                    available: quota,
+                    ..Default::default()
+                },
+            );
+            return;
+        }
+        let Some(c) = self.campaigns.get_mut(&id) else {
+            self.violation(
+                "stock_invariant",
+                stream,
+                "stock moved before the campaign was created".into(),
+            );
+            return;
+        };
+        let mut limit_broken = None;
+        let mut order_problem = None;
+        match event {
+            CampaignEvent::CampaignCreated(_) => unreachable!("handled above"),
+            CampaignEvent::CampaignClosed { .. } => {}
+            CampaignEvent::StockReplenished { quantity, .. } => {
+                c.total += i64::from(quantity);
+                c.available += i64::from(quantity);
+            }
+            CampaignEvent::StockReserved {
+                order_id,
+                user_id,
+                quantity,
+                ..
+            } => {
+                let q = i64::from(quantity);
+                c.available -= q;
+                c.reserved += q;
+                let holding = c.holdings.entry(user_id).or_default();
+                *holding += q;
+                if *holding > c.per_user_limit {
+                    limit_broken = Some(format!(
+                        "customer {user_id} holds {holding} live units, more than the limit of {}, after order {order_id}",
+                        c.per_user_limit
+                    ));
+                }
+                let held = self.held.entry(order_id).or_default();
+                held.reserved = held.reserved.saturating_add(1);
+                if held.reserved > 1 {
+                    order_problem = Some(format!("order {order_id} was reserved twice"));
+                }
+                if self
+                    .orders
+                    .get(&order_id)
+                    .is_some_and(|o| o.status == OrderStatus::Rejected)
+                {
+                    order_problem = Some(format!(
+                        "order {order_id} was reserved after it was rejected"
+                    ));
+                }
+            }
+            CampaignEvent::StockReleased {
+                order_id,
+                user_id,
+                quantity,
+                ..
+            } => {
+                let q = i64::from(quantity);
+                c.reserved -= q;
+                c.available += q;
+                *c.holdings.entry(user_id).or_default() -= q;
+                let held = self.held.entry(order_id).or_default();
+                held.released = held.released.saturating_add(1);
+                if held.released > 1 {
+                    order_problem = Some(format!("order {order_id} was released twice"));
+                }
+            }
+            CampaignEvent::StockSold {
+                order_id, quantity, ..
+            } => {
+                let q = i64::from(quantity);
+                c.reserved -= q;
+                c.sold += q;
+                let held = self.held.entry(order_id).or_default();
+                held.sold = held.sold.saturating_add(1);
+                let confirmed = self
+                    .orders
+                    .get(&order_id)
+                    .is_some_and(|o| o.status == OrderStatus::Confirmed);
+                if !confirmed {
+                    order_problem =
+                        Some(format!("order {order_id} was sold without being confirmed"));
+                }
+            }
+        }
+        let stock_broken = (c.available < 0
+            || c.reserved < 0
+            || c.sold < 0
+            || c.available + c.reserved + c.sold != c.total)
+            .then(|| {
+                format!(
+                    "total {}, available {}, reserved {}, sold {}",
+                    c.total, c.available, c.reserved, c.sold
+                )
+            });
+        if let Some(detail) = stock_broken {
+            self.violation("stock_invariant", stream, detail);
+        }
+        if let Some(detail) = limit_broken {
+            self.violation("per_user_limit", stream, detail);
+        }
+        if let Some(detail) = order_problem {
+            self.violation("order_inconsistent", stream, detail);
+        }
+    }
+
+    fn order(&mut self, stream: &str, id: OrderId, event: OrderEvent, recorded_at: Timestamp) {
+        let (status, payment_id) = match event {
+            OrderEvent::OrderPlaced { .. } => (OrderStatus::Pending, None),
+            OrderEvent::OrderRejected { .. } => (OrderStatus::Rejected, None),
+            OrderEvent::OrderAwaitingPayment { payment_id, .. } => {
+                (OrderStatus::AwaitingPayment, Some(payment_id))
+            }
+            OrderEvent::OrderConfirmed { payment_id, .. } => {
+                (OrderStatus::Confirmed, Some(payment_id))
+            }
+            OrderEvent::OrderCancelled { .. } => (OrderStatus::Cancelled, None),
+        };
+        let known_payment = self.orders.get(&id).and_then(|o| o.payment_id);
+        let payment_id = payment_id.or(known_payment);
+        let mut problem = None;
+        match status {
+            OrderStatus::Confirmed => {
+                let reserved = self
+                    .held
+                    .get(&id)
+                    .is_some_and(|h| h.reserved > 0 && h.released == 0);
+                let paid = payment_id
+                    .and_then(|p| self.payments.get(&p))
+                    .is_some_and(|p| p.succeeded);
+                if !reserved || !paid {
+                    problem = Some(format!(
+                        "confirmed while {} and {}",
+                        if reserved { "reserved" } else { "not reserved" },
+                        if paid { "paid" } else { "not paid" }
+                    ));
+                }
+            }
+            OrderStatus::Rejected
+                if self.held.get(&id).is_some_and(|h| h.reserved > h.released) =>
+            {
+                problem = Some("rejected while holding reserved stock".into());
+            }
+            _ => {}
+        }
+        if let Some(detail) = problem {
+            self.violation("order_inconsistent", stream, detail);
+        }
+        self.orders.insert(
+            id,
+            OrderFacts {
+                status,
+                since: recorded_at,
+                payment_id,
+            },
+        );
+    }
+
+    fn payment(&mut self, stream: &str, id: PaymentId, event: PaymentEvent) {
+        let facts = self.payments.entry(id).or_default();
+        match event {
+            PaymentEvent::PaymentRequested { order_id, .. } => facts.order_id = Some(order_id),
+            PaymentEvent::PaymentSucceeded { at, .. } => {
+                facts.succeeded = true;
+                facts.succeeded_at = Some(at);
+            }
+            PaymentEvent::PaymentFailed { .. } | PaymentEvent::PaymentTimedOut { .. } => {}
+            PaymentEvent::PaymentRefunded { .. } => {
+                facts.refunded = true;
+                let succeeded = facts.succeeded;
+                let cancelled = facts
+                    .order_id
+                    .and_then(|o| self.orders.get(&o))
+                    .is_some_and(|o| o.status == OrderStatus::Cancelled);
+                if !succeeded || !cancelled {
+                    self.violation(
+                        "order_inconsistent",
+                        stream,
+                        format!(
+                            "refunded {} and {}",
+                            if succeeded {
+                                "after a success"
+                            } else {
+                                "without a success"
+                            },
+                            if cancelled {
+                                "the order cancelled"
+                            } else {
+                                "the order not cancelled"
+                            }
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The checks on where every order ended up.
+    fn settled(&mut self, now: Timestamp, settle: Duration) {
+        let settle = chrono::Duration::from_std(settle).unwrap_or(chrono::Duration::MAX);
+        let mut found = Vec::new();
+        for (order_id, order) in &self.orders {
+            let settled = now - order.since >= settle;
+            let held = self.held.get(order_id);
+            let (reserved, released, sold) =
+                held.map_or((0, 0, 0), |h| (h.reserved, h.released, h.sold));
+            let payment = order.payment_id.and_then(|p| self.payments.get(&p));
+            let problem = match order.status {
+                OrderStatus::Cancelled if sold > 0 => Some("cancelled but its stock was sold"),
+                OrderStatus::Cancelled if settled && reserved > released => {
+                    Some("cancelled but its stock was never released")
+                }
+                OrderStatus::Cancelled
+                    if settled && payment.is_some_and(|p| p.succeeded && !p.refunded) =>
+                {
+                    Some("cancelled after a successful payment that was never refunded")
+                }
+                OrderStatus::Confirmed if settled && sold == 0 => {
+                    Some("confirmed but its stock was never sold")
+                }
+                OrderStatus::Rejected if reserved > released => {
+                    Some("rejected while holding reserved stock")
+                }
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                found.push((format!("order-{order_id}"), problem.to_owned()));
+            }
+        }
+        found.sort();
+        for (stream, detail) in found {
+            self.violation("order_inconsistent", &stream, detail);
+        }
+    }
+}
+
+/// Compares `live` with `fold` view by view; returns how many views were skipped as in flight.
+async fn compare(
+    fold: &MemoryProjections,
+    live: &dyn ReadModel,
+    replay: &mut Replay,
+) -> Result<u64, AuditError> {
+    let mut in_flight = 0;
+    let far_future = Utc::now() + chrono::Duration::days(365 * 100);
+    let expected = fold.campaigns(None, None, far_future).await?;
+    let mut found: HashMap<CampaignId, _> = live
+        .campaigns(None, None, far_future)
+        .await?
+        .into_iter()
+        .map(|c| (c.campaign_id, c))
+        .collect();
+    for campaign in expected {
+        let stream = format!("campaign-{}", campaign.campaign_id);
+        let live_view = found.remove(&campaign.campaign_id);
+        if live_view.as_ref() == Some(&campaign) {
+            continue;
+        }
+        if in_motion(fold, live, &[stream.as_str()]).await? {
+            in_flight += 1;
+            continue;
+        }
+        let detail = match live_view {
+            None => "the read model lacks this campaign".to_owned(),
+            Some(view) => format!("read model {view:?}; the log says {campaign:?}"),
+        };
+        replay.violation("read_model_mismatch", &stream, detail);
+    }
+    for extra in found.into_keys() {
+        replay.violation(
+            "read_model_mismatch",
+            &format!("campaign-{extra}"),
+            "the read model has a campaign the log does not".into(),
+        );
+    }
+    // Orders, newest first, page by page from both.
+    let filter = OrderFilter::default();
+    let (mut fold_after, mut live_after) = (None, None);
+    let mut fold_done = false;
+    let mut live_done = false;
+    let mut pending_live: HashMap<OrderId, crate::OrderView> = HashMap::new();
+    let mut pending_fold: HashMap<OrderId, crate::OrderView> = HashMap::new();
+    while !(fold_done && live_done) {
+        if !fold_done {
+            let page = fold.orders(&filter, fold_after, ORDERS_PAGE_MAX).await?;
+            fold_done = page.next.is_none();
+            fold_after = page.next;
+            for view in page.items {
+                match pending_live.remove(&view.order_id) {
+                    Some(live_view) => {
+                        in_flight +=
+                            check_order(fold, live, replay, &view, Some(live_view)).await?;
+                    }
+                    None => {
+                        pending_fold.insert(view.order_id, view);
+                    }
+                }
+            }
+        }
+        if !live_done {
+            let page = live.orders(&filter, live_after, ORDERS_PAGE_MAX).await?;
+            live_done = page.next.is_none();
+            live_after = page.next;
+            for view in page.items {
+                match pending_fold.remove(&view.order_id) {
+                    Some(fold_view) => {
+                        in_flight +=
+                            check_order(fold, live, replay, &fold_view, Some(view)).await?;
+                    }
+                    None => {
+                        pending_live.insert(view.order_id, view);
+                    }
+                }
+            }
+        }
+    }
+    for (_, view) in pending_fold {
+        in_flight += check_order(fold, live, replay, &view, None).await?;
+    }
+    for (order_id, _) in pending_live {
+        replay.violation(
+            "read_model_mismatch",
+            &format!("order-{order_id}"),
+            "the read model has an order the log does not".into(),
+        );
+    }
+    Ok(in_flight)
+}
+
+async fn check_order(
+    fold: &MemoryProjections,
+    live: &dyn ReadModel,
+    replay: &mut Replay,
+    expected: &crate::OrderView,
+    found: Option<crate::OrderView>,
+) -> Result<u64, AuditError> {
+    if found.as_ref() == Some(expected) {
+        return Ok(0);
+    }
+    let order_stream = format!("order-{}", expected.order_id);
+    let payment_stream = expected
+        .payment
+        .as_ref()
+        .map(|p| format!("payment-{}", p.payment_id));
+    let mut streams = vec![order_stream.as_str()];
+    streams.extend(payment_stream.as_deref());
+    if in_motion(fold, live, &streams).await? {
+        return Ok(1);
+    }
+    let detail = match found {
+        None => "the read model lacks this order".to_owned(),
+        Some(view) => format!("read model {view:?}; the log says {expected:?}"),
+    };
+    replay.violation("read_model_mismatch", &order_stream, detail);
+    Ok(0)
+}
+
+/// Whether the live read model has applied another version of any of `streams` than the fold.
+async fn in_motion(
+    fold: &MemoryProjections,
+    live: &dyn ReadModel,
+    streams: &[&str],
+) -> Result<bool, AuditError> {
+    for stream in streams {
+        if fold.applied_version(stream).await? != live.applied_version(stream).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

@@ -1,0 +1,131 @@
+//! A projection as a consumer of the subscription runtime: its handler and its dedupe are
+//! one, because the record of what it applied is written by the same atomic store call as
+//! the data (see [`ProjectionStore::apply`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use commands::subscription::{Dedupe, DedupeError, Handler, HandlerError, Seen};
+use schemas::Envelope;
+
+use crate::ops::{Change, ProjectionName};
+use crate::store::ProjectionStore;
+
+/// Streams whose last applied version the consumer remembers before it starts over.
+const REMEMBERED_STREAMS_MAX: usize = 100_000;
+
+/// Feeds one projection from the bus. Use it as both the [`Handler`] and the [`Dedupe`] of a
+/// subscription with per-stream order.
+pub struct ProjectionConsumer {
+    name: ProjectionName,
+    store: Arc<dyn ProjectionStore>,
+    remembered: Mutex<Remembered>,
+}
+
+/// What this process last applied per stream, so most dedupe questions need no round trip.
+/// It is only ever behind the store (other processes, or a rebuild, may have moved it), and
+/// anything it cannot answer for sure goes to the store.
+#[derive(Default)]
+struct Remembered {
+    live: Option<u32>,
+    versions: HashMap<String, u64>,
+}
+
+impl ProjectionConsumer {
+    /// A consumer for projection `name` writing to `store`.
+    pub fn new(name: ProjectionName, store: Arc<dyn ProjectionStore>) -> Self {
+        ProjectionConsumer {
+            name,
+            store,
+            remembered: Mutex::default(),
+        }
+    }
+
+    /// The durable consumer name for this projection.
+    pub fn consumer_name(&self) -> String {
+        format!("projection-{}", self.name)
+    }
+
+    fn remember(&self, live: Option<u32>, stream_id: &str, version: u64) {
+        let mut remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if remembered.live != live || remembered.versions.len() >= REMEMBERED_STREAMS_MAX {
+            remembered.versions.clear();
+            remembered.live = live;
+        }
+        if live.is_some() {
+            let done = remembered.versions.entry(stream_id.to_owned()).or_default();
+            *done = (*done).max(version);
+        }
+    }
+
+    fn remembered(&self, stream_id: &str) -> Option<u64> {
+        let remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        remembered.versions.get(stream_id).copied()
+    }
+}
+
+fn by_version(done_to: u64, version: u64) -> Seen {
+    if version <= done_to {
+        Seen::Done
+    } else if version == done_to + 1 {
+        Seen::New
+    } else {
+        Seen::Early { done_to }
+    }
+}
+
+#[async_trait]
+impl Handler for ProjectionConsumer {
+    async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
+        let Some(change) = Change::of(self.name, event)? else {
+            return Ok(());
+        };
+        let outcome = self.store.apply(self.name, &change).await?;
+        self.remember(outcome.live, &change.stream_id, change.version);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Dedupe for ProjectionConsumer {
+    async fn seen(&self, _consumer: &str, event: &Envelope) -> Result<Seen, DedupeError> {
+        if !self.name.reads(&event.stream_id) {
+            return Ok(Seen::New);
+        }
+        if let Some(done_to) = self.remembered(&event.stream_id) {
+            match by_version(done_to, event.stream_version) {
+                // Done stays done; New is safe, as the store applies atomically and skips
+                // what it holds.
+                seen @ (Seen::Done | Seen::New) => return Ok(seen),
+                Seen::Early { .. } => {}
+            }
+        }
+        let done_to = self
+            .store
+            .applied_version(&event.stream_id)
+            .await
+            .map_err(|e| DedupeError::new(e.to_string()))?;
+        Ok(by_version(done_to, event.stream_version))
+    }
+
+    async fn record(&self, _consumer: &str, event: &Envelope) -> Result<(), DedupeError> {
+        if !self.name.reads(&event.stream_id)
+            || self
+                .remembered(&event.stream_id)
+                .is_some_and(|done| done >= event.stream_version)
+        {
+            // Nothing to record, or the apply recorded it with its effects.
+            return Ok(());
+        }
+        // Dead-lettered: done with it, with no effect, so the stream goes on.
+        self.store
+            .skip(self.name, &event.stream_id, event.stream_version)
+            .await
+            .map_err(|e| DedupeError::new(e.to_string()))
+    }
+
+    fn needs_stream_order(&self) -> bool {
+        true
+    }
+}

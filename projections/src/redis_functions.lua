@@ -1,0 +1,371 @@
+#!lua name=groupbuy_rm
+
+-- The read models of groupbuy in Redis: every write and every query is one of these
+-- functions, so each is atomic: an event's data and the record that it was applied change
+-- together, and a query reads one version of a projection, never half of two.
+--
+-- Keys, for projection base B = <prefix>:rm:<name> and version root R = B:v<N>:
+--   B:live      the version queries read        B:writing  versions live events reach
+--   B:last      the last version number handed  B:versions versions that exist
+--   B:lease     the version a rebuild is filling, expiring unless renewed
+--   R:meta      {status, position, events}      R:sv       stream id -> last version applied
+--   R:c:<id>    a campaign (hash)               R:c, R:cs:<store>  campaign ids (zsets)
+--   R:o:<id>    an order (hash)                 R:pay:<id> a payment (hash)
+--   R:op:<order> the payment requested for an order
+--   R:o, R:os:<status>, R:u:<user>, R:us:<user>:<status>, R:co:<campaign>,
+--   R:cos:<campaign>:<status>   order ids (zsets, score 0: ULIDs sort by time)
+-- Numbers travel as strings, so large ones are never rounded through Lua's doubles.
+
+local function root(base, v)
+  return base .. ':v' .. v
+end
+
+-- Whether the non-negative integer a (a string) is greater than b, exactly: nanosecond
+-- timestamps do not fit Lua's doubles.
+local function greater(a, b)
+  if #a ~= #b then
+    return #a > #b
+  end
+  return a > b
+end
+
+local function bump_updated(key, at)
+  local updated = redis.call('HGET', key, 'updated')
+  if not updated or greater(at, updated) then
+    redis.call('HSET', key, 'updated', at)
+  end
+end
+
+local function order_sets(r, user, campaign, status)
+  return { r .. ':os:' .. status, r .. ':us:' .. user .. ':' .. status,
+           r .. ':cos:' .. campaign .. ':' .. status }
+end
+
+local function run_op(r, op)
+  local kind = op.op
+  if kind == 'campaign' then
+    local id = op.campaign_id
+    redis.call('HSET', r .. ':c:' .. id, 'store', op.store_id, 'sku', op.sku,
+      'title', op.title, 'price', op.price_cents, 'quota', op.quota,
+      'limit', op.per_user_limit, 'starts', op.starts_at, 'ends', op.ends_at,
+      'timeout', op.payment_timeout_seconds, 'total', op.quota, 'available', op.quota,
+      'reserved', '0', 'sold', '0')
+    redis.call('ZADD', r .. ':c', 0, id)
+    redis.call('ZADD', r .. ':cs:' .. op.store_id, 0, id)
+  elseif kind == 'stock' then
+    local key = r .. ':c:' .. op.campaign_id
+    if redis.call('EXISTS', key) == 1 then
+      for _, field in ipairs({ 'total', 'available', 'reserved', 'sold' }) do
+        if op[field] ~= '0' then
+          redis.call('HINCRBY', key, field, op[field])
+        end
+      end
+    end
+  elseif kind == 'close' then
+    local key = r .. ':c:' .. op.campaign_id
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HSET', key, 'closed', op.at)
+    end
+  elseif kind == 'order' then
+    local id = op.order_id
+    redis.call('HSET', r .. ':o:' .. id, 'user', op.user_id, 'campaign', op.campaign_id,
+      'quantity', op.quantity, 'amount', op.amount_cents, 'status', 'pending',
+      'reason', '', 'created', op.at, 'updated', op.at)
+    redis.call('ZADD', r .. ':o', 0, id)
+    redis.call('ZADD', r .. ':u:' .. op.user_id, 0, id)
+    redis.call('ZADD', r .. ':co:' .. op.campaign_id, 0, id)
+    for _, set in ipairs(order_sets(r, op.user_id, op.campaign_id, 'pending')) do
+      redis.call('ZADD', set, 0, id)
+    end
+  elseif kind == 'order_status' then
+    local id = op.order_id
+    local key = r .. ':o:' .. id
+    local found = redis.call('HMGET', key, 'status', 'user', 'campaign')
+    local old, user, campaign = found[1], found[2], found[3]
+    if old then
+      redis.call('HSET', key, 'status', op.status, 'reason', op.reason)
+      if op.payment_id then
+        redis.call('HSET', key, 'pay', op.payment_id)
+      end
+      bump_updated(key, op.at)
+      if old ~= op.status then
+        for _, set in ipairs(order_sets(r, user, campaign, old)) do
+          redis.call('ZREM', set, id)
+        end
+        for _, set in ipairs(order_sets(r, user, campaign, op.status)) do
+          redis.call('ZADD', set, 0, id)
+        end
+      end
+    end
+  elseif kind == 'payment' then
+    local key = r .. ':pay:' .. op.payment_id
+    if op.requested then
+      redis.call('HSET', key, 'amount', op.requested[2], 'status', op.status, 'updated', op.at)
+      redis.call('SET', r .. ':op:' .. op.requested[1], op.payment_id)
+    elseif redis.call('EXISTS', key) == 1 then
+      redis.call('HSET', key, 'status', op.status)
+      bump_updated(key, op.at)
+    end
+  else
+    error('unknown read-model op ' .. tostring(kind))
+  end
+end
+
+-- Applies one change to the version root r when its stream version is new there (and, with
+-- in_order, next). Returns whether it did.
+local function apply_change(r, stream, version, position, ops_json, in_order)
+  local done = tonumber(redis.call('HGET', r .. ':sv', stream) or '0')
+  local v = tonumber(version)
+  if v <= done or (in_order and v ~= done + 1) then
+    return false
+  end
+  for _, op in ipairs(cjson.decode(ops_json)) do
+    run_op(r, op)
+  end
+  redis.call('HSET', r .. ':sv', stream, version)
+  local meta = r .. ':meta'
+  local reached = redis.call('HGET', meta, 'position')
+  if not reached or greater(position, reached) then
+    redis.call('HSET', meta, 'position', position)
+  end
+  redis.call('HINCRBY', meta, 'events', 1)
+  return true
+end
+
+-- A live event: to the live version unless done there, to building versions when next.
+-- args: base, tick key, stream, version, position, ops. Returns {live version or '', applied}.
+redis.register_function('groupbuy_apply', function(_, args)
+  local base = args[1]
+  local live = redis.call('GET', base .. ':live')
+  local applied = 0
+  for _, v in ipairs(redis.call('SMEMBERS', base .. ':writing')) do
+    local is_live = (v == live)
+    if apply_change(root(base, v), args[3], args[4], args[5], args[6], not is_live) and is_live then
+      applied = 1
+    end
+  end
+  redis.call('INCR', args[2])
+  return { live or '', applied }
+end)
+
+-- A dead-lettered event: recorded as done in the live version, with no effect.
+-- args: base, stream, version.
+redis.register_function('groupbuy_skip', function(_, args)
+  local live = redis.call('GET', args[1] .. ':live')
+  if live then
+    local sv = root(args[1], live) .. ':sv'
+    local done = tonumber(redis.call('HGET', sv, args[2]) or '0')
+    if tonumber(args[3]) > done then
+      redis.call('HSET', sv, args[2], args[3])
+    end
+  end
+  return 1
+end)
+
+-- Starts a rebuild. args: base, lease ms. Returns {new version, abandoned versions...}.
+redis.register_function('groupbuy_begin', function(_, args)
+  local base = args[1]
+  if redis.call('EXISTS', base .. ':lease') == 1 then
+    return redis.error_reply('BUSY a rebuild holds the lease')
+  end
+  local live = redis.call('GET', base .. ':live')
+  local result = { 0 }
+  for _, v in ipairs(redis.call('SMEMBERS', base .. ':writing')) do
+    if v ~= live then
+      redis.call('SREM', base .. ':writing', v)
+      table.insert(result, v)
+    end
+  end
+  local v = tostring(redis.call('INCR', base .. ':last'))
+  result[1] = v
+  redis.call('SET', base .. ':lease', v, 'PX', args[2])
+  redis.call('SADD', base .. ':writing', v)
+  redis.call('SADD', base .. ':versions', v)
+  redis.call('HSET', root(base, v) .. ':meta', 'position', '0', 'events', '0')
+  return result
+end)
+
+-- Events read from the log, into the version being built. args: base, version, lease ms,
+-- then stream, version, position, ops for each event.
+redis.register_function('groupbuy_rebuild', function(_, args)
+  local base, v = args[1], args[2]
+  if redis.call('GET', base .. ':lease') ~= v then
+    return redis.error_reply('LEASE_LOST the rebuild lease lapsed')
+  end
+  redis.call('PEXPIRE', base .. ':lease', args[3])
+  local r = root(base, v)
+  for i = 4, #args, 4 do
+    apply_change(r, args[i], args[i + 1], args[i + 2], args[i + 3], false)
+  end
+  return 1
+end)
+
+-- Makes the built version live. args: base, version, tick key. Returns the replaced one or ''.
+redis.register_function('groupbuy_finish', function(_, args)
+  local base, v = args[1], args[2]
+  if redis.call('GET', base .. ':lease') ~= v then
+    return redis.error_reply('LEASE_LOST the rebuild lease lapsed')
+  end
+  local old = redis.call('GET', base .. ':live')
+  redis.call('SET', base .. ':live', v)
+  if old then
+    redis.call('SREM', base .. ':writing', old)
+  end
+  redis.call('DEL', base .. ':lease')
+  redis.call('INCR', args[3])
+  return old or ''
+end)
+
+-- Gives up a rebuild. args: base, version.
+redis.register_function('groupbuy_abandon', function(_, args)
+  local base, v = args[1], args[2]
+  if redis.call('GET', base .. ':lease') == v then
+    redis.call('DEL', base .. ':lease')
+  end
+  if redis.call('GET', base .. ':live') ~= v then
+    redis.call('SREM', base .. ':writing', v)
+  end
+  return 1
+end)
+
+-- Every version with its state. args: base. Returns {version, status, position, events}...
+redis.register_function{
+  function_name = 'groupbuy_versions',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local base = args[1]
+    local live = redis.call('GET', base .. ':live')
+    local lease = redis.call('GET', base .. ':lease')
+    local result = {}
+    for _, v in ipairs(redis.call('SMEMBERS', base .. ':versions')) do
+      local status = 'retired'
+      if v == live then
+        status = 'live'
+      elseif v == lease or redis.call('SISMEMBER', base .. ':writing', v) == 1 then
+        status = 'building'
+      end
+      local meta = redis.call('HMGET', root(base, v) .. ':meta', 'position', 'events')
+      table.insert(result, { v, status, meta[1] or '0', meta[2] or '0' })
+    end
+    return result
+  end,
+}
+
+local function live_root(base)
+  local live = redis.call('GET', base .. ':live')
+  if live then
+    return root(base, live)
+  end
+  return nil
+end
+
+-- args: base, stream ids. Returns the last version of each stream the live version applied.
+redis.register_function{
+  function_name = 'groupbuy_applied',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local r = live_root(args[1])
+    local result = {}
+    for i = 2, #args do
+      local done = false
+      if r then
+        done = redis.call('HGET', r .. ':sv', args[i])
+      end
+      result[i - 1] = tonumber(done or '0')
+    end
+    return result
+  end,
+}
+
+-- args: base, campaign id. Returns the campaign's fields, flat.
+redis.register_function{
+  function_name = 'groupbuy_campaign',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local r = live_root(args[1])
+    if not r then
+      return {}
+    end
+    return redis.call('HGETALL', r .. ':c:' .. args[2])
+  end,
+}
+
+-- args: base, index ('c' or 'cs:<store>'), most to return. Returns {id, fields}..., oldest
+-- first.
+redis.register_function{
+  function_name = 'groupbuy_campaigns',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local r = live_root(args[1])
+    if not r then
+      return {}
+    end
+    local result = {}
+    for _, id in ipairs(redis.call('ZRANGE', r .. ':' .. args[2], 0, tonumber(args[3]) - 1)) do
+      table.insert(result, { id, redis.call('HGETALL', r .. ':c:' .. id) })
+    end
+    return result
+  end,
+}
+
+local function order_of(r, id)
+  local fields = redis.call('HGETALL', r .. ':o:' .. id)
+  if #fields == 0 then
+    return nil
+  end
+  local pay = redis.call('HGET', r .. ':o:' .. id, 'pay') or redis.call('GET', r .. ':op:' .. id)
+  local payment = {}
+  if pay then
+    payment = redis.call('HGETALL', r .. ':pay:' .. pay)
+  end
+  return { id, fields, payment, pay or '' }
+end
+
+-- args: base, order id. Returns {id, order fields, payment fields, payment id}, or nil.
+redis.register_function{
+  function_name = 'groupbuy_order',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local r = live_root(args[1])
+    if not r then
+      return false
+    end
+    return order_of(r, args[2]) or false
+  end,
+}
+
+-- A page of orders, newest first. args: base, index (e.g. 'u:<user>'), the id to start
+-- after ('' for the newest), how many, and a campaign id the orders must be of ('' for any).
+-- Returns {orders, more}, each order as groupbuy_order returns it.
+redis.register_function{
+  function_name = 'groupbuy_orders',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local r = live_root(args[1])
+    if not r then
+      return { {}, 0 }
+    end
+    local index, limit, campaign = r .. ':' .. args[2], tonumber(args[4]), args[5]
+    local max = '+'
+    if args[3] ~= '' then
+      max = '(' .. args[3]
+    end
+    local items = {}
+    while true do
+      local ids = redis.call('ZREVRANGEBYLEX', index, max, '-', 'LIMIT', 0, limit + 1)
+      for _, id in ipairs(ids) do
+        local order = order_of(r, id)
+        if order and (campaign == '' or redis.call('HGET', r .. ':o:' .. id, 'campaign') == campaign) then
+          if #items == limit then
+            return { items, 1 }
+          end
+          table.insert(items, order)
+        end
+      end
+      if #ids <= limit then
+        return { items, 0 }
+      end
+      max = '(' .. ids[#ids]
+    end
+  end,
+}

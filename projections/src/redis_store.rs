@@ -1,0 +1,678 @@
+//! Read models in Redis, shared by every gateway instance.
+//!
+//! Every write and every query is one Redis function (`redis_functions.lua`, loaded on
+//! connect), so each runs atomically: an event's effects and the record that it was applied
+//! change together, and a query reads one version of a projection, never half of two. The
+//! key layout is described at the top of the Lua file.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ::redis::aio::ConnectionManager;
+use ::redis::{FromRedisValue, RedisError, ToRedisArgs};
+use async_trait::async_trait;
+use domain::campaign::{CampaignStatus, Stock};
+use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp};
+use tokio::sync::watch;
+
+use crate::memory::{order_view, OrderFields};
+use crate::ops::{snake, timestamp, unsnake, Change, Op, ProjectionName};
+use crate::read_model::{
+    CampaignView, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel, ReadModelError,
+    CAMPAIGNS_LIST_MAX, ORDERS_PAGE_MAX,
+};
+use crate::store::{ApplyOutcome, ProjectionStore, ProjectionVersion, RebuildError, VersionStatus};
+
+/// The function library, loaded (replacing any older one) on connect.
+const FUNCTIONS: &str = include_str!("redis_functions.lua");
+/// How often an instance looks for changes made by any instance, while someone waits.
+const CHANGE_POLL: Duration = Duration::from_millis(10);
+/// Most campaigns a listing looks at before filtering by status.
+const CAMPAIGNS_SCAN_MAX: usize = 10_000;
+/// Keys removed per command when a version is dropped.
+const DROP_BATCH: usize = 1_000;
+
+/// The read models in one Redis, under one key prefix.
+#[derive(Clone)]
+pub struct RedisProjections {
+    conn: ConnectionManager,
+    prefix: String,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+fn unavailable(error: RedisError) -> ReadModelError {
+    ReadModelError::Unavailable(format!("redis: {error}"))
+}
+
+fn corrupt(what: &str, id: &str) -> ReadModelError {
+    ReadModelError::Unavailable(format!("redis holds a {what} {id} that does not read back"))
+}
+
+/// Whether `prefix` is safe as a key prefix (and inside a SCAN pattern).
+pub fn valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl RedisProjections {
+    /// Connects, loads the functions and starts watching for changes.
+    pub async fn connect(url: &str, prefix: &str) -> Result<RedisProjections, ReadModelError> {
+        if !valid_prefix(prefix) {
+            return Err(ReadModelError::Unavailable(format!(
+                "the redis key prefix {prefix:?} may hold only letters, digits, '-', '_' and '.'"
+            )));
+        }
+        let client = ::redis::Client::open(url).map_err(unavailable)?;
+        let mut conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        load_functions(&mut conn).await.map_err(unavailable)?;
+        let store = RedisProjections {
+            conn,
+            prefix: prefix.to_owned(),
+            changes: Arc::new(watch::channel(0).0),
+        };
+        tokio::spawn(watch_changes(
+            store.conn.clone(),
+            store.tick_key(),
+            Arc::downgrade(&store.changes),
+        ));
+        Ok(store)
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The keys of projection `name` start with this.
+    pub fn base(&self, name: ProjectionName) -> String {
+        format!("{}:rm:{}", self.prefix, name)
+    }
+
+    /// The keys of version `version` of `name` start with this and a `:`.
+    pub fn root(&self, name: ProjectionName, version: u32) -> String {
+        format!("{}:v{version}", self.base(name))
+    }
+
+    fn tick_key(&self) -> String {
+        format!("{}:rm:tick", self.prefix)
+    }
+
+    async fn call<T: FromRedisValue>(
+        &self,
+        function: &str,
+        read_only: bool,
+        args: impl ToRedisArgs,
+    ) -> Result<T, RedisError> {
+        let mut cmd = ::redis::cmd(if read_only { "FCALL_RO" } else { "FCALL" });
+        cmd.arg(function).arg(0).arg(args);
+        self.query(&cmd).await
+    }
+
+    /// Runs `cmd`; when Redis lost the functions (it restarted: it keeps nothing on disk),
+    /// loads them again and runs it once more.
+    async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, RedisError> {
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(error) if error.to_string().contains("Function not found") => {
+                tracing::warn!("redis lost the read-model functions; loading them again");
+                load_functions(&mut conn).await?;
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
+    }
+}
+
+async fn load_functions(conn: &mut ConnectionManager) -> Result<(), RedisError> {
+    let _: String = ::redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(FUNCTIONS)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Moves `changes` whenever the tick key does, polling only while someone waits.
+async fn watch_changes(
+    mut conn: ConnectionManager,
+    key: String,
+    changes: Weak<watch::Sender<u64>>,
+) {
+    let mut last: Option<u64> = None;
+    loop {
+        tokio::time::sleep(CHANGE_POLL).await;
+        let Some(changes) = changes.upgrade() else {
+            return;
+        };
+        if changes.receiver_count() == 0 {
+            continue;
+        }
+        let tick: Result<Option<u64>, _> =
+            ::redis::cmd("GET").arg(&key).query_async(&mut conn).await;
+        if let Ok(tick) = tick {
+            let tick = tick.unwrap_or(0);
+            if last != Some(tick) {
+                last = Some(tick);
+                changes.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+    }
+}
+
+/// The ops as the Lua functions read them: every number a string, no nulls.
+fn ops_json(ops: &[Op]) -> String {
+    fn stringify(value: &mut serde_json::Value) {
+        use serde_json::Value;
+        match value {
+            Value::Number(n) => *value = Value::String(n.to_string()),
+            Value::Array(items) => items.iter_mut().for_each(stringify),
+            Value::Object(fields) => {
+                fields.retain(|_, v| !v.is_null());
+                fields.values_mut().for_each(stringify);
+            }
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(ops).expect("ops always serialise");
+    stringify(&mut value);
+    value.to_string()
+}
+
+fn pairs(flat: Vec<String>) -> HashMap<String, String> {
+    let mut fields = HashMap::with_capacity(flat.len() / 2);
+    let mut flat = flat.into_iter();
+    while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+        fields.insert(k, v);
+    }
+    fields
+}
+
+fn field<T: FromStr>(fields: &HashMap<String, String>, name: &str) -> Option<T> {
+    fields.get(name)?.parse().ok()
+}
+
+/// A stock bucket, clamped as the memory store clamps it: only a log that breaks the stock
+/// invariant (which the audit reports) takes one below zero.
+fn units(fields: &HashMap<String, String>, name: &str) -> Option<u32> {
+    let units: i64 = field(fields, name)?;
+    Some(u32::try_from(units.max(0)).unwrap_or(u32::MAX))
+}
+
+fn campaign_view(id: &str, flat: Vec<String>) -> Result<Option<CampaignView>, ReadModelError> {
+    if flat.is_empty() {
+        return Ok(None);
+    }
+    let f = pairs(flat);
+    let view = (|| {
+        Some(CampaignView {
+            campaign_id: id.parse().ok()?,
+            store_id: field(&f, "store")?,
+            sku: f.get("sku")?.clone(),
+            title: f.get("title")?.clone(),
+            price_cents: Cents::new(field(&f, "price")?),
+            quota: field(&f, "quota")?,
+            per_user_limit: field(&f, "limit")?,
+            starts_at: timestamp(field(&f, "starts")?),
+            ends_at: timestamp(field(&f, "ends")?),
+            payment_timeout_seconds: field(&f, "timeout")?,
+            closed_at: field(&f, "closed").map(timestamp),
+            stock: Stock {
+                total: units(&f, "total")?,
+                available: units(&f, "available")?,
+                reserved: units(&f, "reserved")?,
+                sold: units(&f, "sold")?,
+            },
+        })
+    })();
+    view.map(Some).ok_or_else(|| corrupt("campaign", id))
+}
+
+/// An order as `groupbuy_order` returns it: id, order fields, payment fields, payment id.
+type OrderReply = (String, Vec<String>, Vec<String>, String);
+
+fn order_of(reply: OrderReply) -> Result<OrderView, ReadModelError> {
+    let (id, order, payment, payment_id) = reply;
+    let o = pairs(order);
+    let p = pairs(payment);
+    let view = (|| {
+        let order_id: OrderId = id.parse().ok()?;
+        let fields = OrderFields {
+            user_id: field(&o, "user")?,
+            campaign_id: field(&o, "campaign")?,
+            quantity: field(&o, "quantity")?,
+            amount_cents: Cents::new(field(&o, "amount")?),
+            status: unsnake(o.get("status")?)?,
+            reason: o.get("reason").map_or("", String::as_str),
+            created_at: field(&o, "created")?,
+            updated_at: field(&o, "updated")?,
+        };
+        let payment = if payment_id.is_empty() {
+            None
+        } else {
+            let payment_id: PaymentId = payment_id.parse().ok()?;
+            Some(if p.is_empty() {
+                // Requested by the order, not yet recorded by the payment's own stream.
+                (
+                    PaymentView {
+                        payment_id,
+                        status: domain::payment::PaymentStatus::Pending,
+                        amount_cents: fields.amount_cents,
+                    },
+                    fields.updated_at,
+                )
+            } else {
+                (
+                    PaymentView {
+                        payment_id,
+                        status: unsnake(p.get("status")?)?,
+                        amount_cents: Cents::new(field(&p, "amount")?),
+                    },
+                    field(&p, "updated")?,
+                )
+            })
+        };
+        Some(order_view(order_id, &fields, payment))
+    })();
+    view.ok_or_else(|| corrupt("order", &id))
+}
+
+/// The index an order listing walks, and the campaign it must still filter by.
+fn order_index(filter: &OrderFilter) -> (String, Option<CampaignId>) {
+    let status = filter.status.map(|s| snake(&s));
+    match (filter.user_id, filter.campaign_id, status) {
+        (Some(u), c, Some(s)) => (format!("us:{u}:{s}"), c),
+        (Some(u), c, None) => (format!("u:{u}"), c),
+        (None, Some(c), Some(s)) => (format!("cos:{c}:{s}"), None),
+        (None, Some(c), None) => (format!("co:{c}"), None),
+        (None, None, Some(s)) => (format!("os:{s}"), None),
+        (None, None, None) => ("o".into(), None),
+    }
+}
+
+#[async_trait]
+impl ReadModel for RedisProjections {
+    async fn campaign(&self, id: CampaignId) -> Result<Option<CampaignView>, ReadModelError> {
+        let id = id.to_string();
+        let flat: Vec<String> = self
+            .call(
+                "groupbuy_campaign",
+                true,
+                (self.base(ProjectionName::Campaigns), &id),
+            )
+            .await
+            .map_err(unavailable)?;
+        campaign_view(&id, flat)
+    }
+
+    async fn campaigns(
+        &self,
+        store_id: Option<StoreId>,
+        status: Option<CampaignStatus>,
+        now: Timestamp,
+    ) -> Result<Vec<CampaignView>, ReadModelError> {
+        let index = store_id.map_or_else(|| "c".to_owned(), |s| format!("cs:{s}"));
+        let found: Vec<(String, Vec<String>)> = self
+            .call(
+                "groupbuy_campaigns",
+                true,
+                (
+                    self.base(ProjectionName::Campaigns),
+                    index,
+                    CAMPAIGNS_SCAN_MAX,
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut views = Vec::new();
+        for (id, flat) in found {
+            if let Some(view) = campaign_view(&id, flat)? {
+                if status.is_none_or(|s| view.status(now) == s) {
+                    views.push(view);
+                }
+            }
+            if views.len() == CAMPAIGNS_LIST_MAX {
+                break;
+            }
+        }
+        Ok(views)
+    }
+
+    async fn order(&self, id: OrderId) -> Result<Option<OrderView>, ReadModelError> {
+        let reply: Option<OrderReply> = self
+            .call(
+                "groupbuy_order",
+                true,
+                (self.base(ProjectionName::Orders), id.to_string()),
+            )
+            .await
+            .map_err(unavailable)?;
+        reply.map(order_of).transpose()
+    }
+
+    async fn orders(
+        &self,
+        filter: &OrderFilter,
+        after: Option<OrderId>,
+        limit: usize,
+    ) -> Result<OrderPage, ReadModelError> {
+        let limit = limit.clamp(1, ORDERS_PAGE_MAX);
+        let (index, campaign) = order_index(filter);
+        let (found, more): (Vec<OrderReply>, u8) = self
+            .call(
+                "groupbuy_orders",
+                true,
+                (
+                    self.base(ProjectionName::Orders),
+                    index,
+                    after.map(|a| a.to_string()).unwrap_or_default(),
+                    limit,
+                    campaign.map(|c| c.to_string()).unwrap_or_default(),
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        let items = found
+            .into_iter()
+            .map(order_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if more == 1 {
+            items.last().map(|o| o.order_id)
+        } else {
+            None
+        };
+        Ok(OrderPage { items, next })
+    }
+
+    async fn applied_version(&self, stream_id: &str) -> Result<u64, ReadModelError> {
+        let versions = self.applied_versions(&[stream_id.to_owned()]).await?;
+        Ok(versions.first().copied().unwrap_or(0))
+    }
+
+    async fn applied_versions(&self, stream_ids: &[String]) -> Result<Vec<u64>, ReadModelError> {
+        let mut versions = vec![0; stream_ids.len()];
+        for name in ProjectionName::ALL {
+            let (at, streams): (Vec<usize>, Vec<&String>) = stream_ids
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| name.reads(s))
+                .unzip();
+            if streams.is_empty() {
+                continue;
+            }
+            let found: Vec<u64> = self
+                .call("groupbuy_applied", true, (self.base(name), streams))
+                .await
+                .map_err(unavailable)?;
+            for (i, version) in at.into_iter().zip(found) {
+                versions[i] = version;
+            }
+        }
+        Ok(versions)
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), ReadModelError> {
+        let _: String = ::redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+fn rebuild_error(name: ProjectionName, version: u32, error: RedisError) -> RebuildError {
+    match error.code() {
+        Some("LEASE_LOST") => RebuildError::LeaseLost { name, version },
+        Some("BUSY") => RebuildError::Busy(name),
+        _ => RebuildError::Store(unavailable(error)),
+    }
+}
+
+fn millis(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait]
+impl ProjectionStore for RedisProjections {
+    async fn apply(
+        &self,
+        name: ProjectionName,
+        change: &Change,
+    ) -> Result<ApplyOutcome, ReadModelError> {
+        let (live, applied): (String, u8) = self
+            .call(
+                "groupbuy_apply",
+                false,
+                (
+                    self.base(name),
+                    self.tick_key(),
+                    &change.stream_id,
+                    change.version,
+                    change.position,
+                    ops_json(&change.ops),
+                ),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(ApplyOutcome {
+            live: live.parse().ok(),
+            applied: applied == 1,
+        })
+    }
+
+    async fn skip(
+        &self,
+        name: ProjectionName,
+        stream_id: &str,
+        version: u64,
+    ) -> Result<(), ReadModelError> {
+        let _: u8 = self
+            .call(
+                "groupbuy_skip",
+                false,
+                (self.base(name), stream_id, version),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn versions(&self) -> Result<Vec<ProjectionVersion>, ReadModelError> {
+        let mut versions = Vec::new();
+        for name in ProjectionName::ALL {
+            let found: Vec<(u32, String, u64, u64)> = self
+                .call("groupbuy_versions", true, self.base(name))
+                .await
+                .map_err(unavailable)?;
+            for (version, status, position, events) in found {
+                let status = match status.as_str() {
+                    "live" => VersionStatus::Live,
+                    "building" => VersionStatus::Building,
+                    _ => continue,
+                };
+                versions.push(ProjectionVersion {
+                    name,
+                    version,
+                    status,
+                    position,
+                    events,
+                });
+            }
+        }
+        versions.sort_by_key(|v| (v.name, v.version));
+        Ok(versions)
+    }
+
+    async fn begin_rebuild(
+        &self,
+        name: ProjectionName,
+        lease: Duration,
+    ) -> Result<u32, RebuildError> {
+        let started: Vec<u32> = self
+            .call("groupbuy_begin", false, (self.base(name), millis(lease)))
+            .await
+            .map_err(|e| rebuild_error(name, 0, e))?;
+        let (&version, abandoned) = started
+            .split_first()
+            .ok_or_else(|| RebuildError::Store(corrupt("rebuild start", name.as_str())))?;
+        for old in abandoned {
+            tracing::warn!(projection = %name, version = old, "removing a version whose rebuild was abandoned");
+            self.drop_version(name, *old).await?;
+        }
+        Ok(version)
+    }
+
+    async fn rebuild_apply(
+        &self,
+        name: ProjectionName,
+        version: u32,
+        changes: &[Change],
+        lease: Duration,
+    ) -> Result<(), RebuildError> {
+        let mut cmd = ::redis::cmd("FCALL");
+        cmd.arg("groupbuy_rebuild")
+            .arg(0)
+            .arg(self.base(name))
+            .arg(version)
+            .arg(millis(lease));
+        for change in changes {
+            cmd.arg(&change.stream_id)
+                .arg(change.version)
+                .arg(change.position)
+                .arg(ops_json(&change.ops));
+        }
+        let _: u8 = self
+            .query(&cmd)
+            .await
+            .map_err(|e| rebuild_error(name, version, e))?;
+        Ok(())
+    }
+
+    async fn finish_rebuild(
+        &self,
+        name: ProjectionName,
+        version: u32,
+    ) -> Result<Option<u32>, RebuildError> {
+        let replaced: String = self
+            .call(
+                "groupbuy_finish",
+                false,
+                (self.base(name), version, self.tick_key()),
+            )
+            .await
+            .map_err(|e| rebuild_error(name, version, e))?;
+        Ok(replaced.parse().ok())
+    }
+
+    async fn abandon_rebuild(
+        &self,
+        name: ProjectionName,
+        version: u32,
+    ) -> Result<(), ReadModelError> {
+        let _: u8 = self
+            .call("groupbuy_abandon", false, (self.base(name), version))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn drop_version(&self, name: ProjectionName, version: u32) -> Result<(), ReadModelError> {
+        let still_used = self
+            .versions()
+            .await?
+            .iter()
+            .any(|v| v.name == name && v.version == version);
+        if still_used {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}:*", self.root(name, version));
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(DROP_BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                let _: u64 = ::redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let _: u64 = ::redis::cmd("SREM")
+            .arg(format!("{}:versions", self.base(name)))
+            .arg(version)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_reach_lua_with_numbers_as_strings_and_without_nulls() {
+        let order_id: OrderId = "01JD0000000000000000000000".parse().unwrap();
+        let json = ops_json(&[Op::OrderStatus {
+            order_id,
+            status: domain::order::OrderStatus::Confirmed,
+            reason: String::new(),
+            payment_id: None,
+            at: 1_732_000_000_123_456_789,
+        }]);
+        let sent: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            sent,
+            serde_json::json!([{
+                "op": "order_status",
+                "order_id": "01JD0000000000000000000000",
+                "status": "confirmed",
+                "reason": "",
+                "at": "1732000000123456789",
+            }])
+        );
+    }
+
+    #[test]
+    fn a_listing_walks_the_narrowest_index() {
+        let user = "01JD0000000000000000000001".parse().unwrap();
+        let campaign = "01JD0000000000000000000002".parse().unwrap();
+        let filter = OrderFilter {
+            user_id: Some(user),
+            campaign_id: Some(campaign),
+            status: Some(domain::order::OrderStatus::Confirmed),
+        };
+        assert_eq!(
+            order_index(&filter),
+            (format!("us:{user}:confirmed"), Some(campaign))
+        );
+        let filter = OrderFilter {
+            campaign_id: Some(campaign),
+            ..Default::default()
+        };
+        assert_eq!(order_index(&filter), (format!("co:{campaign}"), None));
+        assert_eq!(order_index(&OrderFilter::default()), ("o".into(), None));
+    }
+}

@@ -1,0 +1,770 @@
+//! Read models: the store contract (memory and Redis), operator rebuilds, the audit.
+
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use commands::log::{NewEvent, StreamAppend};
+use commands::{AppendRequest, EventLog};
+use domain::campaign::CampaignEvent;
+use domain::order::OrderEvent;
+use domain::{CampaignId, OrderId, UserId};
+use harness::{expect_json, expect_problem, spawn_app_tuned, Backend, TestApp, OPERATOR_TOKEN};
+use projections::ops::{Change, Op};
+use projections::{ProjectionName, ProjectionStore, RebuildError, VersionStatus};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use ulid::Ulid;
+
+// --- the store contract, on memory and on Redis ---
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                let store = std::sync::Arc::new(projections::MemoryProjections::unbuilt());
+                super::$name(store).await;
+            }
+
+            #[tokio::test]
+            async fn redis() {
+                let redis = harness::TestRedis::new();
+                super::$name(std::sync::Arc::new(redis.connect().await)).await;
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    a_redelivered_event_changes_nothing,
+    a_rebuild_takes_live_events_in_order_and_switches_at_once,
+    a_rebuild_that_stops_renewing_its_lease_is_replaced,
+);
+
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Gives the store an empty live version of every projection.
+async fn live(store: &dyn ProjectionStore) {
+    for name in ProjectionName::ALL {
+        let version = store.begin_rebuild(name, LEASE).await.unwrap();
+        store.finish_rebuild(name, version).await.unwrap();
+    }
+}
+
+fn created(campaign_id: CampaignId, quota: u32) -> Change {
+    let now = chrono::Utc::now();
+    Change {
+        stream_id: format!("campaign-{campaign_id}"),
+        version: 1,
+        position: 1,
+        ops: vec![Op::Campaign {
+            campaign_id,
+            store_id: domain::StoreId::from_ulid(Ulid::new()),
+            sku: "LAGER".into(),
+            title: "Lager".into(),
+            price_cents: domain::Cents::new(500),
+            quota,
+            per_user_limit: 5,
+            starts_at: projections::ops::nanos(now),
+            ends_at: projections::ops::nanos(now + chrono::Duration::hours(1)),
+            payment_timeout_seconds: 60,
+        }],
+    }
+}
+
+fn reserved(campaign_id: CampaignId, version: u64, units: i64) -> Change {
+    Change {
+        stream_id: format!("campaign-{campaign_id}"),
+        version,
+        position: version,
+        ops: vec![Op::Stock {
+            campaign_id,
+            total: 0,
+            available: -units,
+            reserved: units,
+            sold: 0,
+        }],
+    }
+}
+
+async fn stock(store: &dyn ProjectionStore, id: CampaignId) -> domain::campaign::Stock {
+    store
+        .campaign(id)
+        .await
+        .unwrap()
+        .expect("the campaign")
+        .stock
+}
+
+async fn a_redelivered_event_changes_nothing(store: Arc<dyn ProjectionStore>) {
+    live(store.as_ref()).await;
+    let id = CampaignId::from_ulid(Ulid::new());
+    let name = ProjectionName::Campaigns;
+    assert!(store.apply(name, &created(id, 10)).await.unwrap().applied);
+    assert!(
+        store
+            .apply(name, &reserved(id, 2, 3))
+            .await
+            .unwrap()
+            .applied
+    );
+    let again = store.apply(name, &reserved(id, 2, 3)).await.unwrap();
+    assert!(!again.applied, "a redelivery is recognised");
+    let counted = stock(store.as_ref(), id).await;
+    assert_eq!(
+        (counted.available, counted.reserved),
+        (7, 3),
+        "counted once"
+    );
+    let stream = format!("campaign-{id}");
+    assert_eq!(store.applied_version(&stream).await.unwrap(), 2);
+    // A dead-lettered event is recorded with no effect, so the stream goes on.
+    store.skip(name, &stream, 3).await.unwrap();
+    assert_eq!(store.applied_version(&stream).await.unwrap(), 3);
+    assert_eq!(stock(store.as_ref(), id).await.available, 7);
+}
+
+async fn a_rebuild_takes_live_events_in_order_and_switches_at_once(
+    store: Arc<dyn ProjectionStore>,
+) {
+    live(store.as_ref()).await;
+    let name = ProjectionName::Campaigns;
+    let id = CampaignId::from_ulid(Ulid::new());
+    let log = [
+        created(id, 10),
+        reserved(id, 2, 1),
+        reserved(id, 3, 2),
+        reserved(id, 4, 3),
+    ];
+    store.apply(name, &log[0]).await.unwrap();
+    store.apply(name, &log[1]).await.unwrap();
+    let building = store.begin_rebuild(name, LEASE).await.unwrap();
+    assert!(
+        matches!(
+            store.begin_rebuild(name, LEASE).await,
+            Err(RebuildError::Busy(_))
+        ),
+        "one rebuild at a time"
+    );
+    // Live, while the rebuild has read nothing: the new version must skip it (its rebuild
+    // reads it from the log), or it would count version 3 before 1 and 2.
+    store.apply(name, &log[2]).await.unwrap();
+    store
+        .rebuild_apply(name, building, &log[..3], LEASE)
+        .await
+        .unwrap();
+    // Live, with the rebuild caught up: both versions take it.
+    store.apply(name, &log[3]).await.unwrap();
+    let before = store.campaign(id).await.unwrap();
+    assert_eq!(before.as_ref().unwrap().stock.reserved, 6);
+    let replaced = store.finish_rebuild(name, building).await.unwrap();
+    store.drop_version(name, replaced.unwrap()).await.unwrap();
+    assert_eq!(
+        store.campaign(id).await.unwrap(),
+        before,
+        "the new version is the same"
+    );
+    let versions: Vec<_> = store
+        .versions()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| v.name == name)
+        .collect();
+    assert_eq!(versions.len(), 1, "the old version is gone: {versions:?}");
+    assert_eq!(
+        (versions[0].version, versions[0].status, versions[0].events),
+        (building, VersionStatus::Live, 4)
+    );
+}
+
+async fn a_rebuild_that_stops_renewing_its_lease_is_replaced(store: Arc<dyn ProjectionStore>) {
+    live(store.as_ref()).await;
+    let name = ProjectionName::Orders;
+    let abandoned = store
+        .begin_rebuild(name, Duration::from_millis(50))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let next = store.begin_rebuild(name, LEASE).await.unwrap();
+    assert!(next > abandoned);
+    assert!(matches!(
+        store.rebuild_apply(name, abandoned, &[], LEASE).await,
+        Err(RebuildError::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        store.finish_rebuild(name, abandoned).await,
+        Err(RebuildError::LeaseLost { .. })
+    ));
+    let versions = store.versions().await.unwrap();
+    assert!(
+        !versions
+            .iter()
+            .any(|v| v.version == abandoned && v.name == name),
+        "the abandoned version was removed: {versions:?}"
+    );
+}
+
+// --- through the API ---
+
+on_both_backends!(
+    operators_see_and_rebuild_read_models,
+    the_audit_passes_on_a_consistent_log,
+);
+
+async fn campaign(app: &TestApp, quota: u32, limit: u32) -> Value {
+    app.create_campaign(quota, limit).await
+}
+
+async fn place(app: &TestApp, token: &str, campaign: &Value, quantity: u32) -> Value {
+    let body = json!({"campaign_id": campaign["campaign_id"], "quantity": quantity});
+    let key = Ulid::new().to_string();
+    expect_json(
+        app.post("/v1/orders", token, Some(&key), &body).await,
+        StatusCode::ACCEPTED,
+    )
+    .await
+}
+
+async fn pay(app: &TestApp, order: &Value, status: &str) {
+    let body = json!({
+        "payment_id": order["payment"]["payment_id"],
+        "status": status,
+        "provider_reference": format!("psp-{}", order["order_id"].as_str().unwrap()),
+    });
+    let t = chrono::Utc::now().timestamp();
+    let response = app.webhook(&body, t, harness::WEBHOOK_SECRET).await;
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+async fn projections_list(app: &TestApp) -> Vec<Value> {
+    let body = expect_json(
+        app.get("/v1/admin/projections", OPERATOR_TOKEN).await,
+        StatusCode::OK,
+    )
+    .await;
+    body["items"].as_array().unwrap().clone()
+}
+
+/// Polls the projection list until `done` holds; panics after 30 s.
+async fn wait_for_projections(app: &TestApp, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let items = projections_list(app).await;
+        if done(&items) {
+            return items;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "projections never got there: {items:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn only_live(items: &[Value], name: &str, version: u64) -> bool {
+    let of: Vec<_> = items.iter().filter(|i| i["name"] == name).collect();
+    of.len() == 1 && of[0]["version"] == version && of[0]["status"] == "live" && of[0]["lag"] == 0
+}
+
+async fn operators_see_and_rebuild_read_models(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let campaign = campaign(&app, 10, 3).await;
+    let order = place(&app, &ada, &campaign, 2).await;
+    let order_id = order["order_id"].as_str().unwrap();
+    let awaiting = app
+        .wait_for_status(&ada, order_id, "awaiting_payment")
+        .await;
+    let items = wait_for_projections(&app, |items| {
+        only_live(items, "campaigns", 1) && only_live(items, "orders", 1)
+    })
+    .await;
+    assert!(items.iter().all(|i| i["position"].as_u64().unwrap() > 0));
+
+    expect_problem(
+        app.get("/v1/admin/projections", &ada).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+    expect_problem(
+        app.post(
+            "/v1/admin/projections/stock/rebuild",
+            OPERATOR_TOKEN,
+            None,
+            &json!({}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        "projection_not_found",
+    )
+    .await;
+
+    let started = expect_json(
+        app.post(
+            "/v1/admin/projections/orders/rebuild",
+            OPERATOR_TOKEN,
+            None,
+            &json!({}),
+        )
+        .await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    assert_eq!(
+        started,
+        json!({"name": "orders", "version": 2, "status": "building"})
+    );
+    wait_for_projections(&app, |items| {
+        only_live(items, "orders", 2) && only_live(items, "campaigns", 1)
+    })
+    .await;
+    let path = format!("/v1/orders/{order_id}");
+    let after = expect_json(app.get(&path, &ada).await, StatusCode::OK).await;
+    assert_eq!(after, awaiting, "the rebuilt read model answers the same");
+    let mine = expect_json(app.get("/v1/orders", &ada).await, StatusCode::OK).await;
+    assert_eq!(mine["items"], json!([awaiting]));
+}
+
+async fn the_audit_passes_on_a_consistent_log(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let campaign = campaign(&app, 10, 5).await;
+    let paid = place(&app, &ada, &campaign, 1).await;
+    let failed = place(&app, &ada, &campaign, 1).await;
+    let cancelled = place(&app, &ada, &campaign, 1).await;
+    let id = |o: &Value| o["order_id"].as_str().unwrap().to_owned();
+    let paid = app
+        .wait_for_status(&ada, &id(&paid), "awaiting_payment")
+        .await;
+    let failed = app
+        .wait_for_status(&ada, &id(&failed), "awaiting_payment")
+        .await;
+    app.wait_for_status(&ada, &id(&cancelled), "awaiting_payment")
+        .await;
+    pay(&app, &paid, "succeeded").await;
+    pay(&app, &failed, "failed").await;
+    let cancel = format!("/v1/orders/{}/cancel", id(&cancelled));
+    let key = Ulid::new().to_string();
+    assert_eq!(
+        app.post(&cancel, &ada, Some(&key), &json!({}))
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    app.wait_for_status(&ada, &id(&paid), "confirmed").await;
+    app.wait_for_status(&ada, &id(&failed), "cancelled").await;
+    app.wait_for_status(&ada, &id(&cancelled), "cancelled")
+        .await;
+
+    let report = expect_json(
+        app.get("/v1/admin/audit", OPERATOR_TOKEN).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["violations"], json!([]));
+    assert!(report["events_read"].as_u64().unwrap() >= 20, "{report}");
+    assert!(report["streams_read"].as_u64().unwrap() >= 8, "{report}");
+    assert!(report["checked_at"].is_string());
+    expect_problem(
+        app.get("/v1/admin/audit", &ada).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
+}
+
+// --- on the real services ---
+
+/// Waits until every order is final and every read model has caught up with the log.
+async fn settle(app: &TestApp) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut open = 0;
+        for status in ["pending", "awaiting_payment"] {
+            let path = format!("/v1/orders?status={status}&limit=1");
+            let page = expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;
+            open += page["items"].as_array().unwrap().len();
+        }
+        let items = projections_list(app).await;
+        let caught_up = items.iter().all(|i| i["lag"] == 0 && i["status"] == "live");
+        if open == 0 && caught_up {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never settled: {open} orders open, {items:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushed_then_rebuilt_gives_identical_read_models() {
+    let app = spawn_app_tuned(Backend::Postgres, |_| {}).await;
+    let redis = app.redis.as_ref().unwrap();
+    let (_, ada) = app.create_user("Ada").await;
+    let (_, bob) = app.create_user("Bob").await;
+    let first = campaign(&app, 20, 4).await;
+    let second = campaign(&app, 6, 5).await;
+    let mut orders = Vec::new();
+    for (who, campaign, quantity) in [
+        (&ada, &first, 2),
+        (&bob, &first, 3),
+        (&ada, &second, 1),
+        (&bob, &second, 5),
+    ] {
+        orders.push(place(&app, who, campaign, quantity).await);
+    }
+    for (order, (who, outcome)) in orders.iter().zip([
+        (&ada, "succeeded"),
+        (&bob, "failed"),
+        (&ada, "succeeded"),
+        (&bob, "succeeded"),
+    ]) {
+        let id = order["order_id"].as_str().unwrap();
+        let order = app.wait_for_status(who, id, "awaiting_payment").await;
+        pay(&app, &order, outcome).await;
+    }
+    let rejected = place(&app, &ada, &second, 5).await;
+    app.wait_for_status(&ada, rejected["order_id"].as_str().unwrap(), "rejected")
+        .await;
+    settle(&app).await;
+    let campaigns = redis.dump(ProjectionName::Campaigns).await;
+    let orders_dump = redis.dump(ProjectionName::Orders).await;
+    assert!(
+        campaigns.len() >= 5 && orders_dump.len() >= 20,
+        "{orders_dump:?}"
+    );
+    let listing = expect_json(app.get("/v1/orders", OPERATOR_TOKEN).await, StatusCode::OK).await;
+
+    // Redis loses everything: its keys, and (as after a restart) its functions.
+    redis.flush().await;
+    let mut conn = redis.connection().await;
+    let _: () = ::redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg("groupbuy_rm")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ready = app.get("/readyz", OPERATOR_TOKEN).await;
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(
+        ready["projections"]["orders"]["status"], "missing",
+        "{ready}"
+    );
+
+    for name in ["campaigns", "orders"] {
+        let path = format!("/v1/admin/projections/{name}/rebuild");
+        let started = expect_json(
+            app.post(&path, OPERATOR_TOKEN, None, &json!({})).await,
+            StatusCode::ACCEPTED,
+        )
+        .await;
+        assert_eq!(started["status"], "building");
+    }
+    settle(&app).await;
+    assert_eq!(redis.dump(ProjectionName::Campaigns).await, campaigns);
+    assert_eq!(redis.dump(ProjectionName::Orders).await, orders_dump);
+    let again = expect_json(app.get("/v1/orders", OPERATOR_TOKEN).await, StatusCode::OK).await;
+    assert_eq!(again, listing);
+    assert_eq!(
+        app.get("/readyz", OPERATOR_TOKEN).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_under_order_load_answers_every_query_and_ends_equal_to_a_fresh_fold() {
+    let app = Arc::new(
+        spawn_app_tuned(Backend::Postgres, |settings| {
+            settings.payments = gateway::app::Payments::Simulated {
+                delay: Duration::from_millis(20),
+                failure_rate: 0.25,
+            };
+            // Small batches stretch the rebuild over the load.
+            settings.rebuild.batch = 10;
+        })
+        .await,
+    );
+    let campaign = Arc::new(campaign(&app, 10_000, 10_000).await);
+    let mut customers = Vec::new();
+    for i in 0..6 {
+        customers.push(app.create_user(&format!("customer {i}")).await.1);
+    }
+    // Some history for the rebuild to read.
+    for token in &customers {
+        for _ in 0..10 {
+            place(&app, token, &campaign, 1).await;
+        }
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let queries = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for token in customers.clone() {
+        let (app, campaign, stopped) = (app.clone(), campaign.clone(), stopped.clone());
+        load.push(tokio::spawn(async move {
+            while !*stopped.borrow() {
+                place(&app, &token, &campaign, 1).await;
+            }
+        }));
+    }
+    let querier = {
+        let (app, campaign, stopped, queries) = (
+            app.clone(),
+            campaign.clone(),
+            stopped.clone(),
+            queries.clone(),
+        );
+        let token = customers[0].clone();
+        tokio::spawn(async move {
+            let campaign_path = format!(
+                "/v1/campaigns/{}",
+                campaign["campaign_id"].as_str().unwrap()
+            );
+            while !*stopped.borrow() {
+                let mine = app.get("/v1/orders?limit=5", &token).await;
+                assert_eq!(
+                    mine.status(),
+                    StatusCode::OK,
+                    "a listing failed during the rebuild"
+                );
+                let mine: Value = mine.json().await.unwrap();
+                let items = mine["items"].as_array().unwrap();
+                assert!(
+                    !items.is_empty(),
+                    "the customer's orders vanished during the rebuild"
+                );
+                let one = format!("/v1/orders/{}", items[0]["order_id"].as_str().unwrap());
+                assert_eq!(
+                    app.get(&one, &token).await.status(),
+                    StatusCode::OK,
+                    "an order vanished"
+                );
+                let stock = app.get(&campaign_path, &token).await;
+                assert_eq!(stock.status(), StatusCode::OK, "the campaign vanished");
+                queries.fetch_add(3, AtomicOrdering::Relaxed);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for name in ["campaigns", "orders"] {
+        let path = format!("/v1/admin/projections/{name}/rebuild");
+        expect_json(
+            app.post(&path, OPERATOR_TOKEN, None, &json!({})).await,
+            StatusCode::ACCEPTED,
+        )
+        .await;
+    }
+    let building = projections_list(&app).await;
+    assert!(
+        building.iter().any(|i| i["status"] == "building"),
+        "the rebuild overlaps the load: {building:?}"
+    );
+    wait_for_projections(&app, |items| {
+        items.len() == 2
+            && items
+                .iter()
+                .all(|i| i["version"] == 2 && i["status"] == "live")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    for task in load {
+        task.await.unwrap();
+    }
+    querier
+        .await
+        .expect("every query during the rebuild answered");
+    assert!(queries.load(AtomicOrdering::Relaxed) > 30);
+
+    settle(&app).await;
+    let report = expect_json(
+        app.get("/v1/admin/audit", OPERATOR_TOKEN).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["views_in_flight"], 0, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_reports_each_kind_of_violation_planted_in_the_log() {
+    let app = spawn_app_tuned(Backend::Postgres, |_| {}).await;
+    let db = app.db.as_ref().unwrap();
+    let redis = app.redis.as_ref().unwrap();
+    let log: Arc<dyn EventLog> = db.log();
+    let (_, ada) = app.create_user("Ada").await;
+    let gap = campaign(&app, 10, 5).await;
+    let oversold = campaign(&app, 1, 10).await;
+    let over_limit = campaign(&app, 100, 2).await;
+    let tampered = campaign(&app, 10, 5).await;
+    let shop = campaign(&app, 10, 5).await;
+    let order = place(&app, &ada, &shop, 1).await;
+    let order_id = order["order_id"].as_str().unwrap().to_owned();
+    let order = app
+        .wait_for_status(&ada, &order_id, "awaiting_payment")
+        .await;
+    settle_projections(&app).await;
+
+    let id = |c: &Value| {
+        c["campaign_id"]
+            .as_str()
+            .unwrap()
+            .parse::<CampaignId>()
+            .unwrap()
+    };
+    let now = chrono::Utc::now();
+    let hold = |quantity| CampaignEvent::StockReserved {
+        order_id: OrderId::from_ulid(Ulid::new()),
+        user_id: UserId::from_ulid(Ulid::new()),
+        quantity,
+        at: now,
+    };
+    // Version 3 right after version 1: the log's own append refuses that, so straight in.
+    let replenished = schemas::encode(&CampaignEvent::StockReplenished {
+        quantity: 5,
+        at: now,
+    })
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata) \
+         VALUES ($1, $2, 3, $3, $4, $5, $6)",
+    )
+    .bind(uuid::Uuid::from(Ulid::new()))
+    .bind(format!("campaign-{}", id(&gap)))
+    .bind(&replenished.event_type)
+    .bind(replenished.schema_version as i32)
+    .bind(&replenished.data)
+    .bind(serde_json::to_value(schemas::Metadata::default()).unwrap())
+    .execute(db.log().pool())
+    .await
+    .unwrap();
+    // Five units held of one.
+    plant(&log, &format!("campaign-{}", id(&oversold)), 1, &hold(5)).await;
+    // Three units for one customer, whose limit is two.
+    plant(&log, &format!("campaign-{}", id(&over_limit)), 1, &hold(3)).await;
+    // Confirmed, never paid.
+    let payment_id = order["payment"]["payment_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let order_stream = format!("order-{order_id}");
+    let order_version = log.read_stream(&order_stream, 0, 100).await.unwrap().len() as u64;
+    plant(
+        &log,
+        &order_stream,
+        order_version,
+        &OrderEvent::OrderConfirmed {
+            payment_id,
+            at: now,
+        },
+    )
+    .await;
+    // A read model that no longer matches the log.
+    let store = redis.connect().await;
+    let live = store
+        .versions()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == ProjectionName::Campaigns && v.status == VersionStatus::Live)
+        .unwrap();
+    let key = format!(
+        "{}:c:{}",
+        store.root(ProjectionName::Campaigns, live.version),
+        id(&tampered)
+    );
+    let mut conn = redis.connection().await;
+    let _: () = ::redis::cmd("HSET")
+        .arg(&key)
+        .arg("title")
+        .arg("Tampered")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    app.wait_for_status(&ada, &order_id, "confirmed").await;
+
+    let report = expect_json(
+        app.get("/v1/admin/audit", OPERATOR_TOKEN).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(report["ok"], false);
+    let mut found: Vec<(String, String)> = report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap().to_owned(),
+                v["stream_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    found.sort();
+    let mut expected = vec![
+        ("order_inconsistent".to_owned(), order_stream.clone()),
+        (
+            "per_user_limit".to_owned(),
+            format!("campaign-{}", id(&over_limit)),
+        ),
+        (
+            "read_model_mismatch".to_owned(),
+            format!("campaign-{}", id(&tampered)),
+        ),
+        (
+            "stock_invariant".to_owned(),
+            format!("campaign-{}", id(&oversold)),
+        ),
+        ("version_gap".to_owned(), format!("campaign-{}", id(&gap))),
+    ];
+    expected.sort();
+    assert_eq!(found, expected, "{report}");
+
+    // The command line finds the same, and says so with its exit status.
+    let passed = gateway::cli::audit(gateway::cli::AuditArgs {
+        database_url: db.url.clone(),
+        redis_url: Some(redis.url.clone()),
+        redis_prefix: redis.prefix.clone(),
+        json: true,
+        settle_seconds: 120,
+    })
+    .await
+    .unwrap();
+    assert!(!passed);
+}
+
+/// Waits until the read models hold everything in the log.
+async fn settle_projections(app: &TestApp) {
+    wait_for_projections(app, |items| {
+        items.iter().all(|i| i["lag"] == 0 && i["status"] == "live")
+    })
+    .await;
+}
+
+/// Appends `event` to `stream_id` as if the stream were at `after`, bypassing every rule.
+async fn plant<E: serde::Serialize>(
+    log: &Arc<dyn EventLog>,
+    stream_id: &str,
+    after: u64,
+    event: &E,
+) {
+    log.append(AppendRequest {
+        streams: vec![StreamAppend {
+            stream_id: stream_id.to_owned(),
+            expected_version: after,
+            events: vec![NewEvent {
+                event_id: Ulid::new(),
+                event: schemas::encode(event).unwrap(),
+                metadata: Default::default(),
+            }],
+        }],
+        idempotency: None,
+    })
+    .await
+    .unwrap();
+}
