@@ -340,9 +340,18 @@ impl Application {
             Arc::new(RecentEventIds::new(100_000)),
             order_saga.clone(),
         );
+        crate::metrics::handle();
         let store = open_read_models(&settings.read_models).await?;
         build_missing(&log, &store, &settings.rebuild).await?;
         let projectors = projectors(&bus, &store, &settings.read_models, &settings.mirror);
+        let consumers = std::iter::once(("order-saga".to_owned(), saga.stats()))
+            .chain(
+                ProjectionName::ALL
+                    .into_iter()
+                    .zip(&projectors)
+                    .map(|(name, p)| (format!("projection-{name}"), p.stats())),
+            )
+            .collect();
         let state = AppState::new(Shared {
             handler,
             read_model: store.clone(),
@@ -350,6 +359,11 @@ impl Application {
             rebuild: settings.rebuild.clone(),
             audits: Arc::new(tokio::sync::Semaphore::new(1)),
             auth: Auth::new(&settings.operator_token, settings.token_secret.clone()),
+            customer_rate: crate::rate_limit::Limiter::new(crate::rate_limit::RateLimits {
+                global: None,
+                ..settings.limits.rate_limits
+            }),
+            consumers,
             recent_writes: Default::default(),
             read_your_writes_timeout: settings.read_your_writes_timeout,
             webhook_secret: settings.webhook_secret.clone(),
@@ -460,6 +474,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/v1/admin/audit", get(admin::audit))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(crate::metrics::metrics))
         .fallback(|| async {
             ApiError::NotFound {
                 code: "route_not_found",
@@ -468,6 +483,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn(crate::metrics::track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

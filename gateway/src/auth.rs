@@ -159,6 +159,10 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty() && t.len() <= 512)
             .ok_or(ApiError::Unauthorized)?;
-        state.auth.authenticate(token, state).await
+        let caller = state.auth.authenticate(token, state).await?;
+        if let Caller::Customer(user) = caller {
+            state.customer_rate.check_customer(user)?;
+        }
+        Ok(caller)
     }
 }

@@ -11,6 +11,7 @@ use commands::bus::jetstream::JetStreamSettings;
 
 use crate::app::{Application, Mirror, Payments, ReadModels, Settings, StartupError, Storage};
 use crate::overload::Limits;
+use crate::rate_limit::{Bucket, RateLimits};
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
 #[derive(Debug, Parser)]
@@ -153,6 +154,31 @@ pub struct ServeArgs {
     /// Longest an API request may take, in milliseconds, before it is answered 503.
     #[arg(long, env = "GROUPBUY_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
     pub request_timeout_ms: u64,
+    /// Requests a second one customer may send, sustained; more are answered 429. 0: no limit.
+    #[arg(
+        long,
+        env = "GROUPBUY_RATE_LIMIT_CUSTOMER_PER_SECOND",
+        default_value_t = 20
+    )]
+    pub rate_limit_customer_per_second: u32,
+    /// Requests one customer may send at once after a quiet spell.
+    #[arg(long, env = "GROUPBUY_RATE_LIMIT_CUSTOMER_BURST", default_value_t = 40)]
+    pub rate_limit_customer_burst: u32,
+    /// Requests a second this instance takes from everyone together; more are answered 429.
+    /// 0: no limit.
+    #[arg(
+        long,
+        env = "GROUPBUY_RATE_LIMIT_GLOBAL_PER_SECOND",
+        default_value_t = 5_000
+    )]
+    pub rate_limit_global_per_second: u32,
+    /// Requests this instance takes at once after a quiet spell.
+    #[arg(
+        long,
+        env = "GROUPBUY_RATE_LIMIT_GLOBAL_BURST",
+        default_value_t = 10_000
+    )]
+    pub rate_limit_global_burst: u32,
 }
 
 /// The payment providers `serve` can use.
@@ -232,6 +258,16 @@ impl ServeArgs {
             limits: Limits {
                 in_flight_requests_max: self.in_flight_requests_max,
                 request_timeout: Duration::from_millis(self.request_timeout_ms),
+                rate_limits: RateLimits {
+                    per_customer: Some(Bucket {
+                        per_second: self.rate_limit_customer_per_second,
+                        burst: self.rate_limit_customer_burst,
+                    }),
+                    global: Some(Bucket {
+                        per_second: self.rate_limit_global_per_second,
+                        burst: self.rate_limit_global_burst,
+                    }),
+                },
             },
         }
     }

@@ -62,6 +62,14 @@ pub enum ApiError {
         /// Why.
         detail: String,
     },
+    /// 429: the caller (or everyone together) sent more than the rate limits allow.
+    #[error("{detail}")]
+    TooManyRequests {
+        /// Why.
+        detail: String,
+        /// Seconds after which a retry may succeed.
+        retry_after_s: u32,
+    },
     /// 503: a dependency is down or a stream is too busy; retry later.
     #[error("{detail}")]
     Unavailable {
@@ -98,6 +106,7 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -116,6 +125,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::TooManyRequests { .. } => "rate_limited",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -142,7 +152,9 @@ impl ApiError {
             code: self.code(),
         };
         let mut reply = Reply::json_with_type(status, &problem, "application/problem+json");
-        if let ApiError::Unavailable { retry_after_s, .. } = self {
+        if let ApiError::Unavailable { retry_after_s, .. }
+        | ApiError::TooManyRequests { retry_after_s, .. } = self
+        {
             reply
                 .headers
                 .push((header::RETRY_AFTER, HeaderValue::from(*retry_after_s)));

@@ -1,11 +1,13 @@
 //! The groupbuy HTTP gateway, and the roles the `groupbuy` binary composes.
 //!
-//! - [`app::Application`] builds storage, the read model and its projector, and serves
-//!   [`app::router`] until told to stop.
+//! - [`app::Application`] builds storage, the mirror, the read models and their consumers,
+//!   the saga, and serves [`app::router`] until told to stop.
 //! - [`routes`] implements API.md, one module per resource; [`error::ApiError`] is every
 //!   failure as problem+json; [`auth::Caller`] is who is calling; [`idempotency`] gives every
 //!   POST its Idempotency-Key semantics.
-//! - [`cli`] is the command line: `serve`, `migrate`.
+//! - [`overload`] and [`rate_limit`] answer 429 and 503 instead of letting latency grow;
+//!   [`metrics`] serves `/metrics`.
+//! - [`cli`] is the command line: `serve`, `migrate`, `projections`, `audit`.
 
 pub mod app;
 pub mod auth;
@@ -14,7 +16,9 @@ pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod ids;
+pub mod metrics;
 pub mod overload;
+pub mod rate_limit;
 pub mod reply;
 pub mod routes;
 pub mod state;

@@ -1,5 +1,7 @@
-//! Load shedding and request timeouts for the API routes.
+//! Rate limits, load shedding and request timeouts for the API routes.
 //!
+//! A request over the instance's rate limit is answered 429 with `Retry-After` first (see
+//! [`crate::rate_limit`]; the per-customer limit is checked with the caller's token).
 //! When more requests are in flight than the instance is sized for, new ones are answered at
 //! once with 503 and `Retry-After` instead of queueing behind the others: in a flash sale,
 //! latency that grows without bound helps nobody. Every request also has a deadline. The health
@@ -14,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
+use crate::rate_limit::{Limiter, RateLimits};
 
 /// How much one instance takes on at once.
 #[derive(Clone, Copy, Debug)]
@@ -22,6 +25,8 @@ pub struct Limits {
     pub in_flight_requests_max: usize,
     /// Longest a request may take before it is answered with 503.
     pub request_timeout: Duration,
+    /// Requests a second, per customer and for everyone together.
+    pub rate_limits: RateLimits,
 }
 
 impl Default for Limits {
@@ -29,6 +34,7 @@ impl Default for Limits {
         Limits {
             in_flight_requests_max: 1_024,
             request_timeout: Duration::from_secs(30),
+            rate_limits: RateLimits::default(),
         }
     }
 }
@@ -37,6 +43,7 @@ impl Default for Limits {
 #[derive(Clone)]
 pub struct Overload {
     permits: Arc<Semaphore>,
+    rate: Arc<Limiter>,
     limits: Limits,
 }
 
@@ -45,6 +52,10 @@ impl Overload {
     pub fn new(limits: Limits) -> Overload {
         Overload {
             permits: Arc::new(Semaphore::new(limits.in_flight_requests_max)),
+            rate: Arc::new(Limiter::new(RateLimits {
+                per_customer: None,
+                ..limits.rate_limits
+            })),
             limits,
         }
     }
@@ -54,8 +65,12 @@ impl Overload {
 /// command cut off by the timeout may still commit; a retry with the same Idempotency-Key
 /// then replays it instead of applying it twice.
 pub async fn guard(State(overload): State<Overload>, request: Request, next: Next) -> Response {
+    if let Err(limited) = overload.rate.check_global() {
+        return limited.into_response();
+    }
     let Ok(_permit) = overload.permits.clone().try_acquire_owned() else {
         tracing::warn!("request shed: too many in flight");
+        metrics::counter!("groupbuy_shed_total", "reason" => "overloaded").increment(1);
         return ApiError::Unavailable {
             code: "overloaded",
             detail: "too many requests in flight, retry shortly".into(),
@@ -70,6 +85,7 @@ pub async fn guard(State(overload): State<Overload>, request: Request, next: Nex
                 timeout_ms = overload.limits.request_timeout.as_millis() as u64,
                 "request timed out"
             );
+            metrics::counter!("groupbuy_shed_total", "reason" => "timeout").increment(1);
             ApiError::Unavailable {
                 code: "request_timeout",
                 detail: format!(
@@ -139,6 +155,7 @@ mod tests {
         let limits = Limits {
             in_flight_requests_max: 1,
             request_timeout: Duration::from_secs(5),
+            ..Limits::default()
         };
         let app = slow_app(limits);
         let first = tokio::spawn(call(app.clone(), "/slow"));

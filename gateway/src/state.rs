@@ -36,6 +36,10 @@ pub struct Shared {
     pub audits: Arc<Semaphore>,
     /// Checks and issues tokens.
     pub auth: Auth,
+    /// Each customer's rate limit.
+    pub customer_rate: crate::rate_limit::Limiter,
+    /// The counters of this instance's consumers, for `/metrics`.
+    pub consumers: crate::metrics::Consumers,
     /// Writes made through this instance that the read model may not show yet; queries wait
     /// for them, so callers read what was just written.
     pub recent_writes: RecentWrites,

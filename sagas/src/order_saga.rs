@@ -184,6 +184,8 @@ impl OrderSaga {
         };
         let payment_id = payment_id_of(order_id);
         let campaign_id = order.campaign_id;
+        let started = std::time::Instant::now();
+        let outcome = Outcome::of(&action);
         self.record(order_id, step, now, cause).await?;
         let done = match action {
             Action::ReserveStock => {
@@ -207,12 +209,16 @@ impl OrderSaga {
                                 ..run
                             };
                             self.record(order_id, rejecting.step, now, cause).await?;
-                            rejecting
+                            let rejected = rejecting
                                 .on::<OrderAggregate>(
                                     order_id,
                                     OrderCommand::Reject { reason, now },
                                 )
-                                .await
+                                .await;
+                            if rejected.is_ok() {
+                                Outcome::Rejected(reason).count(campaign_id);
+                            }
+                            rejected
                         }
                         None => Err(CommandError::Domain(refusal)),
                     },
@@ -285,8 +291,14 @@ impl OrderSaga {
                     .await
             }
         };
+        metrics::histogram!("groupbuy_saga_step_duration_seconds", "step" => step.name())
+            .record(started.elapsed().as_secs_f64());
         match done {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(outcome) = outcome {
+                    outcome.count(campaign_id);
+                }
+            }
             // The state moved on between planning and acting (a customer's cancel, a payment's
             // answer): plan again from the new state.
             Err(CommandError::Domain(error)) => {
@@ -392,5 +404,59 @@ impl Handler for OrderSaga {
         };
         self.advance(order_id, &cause).await?;
         Ok(())
+    }
+}
+
+/// Where a step leaves an order, for the business counters of `/metrics`.
+enum Outcome {
+    Confirmed,
+    Rejected(RejectReason),
+    Cancelled(domain::order::CancelReason),
+}
+
+impl Outcome {
+    fn of(action: &Action) -> Option<Outcome> {
+        match action {
+            Action::ConfirmOrder(_) => Some(Outcome::Confirmed),
+            Action::RejectOrder(reason) => Some(Outcome::Rejected(*reason)),
+            Action::CancelOrder(reason) => Some(Outcome::Cancelled(*reason)),
+            _ => None,
+        }
+    }
+
+    /// Counted by the instance that took the step; a step taken again after a crash counts
+    /// again.
+    fn count(&self, campaign_id: domain::CampaignId) {
+        let campaign_id = campaign_id.to_string();
+        match self {
+            Outcome::Confirmed => {
+                metrics::counter!("groupbuy_orders_confirmed_total", "campaign_id" => campaign_id)
+                    .increment(1);
+            }
+            Outcome::Rejected(reason) => {
+                metrics::counter!(
+                    "groupbuy_orders_rejected_total",
+                    "campaign_id" => campaign_id,
+                    "reason" => snake(reason)
+                )
+                .increment(1);
+            }
+            Outcome::Cancelled(reason) => {
+                metrics::counter!(
+                    "groupbuy_orders_cancelled_total",
+                    "campaign_id" => campaign_id,
+                    "reason" => snake(reason)
+                )
+                .increment(1);
+            }
+        }
+    }
+}
+
+/// The snake_case name serde gives a unit variant.
+fn snake<T: serde::Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => "unknown".into(),
     }
 }

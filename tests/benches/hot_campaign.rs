@@ -44,7 +44,11 @@ async fn run(clients: usize, seconds: u64) -> Run {
     let app = Arc::new(
         spawn_app_configured(
             Backend::Postgres,
-            Default::default(),
+            // The engine is measured here, not the rate limits.
+            gateway::overload::Limits {
+                rate_limits: gateway::rate_limit::RateLimits::NONE,
+                ..Default::default()
+            },
             Payments::Simulated {
                 delay: Duration::ZERO,
                 failure_rate: 0.0,

@@ -122,3 +122,122 @@ async fn a_full_instance_sheds_api_requests_with_503_and_retry_after_but_answers
         .await;
     assert_eq!(live.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_customer_over_their_rate_is_answered_429_with_retry_after_and_others_are_not() {
+    use gateway::rate_limit::{Bucket, RateLimits};
+    let app = harness::spawn_app_tuned(harness::Backend::Embedded, |settings| {
+        settings.limits.rate_limits = RateLimits {
+            per_customer: Some(Bucket {
+                per_second: 1,
+                burst: 3,
+            }),
+            global: None,
+        };
+    })
+    .await;
+    let (_, ada) = app.create_user("Ada").await;
+    let (_, bob) = app.create_user("Bob").await;
+    for _ in 0..3 {
+        assert_eq!(app.get("/v1/orders", &ada).await.status(), StatusCode::OK);
+    }
+    let limited = app.get("/v1/orders", &ada).await;
+    assert_eq!(limited.headers()["retry-after"], "1");
+    expect_problem(limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    assert_eq!(app.get("/v1/orders", &bob).await.status(), StatusCode::OK);
+    for _ in 0..5 {
+        let operator = app.get("/v1/orders", OPERATOR_TOKEN).await;
+        assert_eq!(
+            operator.status(),
+            StatusCode::OK,
+            "the operator has no customer bucket"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    assert_eq!(
+        app.get("/v1/orders", &ada).await.status(),
+        StatusCode::OK,
+        "the bucket refills"
+    );
+}
+
+#[tokio::test]
+async fn past_the_instance_rate_everyone_is_answered_429_but_probes_are_not() {
+    use gateway::rate_limit::{Bucket, RateLimits};
+    let app = harness::spawn_app_tuned(harness::Backend::Embedded, |settings| {
+        settings.limits.rate_limits = RateLimits {
+            per_customer: None,
+            global: Some(Bucket {
+                per_second: 1,
+                burst: 2,
+            }),
+        };
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(
+            app.get("/v1/campaigns", OPERATOR_TOKEN).await.status(),
+            StatusCode::OK
+        );
+    }
+    let limited = app.get("/v1/campaigns", OPERATOR_TOKEN).await;
+    assert!(limited.headers().contains_key("retry-after"));
+    expect_problem(limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited").await;
+    let live = app
+        .send(reqwest::Method::GET, "/healthz", None, None, None)
+        .await;
+    assert_eq!(live.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_are_served_as_prometheus_text_with_business_labels() {
+    use gateway::rate_limit::{Bucket, RateLimits};
+    let app = harness::spawn_app_tuned(harness::Backend::Embedded, |settings| {
+        settings.limits.rate_limits = RateLimits {
+            per_customer: Some(Bucket {
+                per_second: 1,
+                burst: 3,
+            }),
+            global: None,
+        };
+    })
+    .await;
+    let (_, ada) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 5).await;
+    let campaign_id = campaign["campaign_id"].as_str().unwrap();
+    let key = ulid::Ulid::new().to_string();
+    let body = json!({"campaign_id": campaign_id, "quantity": 1});
+    let order = app.post("/v1/orders", &ada, Some(&key), &body).await;
+    assert_eq!(order.status(), StatusCode::ACCEPTED);
+    let order: serde_json::Value = order.json().await.unwrap();
+    app.wait_for_status(
+        &ada,
+        order["order_id"].as_str().unwrap(),
+        "awaiting_payment",
+    )
+    .await;
+    // Spend the rest of Ada's burst, and one more.
+    while app.get("/v1/orders", &ada).await.status() != StatusCode::TOO_MANY_REQUESTS {}
+
+    let response = app
+        .send(reqwest::Method::GET, "/metrics", None, None, None)
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    for expected in [
+        r#"groupbuy_http_requests_total{route="/v1/orders",method="POST",status="202"}"#.to_owned(),
+        r#"groupbuy_http_request_duration_seconds_bucket{route="/v1/orders/{id}",method="GET",status="200",le="#.to_owned(),
+        format!(r#"groupbuy_orders_placed_total{{campaign_id="{campaign_id}"}}"#),
+        r#"groupbuy_saga_step_duration_seconds_bucket{step="reserve_stock",le="#.to_owned(),
+        r#"groupbuy_subscription_events_total{consumer="order-saga",outcome="handled"}"#.to_owned(),
+        r#"groupbuy_projection_lag_events{projection="orders"}"#.to_owned(),
+        r#"groupbuy_relay_leader"#.to_owned(),
+        r#"groupbuy_rate_limited_total{scope="customer"}"#.to_owned(),
+    ] {
+        assert!(text.contains(&expected), "no {expected} in:\n{text}");
+    }
+}

@@ -486,6 +486,8 @@ async fn a_rebuild_under_order_load_answers_every_query_and_ends_equal_to_a_fres
             };
             // Small batches stretch the rebuild over the load.
             settings.rebuild.batch = 10;
+            // Customers order back to back, far over any sensible rate.
+            settings.limits.rate_limits = gateway::rate_limit::RateLimits::NONE;
         })
         .await,
     );

@@ -110,6 +110,10 @@ pub async fn place(
             let executed = state
                 .execute::<OrderAggregate>(&stream, &command, meta, claim.as_ref(), &render)
                 .await?;
+            if executed.appended.is_some() {
+                metrics::counter!("groupbuy_orders_placed_total", "campaign_id" => campaign_id.to_string())
+                    .increment(1);
+            }
             let reply = match decided(state, order_id, wait).await {
                 Some(view) => {
                     let location =
@@ -322,6 +326,14 @@ pub async fn cancel(
             let executed = state
                 .execute::<OrderAggregate>(&stream, &command, meta, claim.as_ref(), &render)
                 .await?;
+            if let (Some(_), Some(order)) = (&executed.appended, &executed.state) {
+                metrics::counter!(
+                    "groupbuy_orders_cancelled_total",
+                    "campaign_id" => order.campaign_id.to_string(),
+                    "reason" => "customer"
+                )
+                .increment(1);
+            }
             Ok(Done {
                 reply: render(&executed.state),
                 recorded: claim.is_some() && executed.appended.is_some(),
