@@ -511,6 +511,42 @@ async fn a_reader_moves_on_once_an_open_transaction_rolls_back() {
 }
 
 #[tokio::test]
+async fn the_global_log_orders_transactions_by_number_not_by_their_digits() {
+    // Transaction ids 9, 10, 99 and 100 sort 10, 100, 9, 99 as text. Ordered so, the log
+    // reads out of order, and a reader paging by cursor skips events.
+    let db = TestDb::new().await;
+    let log = db.log();
+    let s = stream();
+    for (version, xid) in [(1, 9), (2, 10), (3, 99), (4, 100)] {
+        let e = event(version);
+        sqlx::query(
+            "INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, \
+             data, metadata, transaction_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::bigint::text::xid8)",
+        )
+        .bind(uuid::Uuid::from(e.event_id))
+        .bind(&s)
+        .bind(version)
+        .bind(&e.event.event_type)
+        .bind(e.event.schema_version as i32)
+        .bind(&e.event.data)
+        .bind(serde_json::to_value(&e.metadata).unwrap())
+        .bind(xid)
+        .execute(log.pool())
+        .await
+        .unwrap();
+    }
+    let mut cursor = LogCursor::default();
+    let mut read = Vec::new();
+    for _ in 0..10 {
+        let page = log.read_all(cursor, 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        cursor = last.cursor;
+        read.push((last.cursor.transaction_id, last.envelope.stream_version));
+    }
+    assert_eq!(read, [(9, 1), (10, 2), (99, 3), (100, 4)]);
+}
+
+#[tokio::test]
 async fn a_stored_event_that_breaks_its_schema_is_refused_on_read() {
     let db = TestDb::new().await;
     let log = db.log();

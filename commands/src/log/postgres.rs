@@ -225,8 +225,11 @@ impl EventLog for PgEventLog {
         let sql = format!(
             "{SELECT_EVENT} WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
              AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY transaction_id, global_position LIMIT $3"
+             ORDER BY events.transaction_id, events.global_position LIMIT $3"
         );
+        // Qualified on purpose: a bare `transaction_id` here would name the text column of the
+        // select list, sorting xids as strings ("100" before "99"), which both reorders the
+        // log and defeats the index (every read sorted the whole rest of the table).
         let rows = sqlx::query(&sql)
             .bind(after.transaction_id as i64)
             .bind(after.global_position as i64)
