@@ -170,7 +170,7 @@ pub enum StartupError {
     Bus(#[from] BusError),
     /// The configuration cannot work.
     #[error("configuration: {0}")]
-    Config(&'static str),
+    Config(String),
     /// The read models could not be reached.
     #[error("read models: {0}")]
     ReadModels(#[from] ReadModelError),

@@ -14,16 +14,37 @@ use crate::overload::Limits;
 use crate::rate_limit::{Bucket, RateLimits};
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
-#[derive(Debug, Parser)]
+#[derive(Parser)]
 #[command(name = "groupbuy", version)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// A file of `NAME=value` settings, named like the environment variables; the
+    /// environment and flags override it.
+    #[arg(long, global = true, env = "GROUPBUY_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// How logs are written: `text` for people, `json` for log collectors.
+    #[arg(
+        long,
+        global = true,
+        env = "GROUPBUY_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// The subcommands.
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 pub enum Command {
     /// Runs the HTTP gateway and the background roles.
     Serve(Box<ServeArgs>),
@@ -38,7 +59,7 @@ pub enum Command {
 }
 
 /// `groupbuy projections ...`.
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 pub enum ProjectionsCommand {
     /// Builds a new version of a read model (`campaigns` or `orders`) from the log, switches
     /// queries to it once it has caught up, and removes the old one; serving instances keep
@@ -49,7 +70,7 @@ pub enum ProjectionsCommand {
 }
 
 /// Where the log and the read models are.
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct StoresArgs {
     /// PostgreSQL URL of the event log.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -63,7 +84,7 @@ pub struct StoresArgs {
 }
 
 /// Flags of `groupbuy projections rebuild`.
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct RebuildArgs {
     /// `campaigns` or `orders`.
     pub name: projections::ProjectionName,
@@ -76,7 +97,7 @@ pub struct RebuildArgs {
 }
 
 /// Flags of `groupbuy audit`.
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct AuditArgs {
     /// PostgreSQL URL of the event log.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -96,8 +117,12 @@ pub struct AuditArgs {
 }
 
 /// Flags of `groupbuy serve`.
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct ServeArgs {
+    /// `dev` accepts anything; `prod` refuses to start without the real services, with the
+    /// simulated payment provider, or with secrets that are unset, short or examples.
+    #[arg(long, env = "GROUPBUY_PROFILE", default_value = "dev")]
+    pub profile: crate::config::Profile,
     /// Address to listen on.
     #[arg(long, env = "GROUPBUY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -191,7 +216,7 @@ pub enum PaymentProviderArg {
 }
 
 /// Flags of `groupbuy migrate`.
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct MigrateArgs {
     /// PostgreSQL URL of the event log.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -273,9 +298,43 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    /// Why the profile refuses these flags; `None` when it accepts them.
+    pub fn profile_problem(&self) -> Option<String> {
+        if self.profile == crate::config::Profile::Dev {
+            return None;
+        }
+        if matches!(self.payment_provider, PaymentProviderArg::Simulated) {
+            return Some(
+                "the prod profile takes real payments: set GROUPBUY_PAYMENT_PROVIDER=external"
+                    .into(),
+            );
+        }
+        crate::config::prod_problem(
+            &[
+                ("GROUPBUY_OPERATOR_TOKEN", self.operator_token.as_deref()),
+                ("GROUPBUY_TOKEN_SECRET", self.token_secret.as_deref()),
+                (
+                    "GROUPBUY_PAYMENT_WEBHOOK_SECRET",
+                    self.webhook_secret.as_deref(),
+                ),
+            ],
+            &[
+                ("DATABASE_URL", self.database_url.is_some()),
+                ("NATS_URL", self.nats_url.is_some()),
+                ("REDIS_URL", self.redis_url.is_some()),
+            ],
+        )
+    }
+}
+
 /// Runs `groupbuy serve` until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
+    if let Some(problem) = args.profile_problem() {
+        return Err(StartupError::Config(problem));
+    }
     let settings = args.settings();
+    tracing::info!(profile = ?args.profile, ?settings, "starting");
     match &settings.storage {
         Storage::Embedded => tracing::warn!(
             "DATABASE_URL is not set: running on the EMBEDDED in-process event log and read models; \
@@ -303,7 +362,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     match (&settings.read_models, &settings.storage) {
         (ReadModels::Redis { .. }, Storage::Embedded) => {
             return Err(StartupError::Config(
-                "REDIS_URL needs DATABASE_URL: read models in Redis would outlive an embedded log",
+                "REDIS_URL needs DATABASE_URL: read models in Redis would outlive an embedded log"
+                    .into(),
             ))
         }
         (ReadModels::Redis { .. }, _) => tracing::info!("read models in Redis"),

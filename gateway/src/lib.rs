@@ -7,11 +7,13 @@
 //!   POST its Idempotency-Key semantics.
 //! - [`overload`] and [`rate_limit`] answer 429 and 503 instead of letting latency grow;
 //!   [`metrics`] serves `/metrics`.
-//! - [`cli`] is the command line: `serve`, `migrate`, `projections`, `audit`.
+//! - [`cli`] is the command line: `serve`, `migrate`, `projections`, `audit`; [`config`]
+//!   layers a file under the environment and flags, and holds the profiles.
 
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
