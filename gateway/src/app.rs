@@ -354,8 +354,7 @@ impl Application {
             .collect();
         let state = AppState::new(Shared {
             handler,
-            read_model: store.clone(),
-            projections: store,
+            read_model: store,
             rebuild: settings.rebuild.clone(),
             audits: Arc::new(tokio::sync::Semaphore::new(1)),
             auth: Auth::new(&settings.operator_token, settings.token_secret.clone()),

@@ -100,8 +100,7 @@ async fn refresh(state: &AppState) {
             metrics::gauge!("groupbuy_relay_lag_events").set(lag as f64);
         }
     }
-    if let Ok(Ok(versions)) = tokio::time::timeout(LAG_TIMEOUT, state.projections.versions()).await
-    {
+    if let Ok(Ok(versions)) = tokio::time::timeout(LAG_TIMEOUT, state.read_model.versions()).await {
         for v in versions
             .iter()
             .filter(|v| v.status == projections::VersionStatus::Live)

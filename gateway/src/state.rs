@@ -10,7 +10,7 @@ use commands::idempotency::IdempotencyClaim;
 use commands::{CommandHandler, Executed};
 use domain::Aggregate;
 use projections::rebuild::RebuildOptions;
-use projections::{ProjectionStore, ReadModel};
+use projections::ProjectionStore;
 use schemas::Metadata;
 use tokio::sync::{watch, Semaphore};
 
@@ -26,10 +26,8 @@ pub struct AppState(Arc<Shared>);
 pub struct Shared {
     /// Executes commands against the event log.
     pub handler: CommandHandler,
-    /// Answers queries.
-    pub read_model: Arc<dyn ReadModel>,
-    /// The same store, for operators: versions, rebuilds.
-    pub projections: Arc<dyn ProjectionStore>,
+    /// The read models: queries, and for operators their versions and rebuilds.
+    pub read_model: Arc<dyn ProjectionStore>,
     /// How rebuilds run.
     pub rebuild: RebuildOptions,
     /// Audits running at once (one).

@@ -201,18 +201,6 @@ pub trait ReadModel: Send + Sync + 'static {
     }
 }
 
-/// Waits until `model` has applied `version` of `stream_id`, or `timeout` passes. Returns
-/// whether it got there.
-pub async fn wait_for(
-    model: &dyn ReadModel,
-    stream_id: &str,
-    version: u64,
-    timeout: std::time::Duration,
-) -> Result<bool, ReadModelError> {
-    let pending = wait_for_all(model, vec![(stream_id.to_owned(), version)], timeout).await?;
-    Ok(pending.is_empty())
-}
-
 /// Waits until `model` has applied every (stream, version) of `writes`, or `timeout` passes.
 /// Returns the writes it does not show yet.
 pub async fn wait_for_all(

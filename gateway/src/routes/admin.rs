@@ -45,7 +45,7 @@ pub async fn projections(
     caller.require_operator()?;
     let log = state.handler.log();
     let mut items = Vec::new();
-    for v in state.projections.versions().await? {
+    for v in state.read_model.versions().await? {
         let lag = log.count_after(v.position, v.name.categories()).await?;
         items.push(ProjectionBody {
             name: v.name.as_str(),
@@ -82,7 +82,7 @@ pub async fn rebuild(
         code: "projection_not_found",
         what: "projection",
     })?;
-    let store: Arc<dyn ProjectionStore> = Arc::clone(&state.projections);
+    let store: Arc<dyn ProjectionStore> = Arc::clone(&state.read_model);
     let version = projections::rebuild::begin(store.as_ref(), name, &state.rebuild)
         .await
         .map_err(|error| match error {

@@ -46,7 +46,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     let mut projections = serde_json::Map::new();
     let mut all_live = true;
     if read_models == "up" {
-        let versions = tokio::time::timeout(PROBE_TIMEOUT, state.projections.versions()).await;
+        let versions = tokio::time::timeout(PROBE_TIMEOUT, state.read_model.versions()).await;
         let versions = versions.ok().and_then(Result::ok).unwrap_or_default();
         for name in projections::ProjectionName::ALL {
             let live = versions
