@@ -474,6 +474,8 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(crate::metrics::metrics))
+        .route("/openapi.json", get(crate::openapi::document))
+        .merge(crate::openapi::browser())
         .fallback(|| async {
             ApiError::NotFound {
                 code: "route_not_found",

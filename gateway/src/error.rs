@@ -85,12 +85,18 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An error, as RFC 9457 problem details.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem<'a> {
+    /// `urn:groupbuy:problem:<code>`.
     r#type: String,
+    /// The reason phrase of the HTTP status.
     title: &'a str,
+    /// The HTTP status.
     status: u16,
+    /// What went wrong, for a person.
     detail: String,
+    /// What went wrong, for a program: a stable snake_case code.
     code: &'a str,
 }
 

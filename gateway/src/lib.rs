@@ -6,7 +6,8 @@
 //!   failure as problem+json; [`auth::Caller`] is who is calling; [`idempotency`] gives every
 //!   POST its Idempotency-Key semantics.
 //! - [`overload`] and [`rate_limit`] answer 429 and 503 instead of letting latency grow;
-//!   [`metrics`] serves `/metrics`.
+//!   [`metrics`] serves `/metrics`; [`openapi`] serves the OpenAPI document generated from
+//!   the routes, and a browser for it at `/docs`.
 //! - [`cli`] is the command line: `serve`, `migrate`, `projections`, `audit`; [`config`]
 //!   layers a file under the environment and flags, and holds the profiles.
 
@@ -19,6 +20,7 @@ pub mod extract;
 pub mod idempotency;
 pub mod ids;
 pub mod metrics;
+pub mod openapi;
 pub mod overload;
 pub mod rate_limit;
 pub mod reply;

@@ -78,6 +78,13 @@ pub async fn track(request: Request, next: Next) -> Response {
 pub type Consumers = Vec<(String, Arc<SubscriptionStats>)>;
 
 /// `GET /metrics`: Prometheus text.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain"))
+)]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     refresh(&state).await;
     (

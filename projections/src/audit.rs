@@ -62,9 +62,10 @@ impl Default for AuditOptions {
 }
 
 /// A broken invariant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Violation {
-    /// What kind (see the module docs).
+    /// What kind: `version_gap`, `stock_invariant`, `per_user_limit`, `order_inconsistent`,
+    /// `undecodable` or `read_model_mismatch`.
     pub kind: String,
     /// The stream it was found in.
     pub stream_id: String,
@@ -73,7 +74,7 @@ pub struct Violation {
 }
 
 /// What an audit found, as API.md's AuditReport.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditReport {
     /// Whether `violations` is empty.
     pub ok: bool,
@@ -82,6 +83,7 @@ pub struct AuditReport {
     /// Streams they belong to.
     pub streams_read: u64,
     /// When the audit finished.
+    #[schema(value_type = String, format = DateTime)]
     pub checked_at: Timestamp,
     /// What it found.
     pub violations: Vec<Violation>,

@@ -40,6 +40,7 @@ mod api_catalog;
 mod api_input;
 mod api_orders;
 mod command_handling;
+mod contract;
 mod event_log;
 mod mirror;
 mod order_saga;

@@ -8,19 +8,24 @@ use axum::Json;
 use projections::audit::{AuditOptions, AuditReport};
 use projections::{ProjectionName, ProjectionStore, RebuildError};
 use serde::Serialize;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
+use crate::openapi::PROBLEM_JSON;
 use crate::state::AppState;
 
 /// One version of one read model.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Projection)]
 pub struct ProjectionBody {
     /// `campaigns` or `orders`.
+    #[schema(value_type = ProjectionNameBody)]
     pub name: &'static str,
     /// Increases with every rebuild.
     pub version: u32,
     /// `live` (queries read it) or `building` (a rebuild is filling it).
+    #[schema(value_type = ProjectionStatusBody)]
     pub status: &'static str,
     /// The highest global log position it applied.
     pub position: u64,
@@ -30,18 +35,61 @@ pub struct ProjectionBody {
     pub events: u64,
 }
 
-/// `{items}`.
-#[derive(Debug, Serialize)]
-pub struct Items<T> {
-    /// The items.
-    pub items: Vec<T>,
+/// The read models' versions.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ProjectionList)]
+pub struct ProjectionListBody {
+    /// Every live or building version of every read model.
+    pub items: Vec<ProjectionBody>,
+}
+
+/// The read models, by name.
+#[derive(ToSchema)]
+#[schema(as = ProjectionName, rename_all = "snake_case")]
+#[allow(dead_code)] // Only describes `ProjectionName::as_str`.
+pub enum ProjectionNameBody {
+    /// Campaigns with their stock.
+    Campaigns,
+    /// Orders with their payment.
+    Orders,
+}
+
+/// Where a version of a read model stands.
+#[derive(ToSchema)]
+#[schema(as = ProjectionStatus, rename_all = "snake_case")]
+#[allow(dead_code)] // Only describes `VersionStatus::as_str`.
+pub enum ProjectionStatusBody {
+    /// Queries read it.
+    Live,
+    /// A rebuild is filling it.
+    Building,
+}
+
+/// The path of one read model.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Only describes the path; an unknown name is a 404.
+pub struct ProjectionPath {
+    /// `campaigns` or `orders`.
+    name: String,
 }
 
 /// `GET /v1/admin/projections`: every version of every read model, with its lag.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/projections",
+    operation_id = "list_projections",
+    tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every version of every read model", body = ProjectionListBody),
+        (status = 403, description = "Only the operator sees read models", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn projections(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Items<ProjectionBody>>, ApiError> {
+) -> Result<Json<ProjectionListBody>, ApiError> {
     caller.require_operator()?;
     let log = state.handler.log();
     let mut items = Vec::new();
@@ -56,22 +104,39 @@ pub async fn projections(
             events: v.events,
         });
     }
-    Ok(Json(Items { items }))
+    Ok(Json(ProjectionListBody { items }))
 }
 
 /// A rebuild that started.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Rebuild)]
 pub struct RebuildBody {
     /// The read model.
+    #[schema(value_type = ProjectionNameBody)]
     pub name: &'static str,
     /// The version being built.
     pub version: u32,
     /// `building`.
+    #[schema(value_type = ProjectionStatusBody)]
     pub status: &'static str,
 }
 
 /// `POST /v1/admin/projections/{name}/rebuild`: starts building a new version from the log;
 /// it becomes live once it has caught up. Follow it with `GET /v1/admin/projections`.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/projections/{name}/rebuild",
+    operation_id = "rebuild_projection",
+    tag = "operations",
+    security(("bearer" = [])),
+    params(ProjectionPath),
+    responses(
+        (status = 202, description = "Building; queries read the live version until this one has caught up", body = RebuildBody),
+        (status = 403, description = "Only the operator rebuilds read models", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such read model (`projection_not_found`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "A rebuild of this read model is running (`rebuild_in_progress`)", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn rebuild(
     State(state): State<AppState>,
     caller: Caller,
@@ -123,6 +188,18 @@ pub async fn rebuild(
 
 /// `GET /v1/admin/audit`: replays the whole log against the invariants and compares the
 /// read models with a fresh fold. One audit runs at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/audit",
+    operation_id = "audit",
+    tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The report; `ok` is true exactly when `violations` is empty", body = AuditReport),
+        (status = 403, description = "Only the operator audits", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "An audit is running on this instance (`audit_in_progress`)", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn audit(
     State(state): State<AppState>,
     caller: Caller,

@@ -11,40 +11,79 @@ use domain::store::StoreAggregate;
 use domain::{CampaignId, StoreId, Timestamp};
 use projections::CampaignView;
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, TraceId};
 use crate::idempotency::{as_stored, idempotent, Done};
+use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
-use crate::views::{CampaignBody, Items};
+use crate::views::{CampaignBody, CampaignListBody, CampaignStatusBody};
 
-#[derive(Deserialize)]
+/// A campaign to publish. The limits are those of `domain::limits`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateCampaign {
+pub struct CreateCampaign {
+    /// The store that sells it.
+    #[schema(format = Ulid)]
     store_id: String,
+    /// The drink: 1 to 64 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 64)]
     sku: String,
+    /// 1 to 200 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 200)]
     title: String,
+    /// The deal price of one unit, in minor units.
+    #[schema(minimum = 1, maximum = 100_000_000)]
     price_cents: u64,
+    /// Units on offer.
+    #[schema(minimum = 1, maximum = 10_000_000)]
     quota: u32,
+    /// The most units one customer may hold.
+    #[schema(minimum = 1, maximum = 10_000)]
     per_user_limit: u32,
+    #[schema(value_type = String, format = DateTime)]
     starts_at: Timestamp,
+    /// After `starts_at` and after now, at most 366 days after `starts_at`.
+    #[schema(value_type = String, format = DateTime)]
     ends_at: Timestamp,
+    /// How long a customer has to pay before the order is cancelled.
+    #[schema(minimum = 1, maximum = 86_400)]
     payment_timeout_seconds: u32,
 }
 
-#[derive(Deserialize)]
+/// Units to add to a campaign.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Replenish {
+pub struct Replenish {
+    /// At least 1; the campaign may not go over 10 000 000 units in total.
+    #[schema(minimum = 1, maximum = 10_000_000)]
     quantity: u32,
 }
 
-#[derive(Deserialize)]
+/// Which campaigns to list.
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only this store's campaigns.
+    #[param(format = Ulid)]
     store_id: Option<String>,
-    status: Option<CampaignStatus>,
+    /// Only campaigns in this status now.
+    #[param(inline)]
+    status: Option<CampaignStatusBody>,
+}
+
+/// The path of one campaign.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Only describes the path; handlers read it as text, so a bad id is a 404.
+pub struct CampaignPath {
+    /// The campaign's id.
+    #[param(format = Ulid)]
+    id: String,
 }
 
 fn render(status: StatusCode) -> impl Fn(&Option<Campaign>) -> Reply + Send + Sync {
@@ -69,6 +108,25 @@ fn not_found_in_path(error: ApiError) -> ApiError {
 }
 
 /// Publishes a campaign. 201 with the campaign.
+#[utoipa::path(
+    post,
+    path = "/v1/campaigns",
+    operation_id = "create_campaign",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(IdempotencyKey),
+    request_body = CreateCampaign,
+    responses(
+        (status = 201, description = "Published", body = CampaignBody, links(
+            ("GetCampaign" = (operation_id = "get_campaign", parameters(("id" = "$response.body#/campaign_id")))),
+            ("ReplenishCampaign" = (operation_id = "replenish_campaign", parameters(("id" = "$response.body#/campaign_id")))),
+            ("CloseCampaign" = (operation_id = "close_campaign", parameters(("id" = "$response.body#/campaign_id")))),
+            ("PlaceOrder" = (operation_id = "place_order", request_body = json!({"campaign_id": "$response.body#/campaign_id"}))),
+        )),
+        (status = 403, description = "Only the operator publishes campaigns", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "No such store (`store_not_found`), or a field out of its limits (`invalid_input`)", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -123,11 +181,24 @@ pub async fn create(
 }
 
 /// Lists campaigns, optionally of one store and in one status.
+#[utoipa::path(
+    get,
+    path = "/v1/campaigns",
+    operation_id = "list_campaigns",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The campaigns", body = CampaignListBody),
+        (status = 400, description = "An unknown query parameter, or an unknown status", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`store_id` is not an id", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     _caller: Caller,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Items<CampaignBody>>, ApiError> {
+) -> Result<Json<CampaignListBody>, ApiError> {
     let q: ListQuery = query(raw.as_deref())?;
     let store_id: Option<StoreId> = q
         .store_id
@@ -136,8 +207,9 @@ pub async fn list(
         .transpose()?;
     state.caught_up().await;
     let now = chrono::Utc::now();
-    let campaigns = state.read_model.campaigns(store_id, q.status, now).await?;
-    Ok(Json(Items {
+    let status = q.status.map(CampaignStatus::from);
+    let campaigns = state.read_model.campaigns(store_id, status, now).await?;
+    Ok(Json(CampaignListBody {
         items: campaigns
             .iter()
             .map(|c| CampaignBody::new(c, now))
@@ -146,6 +218,18 @@ pub async fn list(
 }
 
 /// One campaign.
+#[utoipa::path(
+    get,
+    path = "/v1/campaigns/{id}",
+    operation_id = "get_campaign",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(CampaignPath),
+    responses(
+        (status = 200, description = "The campaign", body = CampaignBody),
+        (status = 404, description = "No such campaign", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     _caller: Caller,
@@ -165,6 +249,22 @@ pub async fn get(
 }
 
 /// Adds stock. 200 with the campaign.
+#[utoipa::path(
+    post,
+    path = "/v1/campaigns/{id}/replenish",
+    operation_id = "replenish_campaign",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(CampaignPath, IdempotencyKey),
+    request_body = Replenish,
+    responses(
+        (status = 200, description = "Replenished", body = CampaignBody),
+        (status = 403, description = "Only the operator replenishes", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such campaign", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "The campaign is closed (`campaign_closed`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "The quantity is 0 or would take the campaign over its limit", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn replenish(
     State(state): State<AppState>,
     caller: Caller,
@@ -193,6 +293,19 @@ pub async fn replenish(
 }
 
 /// Stops the campaign taking orders. 200 with the campaign; closing twice is fine.
+#[utoipa::path(
+    post,
+    path = "/v1/campaigns/{id}/close",
+    operation_id = "close_campaign",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(CampaignPath, IdempotencyKey),
+    responses(
+        (status = 200, description = "Closed", body = CampaignBody),
+        (status = 403, description = "Only the operator closes campaigns", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such campaign", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn close(
     State(state): State<AppState>,
     caller: Caller,

@@ -11,6 +11,13 @@ use crate::state::AppState;
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Liveness: the process answers. Checks nothing else, so it stays cheap.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    operation_id = "healthz",
+    tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`: the process answers", body = Object))
+)]
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -37,6 +44,16 @@ async fn probe<E: std::fmt::Display>(
 /// models' store), and every read model has a live version. 503 when one does not. The
 /// relay's role (`leader` or `standby`) and position, and each read model's lag, are reported,
 /// not judged: one instance leads, the others stand by, and lag comes and goes with load.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    operation_id = "readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: `checks` has every dependency `up`, and every read model is `live`", body = Object),
+        (status = 503, description = "Not ready: a dependency is `down`, or a read model is `missing`", body = Object),
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let (log, bus, read_models) = tokio::join!(
         probe("event log", state.handler.log().ping()),

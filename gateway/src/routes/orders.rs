@@ -14,32 +14,69 @@ use domain::{CampaignId, OrderId};
 use futures::Stream;
 use projections::{OrderFilter, OrderView};
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, TraceId};
 use crate::idempotency::{as_stored, idempotent, Done};
+use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
-use crate::views::{OrderBody, OrderPageBody};
+use crate::views::{OrderBody, OrderPageBody, OrderStatusBody};
 
 /// Orders per page when the client does not say.
 const ORDERS_PAGE_DEFAULT: usize = 50;
 
-#[derive(Deserialize)]
+/// An order to place.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PlaceOrder {
+pub struct PlaceOrder {
+    /// The campaign to buy from.
+    #[schema(format = Ulid)]
     campaign_id: String,
+    /// Units, 1 to 10 000.
+    #[schema(minimum = 1, maximum = 10_000)]
     quantity: u32,
 }
 
-#[derive(Deserialize)]
+/// Which orders to list, and where the page starts.
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only orders of this campaign.
+    #[param(format = Ulid)]
     campaign_id: Option<String>,
-    status: Option<OrderStatus>,
+    /// Only orders in this status.
+    #[param(inline)]
+    status: Option<OrderStatusBody>,
+    /// The `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Orders per page, 1 to 200; 50 when not given.
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<usize>,
+}
+
+/// The path of one order.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Only describes the path; handlers read it as text, so a bad id is a 404.
+pub struct OrderPath {
+    /// The order's id.
+    #[param(format = Ulid)]
+    id: String,
+}
+
+/// The `Prefer` header of `POST /v1/orders`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Only describes the header.
+pub struct PreferWait {
+    /// `wait=N`: hold the answer up to N seconds (at most 20) until the order has left
+    /// `pending`. Anything else is ignored.
+    #[param(rename = "Prefer")]
+    prefer: Option<String>,
 }
 
 fn not_found() -> ApiError {
@@ -50,6 +87,26 @@ fn not_found() -> ApiError {
 }
 
 /// Places an order. 202 with the order, pending until the stock decision.
+#[utoipa::path(
+    post,
+    path = "/v1/orders",
+    operation_id = "place_order",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(IdempotencyKey, PreferWait),
+    request_body = PlaceOrder,
+    responses(
+        (status = 202, description = "Placed: `pending`, or, with `Prefer: wait`, as far as the saga got", body = OrderBody,
+            headers(("Location" = String, description = "The order's URL")), links(
+            ("GetOrder" = (operation_id = "get_order", parameters(("id" = "$response.body#/order_id")))),
+            ("FollowOrder" = (operation_id = "follow_order", parameters(("id" = "$response.body#/order_id")))),
+            ("CancelOrder" = (operation_id = "cancel_order", parameters(("id" = "$response.body#/order_id")))),
+        )),
+        (status = 400, description = "No Idempotency-Key (`idempotency_key_required`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only customers place orders", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "No such campaign (`campaign_not_found`), or a quantity out of range (`invalid_input`)", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn place(
     State(state): State<AppState>,
     caller: Caller,
@@ -135,6 +192,18 @@ pub async fn place(
 /// `GET /v1/orders/{id}/events`: the order as Server-Sent Events, to its owner or the
 /// operator. An `order` event carries the order (as `GET /v1/orders/{id}` does) now and after
 /// every change; the stream ends once the order is final and its payment settled.
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{id}/events",
+    operation_id = "follow_order",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(OrderPath),
+    responses(
+        (status = 200, description = "Server-Sent Events: an `order` event with the order now and after every change, until it is final and its payment settled", body = OrderEvent, content_type = "text/event-stream"),
+        (status = 404, description = "No such order, or another customer's", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn events(
     State(state): State<AppState>,
     caller: Caller,
@@ -169,6 +238,18 @@ pub async fn events(
         },
     );
     Ok(Sse::new(changes).keep_alive(KeepAlive::default()))
+}
+
+/// One Server-Sent Event of `GET /v1/orders/{id}/events`.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Only describes the events, which axum's `Sse` writes.
+pub struct OrderEvent {
+    /// Always `order`.
+    #[schema(pattern = "^order$")]
+    event: String,
+    /// The order as `GET /v1/orders/{id}` answers it, in JSON.
+    #[schema(content_media_type = "application/json")]
+    data: String,
 }
 
 /// The longest `Prefer: wait=N` is honoured, in seconds: below the request timeout.
@@ -229,6 +310,18 @@ async fn visible_order(
 }
 
 /// One order, to its owner or the operator.
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{id}",
+    operation_id = "get_order",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(OrderPath),
+    responses(
+        (status = 200, description = "The order", body = OrderBody),
+        (status = 404, description = "No such order, or another customer's", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -240,6 +333,19 @@ pub async fn get(
 }
 
 /// A customer's own orders, or (to the operator) everyone's; newest first, paged.
+#[utoipa::path(
+    get,
+    path = "/v1/orders",
+    operation_id = "list_orders",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of orders, newest first", body = OrderPageBody),
+        (status = 400, description = "An unknown query parameter, an unknown status, a limit out of range, or a cursor this API did not give out", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`campaign_id` is not an id", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -273,7 +379,7 @@ pub async fn list(
             .as_deref()
             .map(|c| field_id(c, "campaign_id"))
             .transpose()?,
-        status: q.status,
+        status: q.status.map(OrderStatus::from),
     };
     state.caught_up().await;
     let page = state.read_model.orders(&filter, after, limit).await?;
@@ -284,6 +390,20 @@ pub async fn list(
 }
 
 /// The owner cancels an order that is not final yet. 202 with the order; 409 when final.
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{id}/cancel",
+    operation_id = "cancel_order",
+    tag = "orders",
+    security(("bearer" = [])),
+    params(OrderPath, IdempotencyKey),
+    responses(
+        (status = 202, description = "Cancelled; the saga releases the units", body = OrderBody),
+        (status = 403, description = "Only the customer who placed it cancels an order", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such order, or another customer's", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "The order is final already (`order_already_final`)", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,

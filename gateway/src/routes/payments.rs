@@ -16,10 +16,13 @@ use sagas::payments::{settle, Outcome};
 use schemas::Metadata;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::extract::{field_id, RawJson, TraceId};
+use crate::openapi::PROBLEM_JSON;
 use crate::state::AppState;
+use crate::views::PaymentStatusBody;
 
 /// The signature header.
 pub const SIGNATURE_HEADER: &str = "x-groupbuy-signature";
@@ -27,26 +30,48 @@ pub const SIGNATURE_HEADER: &str = "x-groupbuy-signature";
 pub const TOLERANCE_SECONDS: i64 = 300;
 
 /// The provider's message.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = PaymentAnswer)]
 pub struct WebhookBody {
+    /// The payment, as the saga requested it (its id is the order's).
+    #[schema(format = Ulid)]
     payment_id: String,
+    /// What the provider decided.
     status: WebhookStatus,
+    /// The provider's own id for the transaction: 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200)]
     provider_reference: String,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize)]
+/// What the provider decided.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
-enum WebhookStatus {
+#[schema(as = PaymentOutcome)]
+pub enum WebhookStatus {
+    /// The money was taken.
     Succeeded,
+    /// The payment was refused.
     Failed,
 }
 
 /// The answer: where the payment stands now.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = PaymentState)]
 pub struct WebhookReply {
+    #[schema(value_type = String, format = Ulid)]
     payment_id: PaymentId,
-    status: domain::payment::PaymentStatus,
+    status: PaymentStatusBody,
+}
+
+/// The signature header of `POST /v1/payments/webhook`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Only describes the header.
+pub struct Signature {
+    /// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" under the webhook secret>`.
+    #[param(rename = "X-Groupbuy-Signature")]
+    signature: String,
 }
 
 fn bad_signature(detail: &str) -> ApiError {
@@ -98,6 +123,21 @@ pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8], now: i64) -> Res
 }
 
 /// `POST /v1/payments/webhook`.
+#[utoipa::path(
+    post,
+    path = "/v1/payments/webhook",
+    operation_id = "answer_payment",
+    tag = "payments",
+    params(Signature),
+    request_body = WebhookBody,
+    responses(
+        (status = 200, description = "Taken, or already taken: the payment as it stands now", body = WebhookReply),
+        (status = 400, description = "The signature header is missing or malformed", body = Problem, content_type = PROBLEM_JSON),
+        (status = 401, description = "The signature does not match the body, or its time is more than 300 s from now (`invalid_signature`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such payment", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "`payment_id` is not an id, or `provider_reference` is blank or too long", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -155,7 +195,7 @@ pub async fn webhook(
     let payment = payment.expect("the payment exists");
     Ok(Json(WebhookReply {
         payment_id,
-        status: payment.status,
+        status: payment.status.into(),
     }))
 }
 

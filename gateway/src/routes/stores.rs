@@ -7,29 +7,54 @@ use commands::stream_id;
 use domain::store::{Store, StoreAggregate, StoreCommand};
 use domain::StoreId;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::{IdempotencyKeyHeader, RawJson, TraceId};
 use crate::idempotency::{as_stored, idempotent, Done};
+use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
 
-#[derive(Deserialize)]
+/// A store to open.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateStore {
+pub struct CreateStore {
+    /// 1 to 100 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
+    /// 1 to 100 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 100)]
     region: String,
 }
 
-#[derive(Serialize)]
-struct StoreBody<'a> {
+/// A store.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Store)]
+pub struct StoreBody<'a> {
+    #[schema(value_type = String, format = Ulid)]
     store_id: StoreId,
     name: &'a str,
     region: &'a str,
 }
 
 /// Opens a store. 201 with the store.
+#[utoipa::path(
+    post,
+    path = "/v1/stores",
+    operation_id = "create_store",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(IdempotencyKey),
+    request_body = CreateStore,
+    responses(
+        (status = 201, description = "Opened", body = StoreBody),
+        (status = 403, description = "Only the operator opens stores", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "The name or region is blank, too long or has control characters", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,

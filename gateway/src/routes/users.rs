@@ -8,24 +8,34 @@ use commands::stream_id;
 use domain::user::{User, UserAggregate, UserCommand};
 use domain::UserId;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
+use crate::error::Problem;
 use crate::extract::{IdempotencyKeyHeader, RawJson, TraceId};
 use crate::idempotency::{idempotent, Done};
+use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
 
-#[derive(Deserialize)]
+/// A customer to register.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateUser {
+pub struct CreateUser {
+    /// 1 to 100 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
 }
 
-#[derive(Serialize, Deserialize)]
-struct UserBody {
+/// A registered customer, with the token they call the API with.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(as = User)]
+pub struct UserBody {
+    #[schema(value_type = String, format = Ulid)]
     user_id: UserId,
     name: String,
+    /// The customer's bearer token, shown only in this answer (and its replays).
     token: String,
 }
 
@@ -33,6 +43,20 @@ struct UserBody {
 const TOKEN_PLACEHOLDER: &str = "";
 
 /// Registers a customer. 201 with the token, which is shown only here.
+#[utoipa::path(
+    post,
+    path = "/v1/users",
+    operation_id = "create_user",
+    tag = "catalog",
+    security(("bearer" = [])),
+    params(IdempotencyKey),
+    request_body = CreateUser,
+    responses(
+        (status = 201, description = "Registered", body = UserBody),
+        (status = 403, description = "Only the operator registers customers", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "The name is blank, too long or has control characters", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
