@@ -40,6 +40,9 @@ pub mod header {
     pub const LOG_CURSOR: &str = "Groupbuy-Log-Cursor";
     /// The trace the event was recorded in, when it has one.
     pub const TRACE_ID: &str = "Groupbuy-Trace-Id";
+    /// W3C trace context: the trace and the span that recorded the event, when it has both, so
+    /// any consumer that speaks W3C Trace Context continues that span.
+    pub const TRACEPARENT: &str = "traceparent";
     /// On a dead letter: the consumer that gave up.
     pub const DEAD_CONSUMER: &str = "Groupbuy-Dead-Consumer";
     /// On a dead letter: why.

@@ -9,6 +9,8 @@
 //! - [`relay`] mirrors the log into the [`bus`] (JetStream, or in process), one active relay
 //!   among all instances; [`subscription`] is the runtime sagas and projections consume it
 //!   through: durable consumers, per-stream order, dedupe, retries and dead letters.
+//! - [`trace`] carries one trace from the request through the events it records to everything
+//!   that handles them.
 //! - [`idempotency`] holds the Idempotency-Key records the gateway completes in the same
 //!   transaction as the append.
 
@@ -18,6 +20,7 @@ pub mod idempotency;
 pub mod log;
 pub mod relay;
 pub mod subscription;
+pub mod trace;
 
 pub use handler::{CommandError, CommandHandler, Executed};
 pub use log::{

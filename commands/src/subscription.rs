@@ -32,6 +32,7 @@ use schemas::Envelope;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tracing::Instrument;
 use ulid::Ulid;
 
 use crate::bus::{Bus, ConsumerOptions, Delivery};
@@ -509,21 +510,28 @@ impl Runtime {
                 return self.give_up(&delivery, &reason).await;
             }
         };
+        let span = crate::trace::event_span(self.name(), event);
+        self.process_event(&delivery, event).instrument(span).await;
+    }
+
+    /// Handles a delivered event: once, in its stream's order, retried and at last
+    /// dead-lettered when the handler keeps failing.
+    async fn process_event(&self, delivery: &Delivery, event: &Envelope) {
         match self.dedupe.seen(self.name(), event).await {
             Ok(Seen::Done) => {
                 SubscriptionStats::bump(&self.stats.duplicates);
-                return ack(&delivery, self.name()).await;
+                return ack(delivery, self.name()).await;
             }
             Ok(Seen::Early { done_to }) => {
                 if !self.wait_for_predecessor(event, done_to) {
                     SubscriptionStats::bump(&self.stats.early);
-                    return retry(&delivery, EARLY_RETRY, self.name()).await;
+                    return retry(delivery, EARLY_RETRY, self.name()).await;
                 }
             }
             Ok(Seen::New) => {}
             Err(error) => {
                 tracing::warn!(consumer = %self.name(), %error, "cannot check for duplicates; delivering later");
-                return retry(&delivery, self.options.first_backoff, self.name()).await;
+                return retry(delivery, self.options.first_backoff, self.name()).await;
             }
         }
         let mut attempt = 1;
@@ -538,7 +546,7 @@ impl Runtime {
             };
             if attempt >= self.options.max_attempts {
                 let reason = format!("handler failed {attempt} times; last: {error}");
-                return self.give_up(&delivery, &reason).await;
+                return self.give_up(delivery, &reason).await;
             }
             SubscriptionStats::bump(&self.stats.retries);
             tracing::warn!(
@@ -551,7 +559,7 @@ impl Runtime {
         }
         self.done_with(event).await;
         SubscriptionStats::bump(&self.stats.handled);
-        ack(&delivery, self.name()).await;
+        ack(delivery, self.name()).await;
     }
 
     /// Whether an early event should be handled now: only once it has waited `gap_wait`.

@@ -30,7 +30,7 @@ use sagas::order_saga::OrderSaga;
 use sagas::payments::{External, PaymentProvider, Simulated};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::auth::Auth;
 use crate::error::ApiError;
@@ -421,11 +421,22 @@ impl Application {
             self.deadlines,
             move |order_id| {
                 let order_saga = Arc::clone(&order_saga);
-                async move {
-                    if let Err(error) = order_saga.advance(order_id, &Default::default()).await {
+                // A deadline starts a trace of its own; the steps it takes continue it.
+                let span = tracing::info_span!("payment_deadline", %order_id);
+                let fired = async move {
+                    let mut cause = schemas::Metadata::default();
+                    let trace = commands::trace::recorded_in(
+                        &tracing::Span::current(),
+                        Some(commands::trace::TraceParent::root()),
+                    );
+                    if let Some(trace) = trace {
+                        trace.stamp(&mut cause);
+                    }
+                    if let Err(error) = order_saga.advance(order_id, &cause).await {
                         tracing::warn!(%order_id, %error, "the saga could not act on a deadline");
                     }
-                }
+                };
+                fired.instrument(span)
             },
             wait_stop(stopped.clone()),
         ));
@@ -485,6 +496,6 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn(crate::metrics::track))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(crate::telemetry::traced))
         .with_state(state)
 }

@@ -12,6 +12,7 @@ use commands::bus::jetstream::JetStreamSettings;
 use crate::app::{Application, Mirror, Payments, ReadModels, Settings, StartupError, Storage};
 use crate::overload::Limits;
 use crate::rate_limit::{Bucket, RateLimits};
+use crate::telemetry::{Otlp, OtlpProtocol};
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
 #[derive(Parser)]
@@ -32,6 +33,28 @@ pub struct Cli {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// Where to export traces: an OpenTelemetry collector's OTLP/HTTP base URL, like
+    /// `http://collector:4318`. Unset, nothing is exported.
+    #[arg(long, global = true, env = "GROUPBUY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How traces are encoded for the collector.
+    #[arg(
+        long,
+        global = true,
+        env = "GROUPBUY_OTLP_PROTOCOL",
+        default_value = "http-protobuf"
+    )]
+    pub otlp_protocol: OtlpProtocol,
+}
+
+impl Cli {
+    /// Where traces go, if anywhere.
+    pub fn otlp(&self) -> Option<Otlp> {
+        self.otlp_endpoint.as_ref().map(|endpoint| Otlp {
+            endpoint: endpoint.clone(),
+            protocol: self.otlp_protocol,
+        })
+    }
 }
 
 /// How logs are written.

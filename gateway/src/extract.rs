@@ -5,9 +5,11 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
+use commands::trace::TraceParent;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
+use crate::telemetry::RequestTrace;
 
 /// Largest request body accepted, in bytes. Every body of this API is a small JSON object.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
@@ -114,24 +116,20 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKeyHeader {
     }
 }
 
-/// The trace this request belongs to: continued from a W3C `traceparent` header, or new.
-pub struct TraceId(pub String);
+/// The trace this request belongs to, to record in the metadata of the events it appends:
+/// continued from the caller's W3C `traceparent`, or new ([`crate::telemetry::traced`]).
+pub struct Trace(pub TraceParent);
 
-impl<S: Send + Sync> FromRequestParts<S> for TraceId {
+impl<S: Send + Sync> FromRequestParts<S> for Trace {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let continued = parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split('-').nth(1))
-            .filter(|id| {
-                id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && *id != "0".repeat(32)
-            })
-            .map(str::to_ascii_lowercase);
-        Ok(TraceId(continued.unwrap_or_else(|| {
-            format!("{:032x}", rand::random::<u128>())
-        })))
+        // Behind `traced` every request has one; a router built without it still gets a trace.
+        Ok(Trace(
+            parts
+                .extensions
+                .get::<RequestTrace>()
+                .map_or_else(TraceParent::root, |t| t.0),
+        ))
     }
 }

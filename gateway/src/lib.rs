@@ -26,4 +26,5 @@ pub mod rate_limit;
 pub mod reply;
 pub mod routes;
 pub mod state;
+pub mod telemetry;
 pub mod views;

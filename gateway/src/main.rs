@@ -2,8 +2,7 @@
 //! subcommand.
 
 use clap::Parser;
-use gateway::cli::{self, Cli, Command, LogFormat, ProjectionsCommand};
-use tracing_subscriber::EnvFilter;
+use gateway::cli::{self, Cli, Command, ProjectionsCommand};
 
 fn main() -> anyhow::Result<()> {
     // The file goes under the environment before anything reads it, and before any thread
@@ -14,35 +13,31 @@ fn main() -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match cli.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
-    }
+    // Before the runtime: the OTLP exporter's client blocks on a thread of its own.
+    let telemetry = gateway::telemetry::init(cli.log_format, cli.otlp().as_ref())?;
     if let Some(path) = &file {
         // Names only: values may be secrets.
         tracing::info!(file = %path.display(), settings = ?applied, "configuration file applied");
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let clean = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(cli.command))
+        .block_on(run(cli.command));
+    telemetry.shutdown();
+    if !clean? {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// Runs the subcommand; false when it found something wrong (an audit's violations).
+async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Serve(args) => cli::serve(*args).await?,
         Command::Migrate(args) => cli::migrate(args).await?,
         Command::Projections(ProjectionsCommand::Rebuild(args)) => cli::rebuild(args).await?,
         Command::Projections(ProjectionsCommand::List(args)) => cli::list_projections(args).await?,
-        Command::Audit(args) => {
-            if !cli::audit(args).await? {
-                std::process::exit(1);
-            }
-        }
+        Command::Audit(args) => return Ok(cli::audit(args).await?),
     }
-    Ok(())
+    Ok(true)
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use commands::handler::{Context, Idempotent};
 use commands::idempotency::IdempotencyClaim;
+use commands::trace::TraceParent;
 use commands::{CommandHandler, Executed};
 use domain::Aggregate;
 use projections::rebuild::RebuildOptions;
@@ -60,15 +61,17 @@ impl Deref for AppState {
 }
 
 /// Event metadata for a request.
-pub fn metadata(caller: &Caller, trace_id: &str, idempotency_key: Option<&str>) -> Metadata {
+pub fn metadata(caller: &Caller, trace: &TraceParent, idempotency_key: Option<&str>) -> Metadata {
     let request_id = ulid::Ulid::new().to_string();
-    Metadata {
-        trace_id: Some(trace_id.to_owned()),
+    let mut metadata = Metadata {
         correlation_id: Some(request_id.clone()),
         causation_id: Some(request_id),
         idempotency_key: idempotency_key.map(str::to_owned),
         actor: Some(caller.scope()),
-    }
+        ..Metadata::default()
+    };
+    trace.stamp(&mut metadata);
+    metadata
 }
 
 impl AppState {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use async_trait::async_trait;
 use commands::handler::Context;
 use commands::subscription::{Handler, HandlerError};
-use commands::{stream_id, CommandError, CommandHandler};
+use commands::{stream_id, trace, CommandError, CommandHandler};
 use domain::campaign::{CampaignAggregate, CampaignCommand};
 use domain::order::{OrderAggregate, OrderCommand, RejectReason};
 use domain::payment::{PaymentAggregate, PaymentCommand};
@@ -25,6 +25,7 @@ use domain::saga::{payment_id_of, plan, Action, OrderSagaAggregate, OrderSagaCom
 use domain::{OrderId, Timestamp};
 use schemas::{Envelope, Metadata};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use ulid::Ulid;
 
 use crate::deadlines::Deadlines;
@@ -159,7 +160,11 @@ impl OrderSaga {
                     return Ok(Progress::Waiting(deadline));
                 }
                 Plan::Act(action) => {
-                    self.take(order_id, &order, action, now, cause).await?;
+                    let span =
+                        tracing::info_span!("saga_step", step = action.step().name(), %order_id);
+                    self.take(order_id, &order, action, now, cause)
+                        .instrument(span)
+                        .await?;
                 }
             }
         }
@@ -378,14 +383,19 @@ impl StepRun<'_> {
     }
 }
 
-/// How a saga step's command is recorded: its id derives from the order and the step.
+/// How a saga step's command is recorded: its id derives from the order and the step, and its
+/// events name the step's span, so what handles them continues the trace from there.
 fn step_context<S>(order_id: OrderId, name: &str, cause: &Metadata) -> Context<'static, S> {
+    let mut metadata = Metadata {
+        actor: Some("saga:order".into()),
+        correlation_id: Some(order_id.to_string()),
+        ..cause.clone()
+    };
+    if let Some(step) = trace::context_of(&tracing::Span::current()) {
+        step.stamp(&mut metadata);
+    }
     Context {
-        metadata: Metadata {
-            actor: Some("saga:order".into()),
-            correlation_id: Some(order_id.to_string()),
-            ..cause.clone()
-        },
+        metadata,
         command_id: derived_id(&format!("ordersaga:{order_id}:{name}")),
         idempotency: None,
     }

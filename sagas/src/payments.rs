@@ -15,6 +15,7 @@ use commands::{stream_id, CommandError, CommandHandler, Executed};
 use domain::payment::{PaymentAggregate, PaymentCommand};
 use domain::{Cents, PaymentId};
 use schemas::Metadata;
+use tracing::Instrument;
 
 /// What the provider said about a payment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,13 +81,19 @@ impl PaymentProvider for Simulated {
             Outcome::Succeeded
         };
         let (handler, delay, asked) = (self.handler.clone(), self.delay, Arc::clone(&self.asked));
-        tokio::spawn(async move {
+        // A child of the saga step that asked: the answer joins the order's trace, as a
+        // provider that propagates trace context would.
+        let span = tracing::info_span!("simulated_payment", %payment_id);
+        let answer = async move {
             tokio::time::sleep(delay).await;
             let reference = format!("sim-{payment_id}");
-            let metadata = Metadata {
+            let mut metadata = Metadata {
                 actor: Some("payment_provider:simulated".into()),
                 ..Metadata::default()
             };
+            if let Some(here) = commands::trace::context_of(&tracing::Span::current()) {
+                here.stamp(&mut metadata);
+            }
             if let Err(error) = settle(&handler, payment_id, outcome, &reference, metadata).await {
                 tracing::warn!(%payment_id, %error, "the simulated provider could not settle");
             }
@@ -94,7 +101,8 @@ impl PaymentProvider for Simulated {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&payment_id);
-        });
+        };
+        tokio::spawn(answer.instrument(span));
     }
 }
 

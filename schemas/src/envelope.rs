@@ -11,6 +11,10 @@ use ulid::Ulid;
 pub struct Metadata {
     /// The trace the event was recorded in (W3C trace id, 32 hex digits).
     pub trace_id: Option<String>,
+    /// The span that recorded it (W3C parent-id, 16 hex digits), so that whatever handles the
+    /// event continues that span. Optional in the schema: older events do not carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
     /// The id shared by everything one outside request set off.
     pub correlation_id: Option<String>,
     /// The id of the request or event that directly caused this one.

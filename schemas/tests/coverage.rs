@@ -312,3 +312,35 @@ fn an_envelope_with_its_metadata_validates_and_a_broken_one_does_not() {
     value["stream_version"] = serde_json::json!(0);
     assert!(Registry::global().validate_envelope(&value).is_err());
 }
+
+#[test]
+fn an_envelope_may_carry_the_span_that_recorded_it_or_not() {
+    let envelope = |span_id: Option<&str>| schemas::Envelope {
+        event_id: id(9),
+        stream_id: format!("campaign-{}", id(3)),
+        stream_version: 1,
+        global_position: 1,
+        event_type: "CampaignClosed".into(),
+        schema_version: 1,
+        recorded_at: at(),
+        metadata: schemas::Metadata {
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            span_id: span_id.map(str::to_owned),
+            ..Default::default()
+        },
+        data: serde_json::json!({"at": "2026-01-01T00:00:00Z"}),
+    };
+    let registry = Registry::global();
+    let without = serde_json::to_value(envelope(None)).unwrap();
+    assert!(
+        without["metadata"].get("span_id").is_none(),
+        "events without a span are written as before"
+    );
+    registry.validate_envelope(&without).unwrap();
+    let with = serde_json::to_value(envelope(Some("00f067aa0ba902b7"))).unwrap();
+    registry.validate_envelope(&with).unwrap();
+    let round: schemas::Envelope = serde_json::from_value(with).unwrap();
+    assert_eq!(round.metadata.span_id.as_deref(), Some("00f067aa0ba902b7"));
+    let malformed = serde_json::to_value(envelope(Some("not-a-span"))).unwrap();
+    assert!(registry.validate_envelope(&malformed).is_err());
+}

@@ -416,6 +416,16 @@ async fn the_callers_trace_id_and_idempotency_key_reach_the_event_metadata() {
         .await
         .unwrap();
     assert_eq!(metadata["trace_id"], trace_id);
+    // Without an exporter the request continues the caller's trace from a span of its own.
+    let span_id = metadata["span_id"].as_str().expect("the recording span");
+    assert!(
+        span_id.len() == 16 && span_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{span_id}"
+    );
+    assert_ne!(
+        span_id, "00f067aa0ba902b7",
+        "the caller's span is the parent, not this one"
+    );
     assert_eq!(metadata["idempotency_key"], "traced");
     assert_eq!(metadata["actor"], format!("user:{user_id}"));
 }

@@ -232,6 +232,7 @@ fn event(n: i64) -> NewEvent {
         event: schemas::encode(&CampaignEvent::CampaignClosed { at }).unwrap(),
         metadata: Metadata {
             trace_id: Some(format!("{:032x}", rand::random::<u128>())),
+            span_id: Some(format!("{:016x}", rand::random::<u64>() | 1)),
             ..Default::default()
         },
     }
@@ -787,6 +788,14 @@ async fn jetstream_messages_carry_the_event_headers() {
     assert_eq!(
         h(header::TRACE_ID),
         envelope.metadata.trace_id.clone().unwrap()
+    );
+    assert_eq!(
+        h(header::TRACEPARENT),
+        format!(
+            "00-{}-{}-01",
+            envelope.metadata.trace_id.as_deref().unwrap(),
+            envelope.metadata.span_id.as_deref().unwrap()
+        )
     );
     assert_eq!(
         message.subject.as_str(),

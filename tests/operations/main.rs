@@ -192,11 +192,12 @@ async fn secrets_never_reach_the_logs() {
     const WEBHOOK: &str = "canary-webhook-secret-9c1f3e7d";
     let captured = Captured::default();
     let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .json()
-        .with_writer(move || writer.clone())
-        .init();
+    // The binary's own log setup, writing here.
+    let _telemetry =
+        gateway::telemetry::install(gateway::cli::LogFormat::Json, None, "debug", move || {
+            writer.clone()
+        })
+        .expect("the first subscriber of this process");
 
     // What serve logs at start, through the same code.
     let args = serve_args(&[

@@ -208,6 +208,9 @@ impl JetStreamBus {
         if let Some(trace_id) = &envelope.metadata.trace_id {
             headers.insert(header::TRACE_ID, trace_id.as_str());
         }
+        if let Some(parent) = crate::trace::TraceParent::of(&envelope.metadata) {
+            headers.insert(header::TRACEPARENT, parent.header());
+        }
         headers
     }
 }

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use commands::stream_id;
+use commands::trace::TraceParent;
 use domain::campaign::{Campaign, CampaignAggregate, CampaignCommand, CampaignStatus, NewCampaign};
 use domain::store::StoreAggregate;
 use domain::{CampaignId, StoreId, Timestamp};
@@ -15,7 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
-use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, TraceId};
+use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{as_stored, idempotent, Done};
 use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
 use crate::reply::Reply;
@@ -131,11 +132,11 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
-    TraceId(trace_id): TraceId,
+    Trace(trace): Trace,
     body: RawJson,
 ) -> Result<Response, ApiError> {
     caller.require_operator()?;
-    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let meta = metadata(&caller, &trace, key.as_deref());
     let (state, body) = (&state, &body);
     Ok(idempotent(
         state,
@@ -269,7 +270,7 @@ pub async fn replenish(
     State(state): State<AppState>,
     caller: Caller,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
-    TraceId(trace_id): TraceId,
+    Trace(trace): Trace,
     Path(id): Path<String>,
     body: RawJson,
 ) -> Result<Response, ApiError> {
@@ -277,7 +278,7 @@ pub async fn replenish(
         state: &state,
         caller,
         key,
-        trace_id,
+        trace,
         id,
         action: "replenish",
         body,
@@ -310,7 +311,7 @@ pub async fn close(
     State(state): State<AppState>,
     caller: Caller,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
-    TraceId(trace_id): TraceId,
+    Trace(trace): Trace,
     Path(id): Path<String>,
     body: RawJson,
 ) -> Result<Response, ApiError> {
@@ -318,7 +319,7 @@ pub async fn close(
         state: &state,
         caller,
         key,
-        trace_id,
+        trace,
         id,
         action: "close",
         body,
@@ -336,7 +337,7 @@ struct Operation<'a> {
     state: &'a AppState,
     caller: Caller,
     key: Option<String>,
-    trace_id: String,
+    trace: TraceParent,
     id: String,
     action: &'static str,
     body: RawJson,
@@ -352,14 +353,14 @@ async fn operate(
         state,
         caller,
         key,
-        trace_id,
+        trace,
         id,
         action,
         body,
     } = request;
     caller.require_operator()?;
     let id: CampaignId = path_id(&id, "campaign_not_found", "campaign")?;
-    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let meta = metadata(&caller, &trace, key.as_deref());
     let route = format!("POST /v1/campaigns/{id}/{action}");
     let body = &body;
     Ok(idempotent(

@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, Problem};
-use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, TraceId};
+use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{as_stored, idempotent, Done};
 use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
 use crate::reply::Reply;
@@ -111,7 +111,7 @@ pub async fn place(
     State(state): State<AppState>,
     caller: Caller,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
-    TraceId(trace_id): TraceId,
+    Trace(trace): Trace,
     headers: axum::http::HeaderMap,
     body: RawJson,
 ) -> Result<Response, ApiError> {
@@ -123,7 +123,7 @@ pub async fn place(
             detail: "POST /v1/orders needs an Idempotency-Key header".into(),
         });
     }
-    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let meta = metadata(&caller, &trace, key.as_deref());
     let (state, body) = (&state, &body);
     Ok(idempotent(
         state,
@@ -408,13 +408,13 @@ pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
-    TraceId(trace_id): TraceId,
+    Trace(trace): Trace,
     Path(id): Path<String>,
     body: RawJson,
 ) -> Result<Response, ApiError> {
     let user_id = caller.require_customer()?;
     let order_id: OrderId = path_id(&id, "order_not_found", "order")?;
-    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let meta = metadata(&caller, &trace, key.as_deref());
     let route = format!("POST /v1/orders/{order_id}/cancel");
     let (state, body) = (&state, &body);
     Ok(idempotent(

@@ -19,7 +19,7 @@ use sha2::Sha256;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, Problem};
-use crate::extract::{field_id, RawJson, TraceId};
+use crate::extract::{field_id, RawJson, Trace};
 use crate::openapi::PROBLEM_JSON;
 use crate::state::AppState;
 use crate::views::PaymentStatusBody;
@@ -141,7 +141,7 @@ pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8], now: i64) -> Res
 pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    TraceId(trace_id): TraceId,
+    Trace(trace): Trace,
     body: RawJson,
 ) -> Result<Json<WebhookReply>, ApiError> {
     let header = headers
@@ -168,11 +168,11 @@ pub async fn webhook(
         WebhookStatus::Succeeded => Outcome::Succeeded,
         WebhookStatus::Failed => Outcome::Failed,
     };
-    let metadata = Metadata {
-        trace_id: Some(trace_id),
+    let mut metadata = Metadata {
         actor: Some("payment_provider".into()),
         ..Metadata::default()
     };
+    trace.stamp(&mut metadata);
     let payment = match settle(
         &state.handler,
         payment_id,

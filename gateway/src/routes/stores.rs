@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::error::Problem;
-use crate::extract::{IdempotencyKeyHeader, RawJson, TraceId};
+use crate::extract::{IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{as_stored, idempotent, Done};
 use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
 use crate::reply::Reply;
@@ -59,11 +59,11 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
-    TraceId(trace_id): TraceId,
+    Trace(trace): Trace,
     body: RawJson,
 ) -> Result<Response, ApiError> {
     caller.require_operator()?;
-    let meta = metadata(&caller, &trace_id, key.as_deref());
+    let meta = metadata(&caller, &trace, key.as_deref());
     let (state, body) = (&state, &body);
     Ok(idempotent(
         state,
