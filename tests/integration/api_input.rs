@@ -121,6 +121,16 @@ async fn a_full_instance_sheds_api_requests_with_503_and_retry_after_but_answers
         .send(reqwest::Method::GET, "/healthz", None, None, None)
         .await;
     assert_eq!(live.status(), StatusCode::OK);
+    let metrics = app
+        .send(reqwest::Method::GET, "/metrics", None, None, None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"groupbuy_shed_total{reason="overloaded"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -187,6 +197,16 @@ async fn past_the_instance_rate_everyone_is_answered_429_but_probes_are_not() {
         .send(reqwest::Method::GET, "/healthz", None, None, None)
         .await;
     assert_eq!(live.status(), StatusCode::OK);
+    let metrics = app
+        .send(reqwest::Method::GET, "/metrics", None, None, None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"groupbuy_shed_total{reason="overloaded"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -211,11 +231,64 @@ async fn metrics_are_served_as_prometheus_text_with_business_labels() {
     assert_eq!(order.status(), StatusCode::ACCEPTED);
     let order: serde_json::Value = order.json().await.unwrap();
     app.wait_for_status(
-        &ada,
+        OPERATOR_TOKEN,
         order["order_id"].as_str().unwrap(),
         "awaiting_payment",
     )
     .await;
+    // Paid: confirmed.
+    let paid = app
+        .webhook(
+            &json!({
+                "payment_id": order["order_id"], "status": "succeeded",
+                "provider_reference": "psp-metrics",
+            }),
+            chrono::Utc::now().timestamp(),
+            harness::WEBHOOK_SECRET,
+        )
+        .await;
+    assert_eq!(paid.status(), StatusCode::OK);
+    app.wait_for_status(
+        OPERATOR_TOKEN,
+        order["order_id"].as_str().unwrap(),
+        "confirmed",
+    )
+    .await;
+    // Over the limit of 5 with the unit Ada holds: rejected.
+    let over = json!({"campaign_id": campaign_id, "quantity": 5});
+    let rejected: serde_json::Value = app
+        .post("/v1/orders", &ada, Some("metrics-over"), &over)
+        .await
+        .json()
+        .await
+        .unwrap();
+    app.wait_for_status(
+        OPERATOR_TOKEN,
+        rejected["order_id"].as_str().unwrap(),
+        "rejected",
+    )
+    .await;
+    // Cancelled by Ada.
+    let cancelled: serde_json::Value = app
+        .post("/v1/orders", &ada, Some("metrics-cancel"), &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cancelled_id = cancelled["order_id"].as_str().unwrap();
+    app.wait_for_status(OPERATOR_TOKEN, cancelled_id, "awaiting_payment")
+        .await;
+    // Ada's burst of 3 is spent: wait for the bucket to refill one.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let cancel = app
+        .post(
+            &format!("/v1/orders/{cancelled_id}/cancel"),
+            &ada,
+            None,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(cancel.status(), StatusCode::ACCEPTED);
     // Spend the rest of Ada's burst, and one more.
     while app.get("/v1/orders", &ada).await.status() != StatusCode::TOO_MANY_REQUESTS {}
 
@@ -231,7 +304,14 @@ async fn metrics_are_served_as_prometheus_text_with_business_labels() {
     for expected in [
         r#"groupbuy_http_requests_total{route="/v1/orders",method="POST",status="202"}"#.to_owned(),
         r#"groupbuy_http_request_duration_seconds_bucket{route="/v1/orders/{id}",method="GET",status="200",le="#.to_owned(),
-        format!(r#"groupbuy_orders_placed_total{{campaign_id="{campaign_id}"}}"#),
+        format!(r#"groupbuy_orders_placed_total{{campaign_id="{campaign_id}"}} 3"#),
+        format!(r#"groupbuy_orders_confirmed_total{{campaign_id="{campaign_id}"}} 1"#),
+        format!(
+            r#"groupbuy_orders_rejected_total{{campaign_id="{campaign_id}",reason="limit_exceeded"}} 1"#
+        ),
+        format!(
+            r#"groupbuy_orders_cancelled_total{{campaign_id="{campaign_id}",reason="customer"}} 1"#
+        ),
         r#"groupbuy_saga_step_duration_seconds_bucket{step="reserve_stock",le="#.to_owned(),
         r#"groupbuy_subscription_events_total{consumer="order-saga",outcome="handled"}"#.to_owned(),
         r#"groupbuy_projection_lag_events{projection="orders"}"#.to_owned(),
