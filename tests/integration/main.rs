@@ -45,3 +45,4 @@ mod event_log;
 mod mirror;
 mod order_saga;
 mod read_models;
+mod readiness;
