@@ -65,12 +65,18 @@ pub enum TelemetryError {
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
 
-/// Installs the process's subscriber: logs filtered by `RUST_LOG` (default `info`) in `format`
-/// on standard output, and, with `otlp`, every span exported there. Call it before any async
-/// runtime starts: the exporter's HTTP client blocks on a thread of its own.
+/// The log filter when `RUST_LOG` is unset: `info`, without the notices Postgres sends while
+/// migrations run ("relation ... already exists, skipping").
+pub const DEFAULT_DIRECTIVES: &str = "info,sqlx::postgres::notice=warn";
+
+/// Installs the process's subscriber: logs filtered by `RUST_LOG` (default
+/// [`DEFAULT_DIRECTIVES`]) in `format` on standard error, so that what a command prints on
+/// standard output (`audit --json`) stays clean, and, with `otlp`, every span exported there.
+/// Call it before any async runtime starts: the exporter's HTTP client blocks on a thread of
+/// its own.
 pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Telemetry, TelemetryError> {
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-    install(format, otlp, &directives, std::io::stdout)
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| DEFAULT_DIRECTIVES.to_owned());
+    install(format, otlp, &directives, std::io::stderr)
 }
 
 /// [`init`] with the filter's directives (`RUST_LOG` syntax) and where log lines go given.
@@ -86,7 +92,8 @@ where
     // One filter in front of both: what is logged is what is exported. (As a per-layer filter
     // on the OpenTelemetry layer it lost most spans: their contexts were found, their ends
     // were not.)
-    let filter = EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_DIRECTIVES));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
