@@ -5,6 +5,7 @@
 //! - [`TestStreams`] gives a test JetStream streams and subjects of its own, deleted when the
 //!   test ends.
 //! - [`TestRedis`] gives a test a Redis key prefix of its own, cleared when the test ends.
+//! - [`process`] helps tests that run a server of their own (to kill it) or capture logs.
 //! - [`spawn_app`] starts the real gateway on port 0 against such a database (or the embedded
 //!   log) and hands back a client for it.
 //!
@@ -12,6 +13,7 @@
 pub mod app;
 pub mod bus;
 pub mod db;
+pub mod process;
 pub mod redis;
 
 pub use app::{

@@ -53,14 +53,20 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Counts and times every request by route template, method and status.
-pub async fn track(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = request
+/// The route a request matched, as its template (`/v1/orders/{id}`), so that ids do not
+/// multiply label values; `unmatched` for paths no route serves.
+pub fn route_template(request: &Request) -> String {
+    request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
+        .to_owned()
+}
+
+/// Counts and times every request by route template, method and status.
+pub async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = route_template(&request);
     let method = request.method().as_str().to_owned();
     let response = next.run(request).await;
     let labels = [

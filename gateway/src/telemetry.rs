@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 use commands::trace::{self, TraceParent};
@@ -153,11 +153,7 @@ pub struct RequestTrace(pub TraceParent);
 /// debug level.
 pub async fn traced(mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
+    let route = crate::metrics::route_template(&request);
     let caller = request
         .headers()
         .get("traceparent")

@@ -643,11 +643,7 @@ struct OwnNats {
 
 impl OwnNats {
     async fn start() -> OwnNats {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = harness::process::free_port();
         let store = std::env::temp_dir().join(format!("gb-nats-{}", Ulid::new()));
         let mut nats = OwnNats {
             port,
@@ -680,17 +676,7 @@ impl OwnNats {
             .spawn()
             .expect("nats-server runs");
         self.process = Some(process);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nats-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        harness::process::wait_until_listening(self.port, "nats-server").await;
     }
 
     async fn kill(&mut self) {

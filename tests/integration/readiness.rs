@@ -18,11 +18,7 @@ struct OwnRedis {
 
 impl OwnRedis {
     async fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = harness::process::free_port();
         let mut redis = OwnRedis {
             port,
             process: None,
@@ -45,17 +41,7 @@ impl OwnRedis {
             .spawn()
             .expect("redis-server is installed (scripts/services installs it)");
         self.process = Some(process);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        harness::process::wait_until_listening(self.port, "redis-server").await;
     }
 
     async fn kill(&mut self) {

@@ -5,10 +5,11 @@
 //! [`ENV`] first.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use clap::Parser;
 use gateway::cli::{Cli, Command};
+use harness::process::Captured;
 use harness::{expect_json, Backend, OPERATOR_TOKEN};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -170,21 +171,6 @@ fn the_prod_profile_refuses_default_empty_short_and_example_secrets() {
     );
 }
 
-/// Every log line, as written.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_never_reach_the_logs() {
     const OPERATOR: &str = "canary-operator-7f3a9c1e5b";
@@ -306,7 +292,7 @@ async fn secrets_never_reach_the_logs() {
     }
     app.stop().await;
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.lines().count() > 20,
         "the run logged: {} lines",

@@ -6,7 +6,6 @@
 //! itself (OTLP/HTTP with JSON bodies).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use axum::Router;
 use gateway::app::Payments;
 use gateway::cli::LogFormat;
 use gateway::telemetry::{Otlp, OtlpProtocol};
+use harness::process::Captured;
 use harness::{expect_json, spawn_app_tuned, Backend};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -109,21 +109,6 @@ fn start_collector() -> (String, Received) {
     });
     let address = ready.recv().unwrap();
     (format!("http://{address}"), received)
-}
-
-/// Every log line, as written.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// What the test saw through the API and in the log.
@@ -296,7 +281,7 @@ fn one_trace_runs_from_the_request_through_the_saga_and_the_read_models() {
     }
 
     // Log lines written inside the request carry its trace id.
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     let answered: Vec<&str> = logs
         .lines()
         .filter(|l| l.contains("\"answered\"") && l.contains(TRACE_ID))
