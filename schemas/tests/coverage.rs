@@ -290,9 +290,9 @@ fn an_unknown_field_in_a_stored_payload_is_refused() {
     );
 }
 
-#[test]
-fn an_envelope_with_its_metadata_validates_and_a_broken_one_does_not() {
-    let envelope = schemas::Envelope {
+/// A campaign's `CampaignClosed` with this metadata.
+fn closed_with(metadata: schemas::Metadata) -> schemas::Envelope {
+    schemas::Envelope {
         event_id: id(9),
         stream_id: format!("campaign-{}", id(3)),
         stream_version: 1,
@@ -300,12 +300,17 @@ fn an_envelope_with_its_metadata_validates_and_a_broken_one_does_not() {
         event_type: "CampaignClosed".into(),
         schema_version: 1,
         recorded_at: at(),
-        metadata: schemas::Metadata {
-            actor: Some("operator".into()),
-            ..Default::default()
-        },
+        metadata,
         data: serde_json::json!({"at": "2026-01-01T00:00:00Z"}),
-    };
+    }
+}
+
+#[test]
+fn an_envelope_with_its_metadata_validates_and_a_broken_one_does_not() {
+    let envelope = closed_with(schemas::Metadata {
+        actor: Some("operator".into()),
+        ..Default::default()
+    });
     assert_eq!(envelope.category(), "campaign");
     let mut value = serde_json::to_value(&envelope).unwrap();
     Registry::global().validate_envelope(&value).unwrap();
@@ -315,20 +320,12 @@ fn an_envelope_with_its_metadata_validates_and_a_broken_one_does_not() {
 
 #[test]
 fn an_envelope_may_carry_the_span_that_recorded_it_or_not() {
-    let envelope = |span_id: Option<&str>| schemas::Envelope {
-        event_id: id(9),
-        stream_id: format!("campaign-{}", id(3)),
-        stream_version: 1,
-        global_position: 1,
-        event_type: "CampaignClosed".into(),
-        schema_version: 1,
-        recorded_at: at(),
-        metadata: schemas::Metadata {
+    let envelope = |span_id: Option<&str>| {
+        closed_with(schemas::Metadata {
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             span_id: span_id.map(str::to_owned),
             ..Default::default()
-        },
-        data: serde_json::json!({"at": "2026-01-01T00:00:00Z"}),
+        })
     };
     let registry = Registry::global();
     let without = serde_json::to_value(envelope(None)).unwrap();

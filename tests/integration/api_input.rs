@@ -133,10 +133,10 @@ async fn a_full_instance_sheds_api_requests_with_503_and_retry_after_but_answers
     );
 }
 
-#[tokio::test]
-async fn a_customer_over_their_rate_is_answered_429_with_retry_after_and_others_are_not() {
+/// An embedded app where each customer may send 3 requests at once, then 1 a second.
+async fn app_with_customer_rate_of_1_a_second_and_burst_of_3() -> TestApp {
     use gateway::rate_limit::{Bucket, RateLimits};
-    let app = harness::spawn_app_tuned(harness::Backend::Embedded, |settings| {
+    harness::spawn_app_tuned(harness::Backend::Embedded, |settings| {
         settings.limits.rate_limits = RateLimits {
             per_customer: Some(Bucket {
                 per_second: 1,
@@ -145,7 +145,12 @@ async fn a_customer_over_their_rate_is_answered_429_with_retry_after_and_others_
             global: None,
         };
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_customer_over_their_rate_is_answered_429_with_retry_after_and_others_are_not() {
+    let app = app_with_customer_rate_of_1_a_second_and_burst_of_3().await;
     let (_, ada) = app.create_user("Ada").await;
     let (_, bob) = app.create_user("Bob").await;
     for _ in 0..3 {
@@ -204,24 +209,14 @@ async fn past_the_instance_rate_everyone_is_answered_429_but_probes_are_not() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"groupbuy_shed_total{reason="overloaded"}"#),
+        metrics.contains(r#"groupbuy_rate_limited_total{scope="global"}"#),
         "{metrics}"
     );
 }
 
 #[tokio::test]
 async fn metrics_are_served_as_prometheus_text_with_business_labels() {
-    use gateway::rate_limit::{Bucket, RateLimits};
-    let app = harness::spawn_app_tuned(harness::Backend::Embedded, |settings| {
-        settings.limits.rate_limits = RateLimits {
-            per_customer: Some(Bucket {
-                per_second: 1,
-                burst: 3,
-            }),
-            global: None,
-        };
-    })
-    .await;
+    let app = app_with_customer_rate_of_1_a_second_and_burst_of_3().await;
     let (_, ada) = app.create_user("Ada").await;
     let campaign = app.create_campaign(10, 5).await;
     let campaign_id = campaign["campaign_id"].as_str().unwrap();
