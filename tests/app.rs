@@ -208,6 +208,15 @@ impl TestApp {
             .await
     }
 
+    /// `/metrics`, as Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .send(reqwest::Method::GET, "/metrics", None, None, None)
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.text().await.unwrap()
+    }
+
     /// Creates a store as the operator; returns its body.
     pub async fn create_store(&self) -> Value {
         let response = self

@@ -121,12 +121,7 @@ async fn a_full_instance_sheds_api_requests_with_503_and_retry_after_but_answers
         .send(reqwest::Method::GET, "/healthz", None, None, None)
         .await;
     assert_eq!(live.status(), StatusCode::OK);
-    let metrics = app
-        .send(reqwest::Method::GET, "/metrics", None, None, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"groupbuy_shed_total{reason="overloaded"}"#),
         "{metrics}"
@@ -202,12 +197,7 @@ async fn past_the_instance_rate_everyone_is_answered_429_but_probes_are_not() {
         .send(reqwest::Method::GET, "/healthz", None, None, None)
         .await;
     assert_eq!(live.status(), StatusCode::OK);
-    let metrics = app
-        .send(reqwest::Method::GET, "/metrics", None, None, None)
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"groupbuy_rate_limited_total{scope="global"}"#),
         "{metrics}"
