@@ -24,7 +24,8 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::routes::{admin, campaigns, health, orders, payments, stores, users};
 
-/// The name of the bearer-token security scheme.
+/// The name of the bearer-token security scheme. Routes name it as the literal `"bearer"` in
+/// their `security(...)`, which takes no constants.
 pub const BEARER: &str = "bearer";
 /// The media type of every error.
 pub const PROBLEM_JSON: &str = "application/problem+json";
