@@ -7,6 +7,8 @@
 //! overload guard, 401 from the bearer token, 413 and the malformed-JSON 400 from the body
 //! extractor, the Idempotency-Key answers from [`crate::idempotency`], the `traceparent`
 //! header every request may carry, and the pattern of every id (a string of format `ulid`).
+//! Routes document their own errors by status and reason only; each is given the
+//! problem+json body here.
 
 use std::sync::OnceLock;
 
@@ -151,7 +153,23 @@ impl Modify for Conventions {
                 item.patch.as_mut(),
             ];
             for operation in operations.into_iter().flatten() {
+                problems_as_bodies(operation);
                 apply(path, operation);
+            }
+        }
+    }
+}
+
+/// Every error a route documents without a body is a problem+json [`crate::error::Problem`]:
+/// routes write only the status and the reason.
+fn problems_as_bodies(operation: &mut Operation) {
+    for (status, response) in operation.responses.responses.iter_mut() {
+        let is_error = status.parse::<u16>().is_ok_and(|s| s >= 400);
+        if let RefOr::T(response) = response {
+            if is_error && response.content.is_empty() {
+                response
+                    .content
+                    .insert(PROBLEM_JSON.into(), RefOr::T(problem_content()));
             }
         }
     }

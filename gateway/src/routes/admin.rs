@@ -11,8 +11,7 @@ use serde::Serialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::{ApiError, Problem};
-use crate::openapi::PROBLEM_JSON;
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// One version of one read model.
@@ -83,7 +82,7 @@ pub struct ProjectionPath {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Every version of every read model", body = ProjectionListBody),
-        (status = 403, description = "Only the operator sees read models", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator sees read models"),
     )
 )]
 pub async fn projections(
@@ -132,9 +131,9 @@ pub struct RebuildBody {
     params(ProjectionPath),
     responses(
         (status = 202, description = "Building; queries read the live version until this one has caught up", body = RebuildBody),
-        (status = 403, description = "Only the operator rebuilds read models", body = Problem, content_type = PROBLEM_JSON),
-        (status = 404, description = "No such read model (`projection_not_found`)", body = Problem, content_type = PROBLEM_JSON),
-        (status = 409, description = "A rebuild of this read model is running (`rebuild_in_progress`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator rebuilds read models"),
+        (status = 404, description = "No such read model (`projection_not_found`)"),
+        (status = 409, description = "A rebuild of this read model is running (`rebuild_in_progress`)"),
     )
 )]
 pub async fn rebuild(
@@ -196,8 +195,8 @@ pub async fn rebuild(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The report; `ok` is true exactly when `violations` is empty", body = AuditReport),
-        (status = 403, description = "Only the operator audits", body = Problem, content_type = PROBLEM_JSON),
-        (status = 409, description = "An audit is running on this instance (`audit_in_progress`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator audits"),
+        (status = 409, description = "An audit is running on this instance (`audit_in_progress`)"),
     )
 )]
 pub async fn audit(

@@ -15,10 +15,10 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::{ApiError, Problem};
+use crate::error::ApiError;
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{as_stored, idempotent, Done};
-use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
+use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
 use crate::views::{CampaignBody, CampaignListBody, CampaignStatusBody};
@@ -124,8 +124,8 @@ fn not_found_in_path(error: ApiError) -> ApiError {
             ("CloseCampaign" = (operation_id = "close_campaign", parameters(("id" = "$response.body#/campaign_id")))),
             ("PlaceOrder" = (operation_id = "place_order", request_body = json!({"campaign_id": "$response.body#/campaign_id"}))),
         )),
-        (status = 403, description = "Only the operator publishes campaigns", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "No such store (`store_not_found`), or a field out of its limits (`invalid_input`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator publishes campaigns"),
+        (status = 422, description = "No such store (`store_not_found`), or a field out of its limits (`invalid_input`)"),
     )
 )]
 pub async fn create(
@@ -191,8 +191,8 @@ pub async fn create(
     params(ListQuery),
     responses(
         (status = 200, description = "The campaigns", body = CampaignListBody),
-        (status = 400, description = "An unknown query parameter, or an unknown status", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "`store_id` is not an id", body = Problem, content_type = PROBLEM_JSON),
+        (status = 400, description = "An unknown query parameter, or an unknown status"),
+        (status = 422, description = "`store_id` is not an id"),
     )
 )]
 pub async fn list(
@@ -228,7 +228,7 @@ pub async fn list(
     params(CampaignPath),
     responses(
         (status = 200, description = "The campaign", body = CampaignBody),
-        (status = 404, description = "No such campaign", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such campaign"),
     )
 )]
 pub async fn get(
@@ -260,10 +260,10 @@ pub async fn get(
     request_body = Replenish,
     responses(
         (status = 200, description = "Replenished", body = CampaignBody),
-        (status = 403, description = "Only the operator replenishes", body = Problem, content_type = PROBLEM_JSON),
-        (status = 404, description = "No such campaign", body = Problem, content_type = PROBLEM_JSON),
-        (status = 409, description = "The campaign is closed (`campaign_closed`)", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "The quantity is 0 or would take the campaign over its limit", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator replenishes"),
+        (status = 404, description = "No such campaign"),
+        (status = 409, description = "The campaign is closed (`campaign_closed`)"),
+        (status = 422, description = "The quantity is 0 or would take the campaign over its limit"),
     )
 )]
 pub async fn replenish(
@@ -303,8 +303,8 @@ pub async fn replenish(
     params(CampaignPath, IdempotencyKey),
     responses(
         (status = 200, description = "Closed", body = CampaignBody),
-        (status = 403, description = "Only the operator closes campaigns", body = Problem, content_type = PROBLEM_JSON),
-        (status = 404, description = "No such campaign", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator closes campaigns"),
+        (status = 404, description = "No such campaign"),
     )
 )]
 pub async fn close(

@@ -17,10 +17,10 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
-use crate::error::{ApiError, Problem};
+use crate::error::ApiError;
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{as_stored, idempotent, Done};
-use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
+use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
 use crate::views::{OrderBody, OrderPageBody, OrderStatusBody};
@@ -102,9 +102,9 @@ fn not_found() -> ApiError {
             ("FollowOrder" = (operation_id = "follow_order", parameters(("id" = "$response.body#/order_id")))),
             ("CancelOrder" = (operation_id = "cancel_order", parameters(("id" = "$response.body#/order_id")))),
         )),
-        (status = 400, description = "No Idempotency-Key (`idempotency_key_required`)", body = Problem, content_type = PROBLEM_JSON),
-        (status = 403, description = "Only customers place orders", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "No such campaign (`campaign_not_found`), or a quantity out of range (`invalid_input`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 400, description = "No Idempotency-Key (`idempotency_key_required`)"),
+        (status = 403, description = "Only customers place orders"),
+        (status = 422, description = "No such campaign (`campaign_not_found`), or a quantity out of range (`invalid_input`)"),
     )
 )]
 pub async fn place(
@@ -201,7 +201,7 @@ pub async fn place(
     params(OrderPath),
     responses(
         (status = 200, description = "Server-Sent Events: an `order` event with the order now and after every change, until it is final and its payment settled", body = OrderEvent, content_type = "text/event-stream"),
-        (status = 404, description = "No such order, or another customer's", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such order, or another customer's"),
     )
 )]
 pub async fn events(
@@ -319,7 +319,7 @@ async fn visible_order(
     params(OrderPath),
     responses(
         (status = 200, description = "The order", body = OrderBody),
-        (status = 404, description = "No such order, or another customer's", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such order, or another customer's"),
     )
 )]
 pub async fn get(
@@ -342,8 +342,8 @@ pub async fn get(
     params(ListQuery),
     responses(
         (status = 200, description = "A page of orders, newest first", body = OrderPageBody),
-        (status = 400, description = "An unknown query parameter, an unknown status, a limit out of range, or a cursor this API did not give out", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "`campaign_id` is not an id", body = Problem, content_type = PROBLEM_JSON),
+        (status = 400, description = "An unknown query parameter, an unknown status, a limit out of range, or a cursor this API did not give out"),
+        (status = 422, description = "`campaign_id` is not an id"),
     )
 )]
 pub async fn list(
@@ -399,9 +399,9 @@ pub async fn list(
     params(OrderPath, IdempotencyKey),
     responses(
         (status = 202, description = "Cancelled; the saga releases the units", body = OrderBody),
-        (status = 403, description = "Only the customer who placed it cancels an order", body = Problem, content_type = PROBLEM_JSON),
-        (status = 404, description = "No such order, or another customer's", body = Problem, content_type = PROBLEM_JSON),
-        (status = 409, description = "The order is final already (`order_already_final`)", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the customer who placed it cancels an order"),
+        (status = 404, description = "No such order, or another customer's"),
+        (status = 409, description = "The order is final already (`order_already_final`)"),
     )
 )]
 pub async fn cancel(

@@ -18,9 +18,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, Problem};
+use crate::error::ApiError;
 use crate::extract::{field_id, RawJson, Trace};
-use crate::openapi::PROBLEM_JSON;
 use crate::state::AppState;
 use crate::views::PaymentStatusBody;
 
@@ -132,10 +131,10 @@ pub fn verify(secret: &[u8], header: Option<&str>, body: &[u8], now: i64) -> Res
     request_body = WebhookBody,
     responses(
         (status = 200, description = "Taken, or already taken: the payment as it stands now", body = WebhookReply),
-        (status = 400, description = "The signature header is missing or malformed", body = Problem, content_type = PROBLEM_JSON),
-        (status = 401, description = "The signature does not match the body, or its time is more than 300 s from now (`invalid_signature`)", body = Problem, content_type = PROBLEM_JSON),
-        (status = 404, description = "No such payment", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "`payment_id` is not an id, or `provider_reference` is blank or too long", body = Problem, content_type = PROBLEM_JSON),
+        (status = 400, description = "The signature header is missing or malformed"),
+        (status = 401, description = "The signature does not match the body, or its time is more than 300 s from now (`invalid_signature`)"),
+        (status = 404, description = "No such payment"),
+        (status = 422, description = "`payment_id` is not an id, or `provider_reference` is blank or too long"),
     )
 )]
 pub async fn webhook(

@@ -11,10 +11,9 @@ use utoipa::ToSchema;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::{IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{as_stored, idempotent, Done};
-use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
+use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
 
@@ -51,8 +50,8 @@ pub struct StoreBody<'a> {
     request_body = CreateStore,
     responses(
         (status = 201, description = "Opened", body = StoreBody),
-        (status = 403, description = "Only the operator opens stores", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "The name or region is blank, too long or has control characters", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator opens stores"),
+        (status = 422, description = "The name or region is blank, too long or has control characters"),
     )
 )]
 pub async fn create(

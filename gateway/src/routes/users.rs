@@ -12,10 +12,9 @@ use utoipa::ToSchema;
 
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
-use crate::error::Problem;
 use crate::extract::{IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{idempotent, Done};
-use crate::openapi::{IdempotencyKey, PROBLEM_JSON};
+use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
 
@@ -53,8 +52,8 @@ const TOKEN_PLACEHOLDER: &str = "";
     request_body = CreateUser,
     responses(
         (status = 201, description = "Registered", body = UserBody),
-        (status = 403, description = "Only the operator registers customers", body = Problem, content_type = PROBLEM_JSON),
-        (status = 422, description = "The name is blank, too long or has control characters", body = Problem, content_type = PROBLEM_JSON),
+        (status = 403, description = "Only the operator registers customers"),
+        (status = 422, description = "The name is blank, too long or has control characters"),
     )
 )]
 pub async fn create(
