@@ -10,7 +10,7 @@ use rand::Rng;
 use schemas::Metadata;
 use ulid::Ulid;
 
-use crate::idempotency::{IdempotencyClaim, StoredResponse};
+use crate::idempotency::{IdempotencyKey, IdempotencyRecord, StoredResponse};
 use crate::log::{AppendRequest, Appended, EventLog, LogError, NewEvent, Snapshot, StreamAppend};
 
 /// Events read per round trip while loading a stream.
@@ -91,20 +91,22 @@ pub struct Context<'a, S> {
     /// The command's id. Event ids derive from it, so retrying the same command (after a lost
     /// response, or by a redelivered saga step) stores its events once.
     pub command_id: Ulid,
-    /// An Idempotency-Key claim to complete, with the response to record for the new state.
+    /// An Idempotency-Key to record with the append, with the response for the new state.
     pub idempotency: Option<Idempotent<'a, S>>,
 }
 
-/// An Idempotency-Key claim and how to build the response it records.
+/// An Idempotency-Key and how to build the response it records.
 pub struct Idempotent<'a, S> {
-    /// The claim.
-    pub claim: &'a IdempotencyClaim,
+    /// The key.
+    pub key: &'a IdempotencyKey,
+    /// The SHA-256 of the request, in hex.
+    pub request_sha256: &'a str,
     /// The response for the state after the command.
     pub respond: &'a (dyn Fn(&S) -> StoredResponse + Send + Sync),
 }
 
 impl<S> Context<'_, S> {
-    /// A context with a fresh command id and no idempotency claim.
+    /// A context with a fresh command id and no Idempotency-Key.
     pub fn new(metadata: Metadata) -> Self {
         Context {
             metadata,
@@ -307,10 +309,11 @@ impl CommandHandler {
                     expected_version: loaded.version,
                     events: new_events,
                 }],
-                idempotency: context
-                    .idempotency
-                    .as_ref()
-                    .map(|i| (i.claim.clone(), (i.respond)(&state))),
+                idempotency: context.idempotency.as_ref().map(|i| IdempotencyRecord {
+                    key: i.key.clone(),
+                    request_sha256: i.request_sha256.to_owned(),
+                    response: (i.respond)(&state),
+                }),
             };
             match self.log.append(request).await {
                 Ok(appended) => {

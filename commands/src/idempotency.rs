@@ -1,9 +1,12 @@
-//! Idempotency-Key records: one per (caller, key), claimed while a request runs and completed
-//! with the response it produced, so a retry gets the same answer and no second effect.
-
-use std::time::Duration;
-
-use ulid::Ulid;
+//! Idempotency-Key records: one per (caller, key), written in the same transaction as the
+//! events the request appended (or alone, for a request that appended nothing), so a retry
+//! gets the same answer and no second effect.
+//!
+//! There is no claim taken before the work and no lease: a request that dies before its
+//! append leaves nothing behind, and its retry runs again at once. Two requests with the same
+//! key racing on different instances both do their (side-effect free) work, and the log lets
+//! exactly one of them record: the other finds the key taken ([`crate::LogError::KeyTaken`])
+//! and answers with what the winner recorded. See docs/adr/0010-flash-sale-engine.md.
 
 /// How long a key is remembered after it was first used.
 pub const IDEMPOTENCY_KEY_TTL_S: u64 = 24 * 60 * 60;
@@ -28,41 +31,34 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
-/// Proof that this request owns an in-flight key. Completing needs it, so a request whose
-/// claim expired and was taken over by a retry cannot also record its effect.
+/// What is recorded under a key: which request used it, and what it was answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IdempotencyClaim {
+pub struct IdempotencyRecord {
     /// The key.
     pub key: IdempotencyKey,
-    /// This claim's id.
-    pub claim_id: Ulid,
+    /// The SHA-256 of the request (route and body) that used it, in hex.
+    pub request_sha256: String,
+    /// The answer it got.
+    pub response: StoredResponse,
 }
 
-/// What taking a key found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Begin {
-    /// The key is new (or expired, or abandoned): the request runs under this claim.
-    Claimed(IdempotencyClaim),
-    /// The first request with this key finished; here is its response.
-    Completed(StoredResponse),
-    /// The first request with this key is still running.
-    InFlight,
-    /// The key was used with a different request body.
-    Mismatch,
-}
-
-/// Options for taking a key.
-#[derive(Clone, Copy, Debug)]
-pub struct ClaimOptions {
-    /// How long a claim holds an in-flight key before a retry may take it over: longer than
-    /// any request can run, so two live requests never both hold it.
-    pub lease: Duration,
-}
-
-impl Default for ClaimOptions {
-    fn default() -> Self {
-        ClaimOptions {
-            lease: Duration::from_secs(120),
+impl IdempotencyRecord {
+    /// What a later request with the same key is answered: the recorded response when it is
+    /// the same request, or the word that it is not.
+    pub fn answer_to(&self, request_sha256: &str) -> Prior {
+        if self.request_sha256 == request_sha256 {
+            Prior::Same(self.response.clone())
+        } else {
+            Prior::Different
         }
     }
+}
+
+/// How a request relates to the one that used its key first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prior {
+    /// The same request: replay this response.
+    Same(StoredResponse),
+    /// Another request used the key.
+    Different,
 }

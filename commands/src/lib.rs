@@ -15,6 +15,7 @@
 //!   transaction as the append.
 
 pub mod bus;
+pub mod group_commit;
 pub mod handler;
 pub mod idempotency;
 pub mod log;

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use schemas::{EncodedEvent, Envelope, Metadata, SchemaError};
 use ulid::Ulid;
 
-use crate::idempotency::{Begin, ClaimOptions, IdempotencyClaim, IdempotencyKey, StoredResponse};
+use crate::idempotency::{IdempotencyKey, IdempotencyRecord};
 
 /// Most events one append may carry, across all its streams.
 pub const APPEND_EVENTS_MAX: usize = 10_000;
@@ -40,10 +40,35 @@ pub struct StreamAppend {
 /// One atomic append: every stream's events commit together or none do.
 #[derive(Clone, Debug, Default)]
 pub struct AppendRequest {
-    /// The streams and their events.
+    /// The streams and their events. Empty only for a request that records an
+    /// Idempotency-Key alone.
     pub streams: Vec<StreamAppend>,
-    /// An Idempotency-Key claim to complete with this response in the same transaction.
-    pub idempotency: Option<(IdempotencyClaim, StoredResponse)>,
+    /// An Idempotency-Key to record in the same transaction. When the key is recorded already
+    /// (and not expired), nothing is appended and the append fails with
+    /// [`LogError::KeyTaken`].
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+impl AppendRequest {
+    /// Whether this request and `other` must not share a transaction of a group commit:
+    /// they write a stream in common (the later one's expected version may follow the
+    /// earlier's events, which one statement cannot see), or record the same key.
+    pub fn overlaps(&self, other: &AppendRequest) -> bool {
+        let same_key = match (&self.idempotency, &other.idempotency) {
+            (Some(a), Some(b)) => a.key == b.key,
+            _ => false,
+        };
+        same_key
+            || self
+                .streams
+                .iter()
+                .any(|a| other.streams.iter().any(|b| a.stream_id == b.stream_id))
+    }
+
+    /// Events in the request, over all its streams.
+    pub fn event_count(&self) -> usize {
+        self.streams.iter().map(|s| s.events.len()).sum()
+    }
 }
 
 /// A position in the global read order. Readers order events by transaction first, then by
@@ -85,9 +110,10 @@ pub enum LogError {
         /// What the append expected.
         expected_version: u64,
     },
-    /// The Idempotency-Key claim expired and another request took the key.
-    #[error("idempotency claim lost")]
-    ClaimLost,
+    /// The request's Idempotency-Key was recorded already, by this request's first try or
+    /// by another request: nothing was appended. Here is what was recorded.
+    #[error("idempotency key {} already used", .0.key.key)]
+    KeyTaken(Box<IdempotencyRecord>),
     /// The append is larger than the log accepts, or empty.
     #[error("append rejected: {0}")]
     InvalidAppend(&'static str),
@@ -97,6 +123,10 @@ pub enum LogError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The transaction of a group commit this append was part of failed: nothing of it was
+    /// stored, and trying again is safe.
+    #[error("the group commit failed, nothing was stored: {0}")]
+    BatchFailed(String),
     /// A stored row could not be read back (a bug or a hand-edited log).
     #[error("corrupt log: {0}")]
     Corrupt(String),
@@ -121,7 +151,27 @@ pub trait EventLog: Send + Sync + 'static {
     /// Appends to every stream of the request in one transaction. A stream not at its
     /// expected version fails the whole append with [`LogError::Conflict`]; an append whose
     /// events are all stored already succeeds with `replayed`.
-    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError>;
+    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+        self.append_batch(vec![request])
+            .await
+            .pop()
+            .expect("one outcome per request")
+    }
+
+    /// Appends many requests in one transaction (a group commit), each with an outcome of its
+    /// own, in the order given: each request is atomic and independent of the others, exactly
+    /// as if it were appended alone, except that two requests of one batch must not overlap
+    /// ([`AppendRequest::overlaps`]; the later one then fails with a conflict). When the
+    /// transaction itself fails, every request fails with a retryable error and nothing of
+    /// the batch is stored.
+    async fn append_batch(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, LogError>>;
+
+    /// Every event of the given streams, ordered by stream id and version, at most `limit`.
+    async fn read_streams(
+        &self,
+        stream_ids: &[String],
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError>;
 
     /// Events of one stream with version greater than `after_version`, in version order, at
     /// most `limit` of them.
@@ -147,24 +197,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// Stores a snapshot unless a newer one is stored already.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), LogError>;
 
-    /// Takes an Idempotency-Key for a request whose body hashes to `request_sha256`.
-    async fn begin_idempotent(
+    /// What is recorded under `key`, unless it expired.
+    async fn find_idempotent(
         &self,
         key: &IdempotencyKey,
-        request_sha256: &str,
-        options: ClaimOptions,
-    ) -> Result<Begin, LogError>;
-
-    /// Records the response of a request that appended nothing (a refusal, a no-op).
-    async fn complete_idempotent(
-        &self,
-        claim: &IdempotencyClaim,
-        response: &StoredResponse,
-    ) -> Result<(), LogError>;
-
-    /// Gives a key back after a failure that must not be replayed (a server error), so the
-    /// client's retry runs again.
-    async fn abandon_idempotent(&self, claim: &IdempotencyClaim) -> Result<(), LogError>;
+    ) -> Result<Option<IdempotencyRecord>, LogError>;
 
     /// A counter that moves whenever this process appends. Readers of the global log wait on
     /// it between polls so that local appends reach them at once; appends by other instances
@@ -186,8 +223,13 @@ pub trait EventLog: Send + Sync + 'static {
 
 /// Checks what every implementation refuses before touching storage.
 pub(crate) fn check_request(request: &AppendRequest) -> Result<usize, LogError> {
-    let count: usize = request.streams.iter().map(|s| s.events.len()).sum();
-    if count == 0 {
+    if request.streams.iter().any(|s| s.events.is_empty()) {
+        return Err(LogError::InvalidAppend(
+            "every stream of an append needs at least one event",
+        ));
+    }
+    let count = request.event_count();
+    if count == 0 && request.idempotency.is_none() {
         return Err(LogError::InvalidAppend(
             "an append needs at least one event",
         ));

@@ -12,6 +12,7 @@ use axum::Router;
 use commands::bus::jetstream::{JetStreamBus, JetStreamSettings};
 use commands::bus::memory::MemoryBus;
 use commands::bus::{Bus, BusError};
+use commands::group_commit::{GroupCommit, GroupCommitOptions};
 use commands::handler::HandlerOptions;
 use commands::log::memory::MemoryEventLog;
 use commands::log::postgres::{PgEventLog, PgLogOptions};
@@ -198,11 +199,15 @@ pub struct Opened {
     pub deadlines: Arc<dyn Deadlines>,
 }
 
-/// Connects (and migrates) the configured event log, with the stores that go with it.
+/// Connects (and migrates) the configured event log, with the stores that go with it. Its
+/// appends are group-committed: concurrent appends share a transaction.
 pub async fn open_log(storage: &Storage) -> Result<Opened, StartupError> {
+    let group_committed = |log: Arc<dyn EventLog>| -> Arc<dyn EventLog> {
+        Arc::new(GroupCommit::new(log, GroupCommitOptions::default()))
+    };
     Ok(match storage {
         Storage::Embedded => Opened {
-            log: Arc::new(MemoryEventLog::new()),
+            log: group_committed(Arc::new(MemoryEventLog::new())),
             leases: Arc::new(MemoryRelayLeases::new()),
             deadlines: Arc::new(MemoryDeadlines::new()),
         },
@@ -212,7 +217,7 @@ pub async fn open_log(storage: &Storage) -> Result<Opened, StartupError> {
             let leases = PgRelayLeases::new((*log.pool().connect_options()).clone(), "events");
             let deadlines = PgDeadlines::new(log.pool().clone());
             Opened {
-                log: Arc::new(log),
+                log: group_committed(Arc::new(log)),
                 leases: Arc::new(leases),
                 deadlines: Arc::new(deadlines),
             }
@@ -364,6 +369,7 @@ impl Application {
             }),
             consumers,
             recent_writes: Default::default(),
+            in_flight: Default::default(),
             read_your_writes_timeout: settings.read_your_writes_timeout,
             webhook_secret: settings.webhook_secret.clone(),
             bus,

@@ -235,9 +235,16 @@ impl From<CommandError> for ApiError {
 impl From<LogError> for ApiError {
     fn from(error: LogError) -> Self {
         match error {
-            LogError::ClaimLost => ApiError::Conflict {
+            // Only a request under an Idempotency-Key meets this, and `idempotency` answers
+            // it with the recorded response before this error could be sent.
+            LogError::KeyTaken(_) => ApiError::Conflict {
                 code: "idempotency_key_in_use",
-                detail: "another request with this Idempotency-Key took over".into(),
+                detail: "another request with this Idempotency-Key was recorded first".into(),
+            },
+            LogError::BatchFailed(_) => ApiError::Unavailable {
+                code: "database_unavailable",
+                detail: "the event log could not store this change, retry shortly".into(),
+                retry_after_s: 1,
             },
             LogError::Database(e) if is_unavailable(&e) => ApiError::Unavailable {
                 code: "database_unavailable",

@@ -1,17 +1,25 @@
-//! Idempotency-Key semantics of API.md, around a route's work.
+//! Idempotency-Key semantics of API.md, around a route's work, owned here and nowhere else.
 //!
 //! Same key and same request: the first response is replayed with `Idempotent-Replayed: true`.
 //! Same key, other request: 422 `idempotency_key_reused`. Same key while the first request
-//! runs: 409 `idempotency_key_in_use`. A request that appends records its response in the
-//! append's transaction; one that appends nothing records it right after; a server error
-//! gives the key back so the client's retry runs again.
+//! runs on this instance: 409 `idempotency_key_in_use`.
+//!
+//! Nothing is claimed before the work runs. A route's work has no effect before its append,
+//! and the append records the response under the key in the same transaction
+//! ([`AppState::execute`] does it when handed the request's [`KeyContext`]). A request that
+//! appended nothing records its answer alone afterwards. Whoever records first wins: a request
+//! that finds the key recorded (a retry, or the same request racing on another instance)
+//! answers with the recorded response instead of its own, and its own events were not stored.
+//! A server error records nothing, so the client's retry runs again; so does a request that
+//! died half-way.
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 use axum::response::{IntoResponse, Response};
-use commands::idempotency::{
-    Begin, ClaimOptions, IdempotencyClaim, IdempotencyKey, StoredResponse,
-};
+use commands::idempotency::{IdempotencyKey, IdempotencyRecord, Prior, StoredResponse};
+use commands::{AppendRequest, LogError};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
@@ -19,12 +27,91 @@ use crate::error::ApiError;
 use crate::reply::{replay, Reply};
 use crate::state::AppState;
 
-/// What a route's work produced.
-pub struct Done {
-    /// The answer.
-    pub reply: Reply,
-    /// Whether the answer was already recorded with an append.
-    pub recorded: bool,
+/// The Idempotency-Key a request runs under, handed to [`AppState::execute`] so the append
+/// records the response with the events.
+#[derive(Clone)]
+pub struct KeyContext(Arc<KeyState>);
+
+struct KeyState {
+    key: IdempotencyKey,
+    request_sha256: String,
+    outcome: Mutex<KeyOutcome>,
+}
+
+/// What became of the key while the work ran.
+#[derive(Clone)]
+enum KeyOutcome {
+    /// Nothing recorded yet.
+    Open,
+    /// An append recorded the response with its events.
+    Recorded,
+    /// Another request (or this one's first try) recorded the key first.
+    Taken(Box<IdempotencyRecord>),
+}
+
+impl KeyContext {
+    /// The key.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.0.key
+    }
+
+    /// The SHA-256 of the request, in hex.
+    pub fn request_sha256(&self) -> &str {
+        &self.0.request_sha256
+    }
+
+    fn set(&self, outcome: KeyOutcome) {
+        *self.0.outcome.lock().unwrap_or_else(|p| p.into_inner()) = outcome;
+    }
+
+    fn outcome(&self) -> KeyOutcome {
+        self.0
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Notes what an append that carried the key did with it.
+    pub fn appended<T>(&self, outcome: &Result<T, commands::CommandError>, replayed: bool) {
+        match outcome {
+            Ok(_) if !replayed => self.set(KeyOutcome::Recorded),
+            Err(commands::CommandError::Log(LogError::KeyTaken(record))) => {
+                self.set(KeyOutcome::Taken(record.clone()));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Keys of requests running on this instance, so a second request with a key in flight gets
+/// 409 at once instead of doing the work twice.
+#[derive(Default)]
+pub struct InFlight(Mutex<HashSet<IdempotencyKey>>);
+
+impl InFlight {
+    fn enter(&self, key: &IdempotencyKey) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+    }
+
+    fn leave(&self, key: &IdempotencyKey) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// Leaves the in-flight set however the request ends (a dropped connection cancels it).
+struct Entered<'a> {
+    in_flight: &'a InFlight,
+    key: &'a IdempotencyKey,
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.in_flight.leave(self.key);
+    }
 }
 
 /// Runs `work` under the request's Idempotency-Key, if it has one. `restore` fills in what a
@@ -39,59 +126,86 @@ pub async fn idempotent<F, Fut>(
     work: F,
 ) -> Response
 where
-    F: FnOnce(Option<IdempotencyClaim>) -> Fut,
-    Fut: Future<Output = Result<Done, ApiError>>,
+    F: FnOnce(Option<KeyContext>) -> Fut,
+    Fut: Future<Output = Result<Reply, ApiError>>,
 {
     let Some(key) = key else {
         return match work(None).await {
-            Ok(done) => done.reply.into_response(),
+            Ok(reply) => reply.into_response(),
             Err(error) => error.into_response(),
         };
     };
-    let key = IdempotencyKey {
-        scope: caller.scope(),
-        key,
+    let context = KeyContext(Arc::new(KeyState {
+        key: IdempotencyKey {
+            scope: caller.scope(),
+            key,
+        },
+        request_sha256: request_sha256(route, body),
+        outcome: Mutex::new(KeyOutcome::Open),
+    }));
+    let key = context.key().clone();
+    if !state.in_flight.enter(&key) {
+        return in_use().into_response();
+    }
+    let _entered = Entered {
+        in_flight: &state.in_flight,
+        key: &key,
     };
-    let log = state.handler.log();
-    let claim = match log
-        .begin_idempotent(&key, &request_sha256(route, body), ClaimOptions::default())
-        .await
-    {
-        Ok(Begin::Claimed(claim)) => claim,
-        Ok(Begin::Completed(stored)) => return replay(restore(state, stored)),
-        Ok(Begin::InFlight) => {
-            return ApiError::Conflict {
-                code: "idempotency_key_in_use",
-                detail: "a request with this Idempotency-Key is still in progress".into(),
-            }
-            .into_response()
-        }
-        Ok(Begin::Mismatch) => {
-            return ApiError::Unprocessable {
-                code: "idempotency_key_reused",
-                detail: "this Idempotency-Key was used with a different request".into(),
-            }
-            .into_response()
-        }
-        Err(error) => return ApiError::from(error).into_response(),
+    let outcome = work(Some(context.clone())).await;
+    let reply = match (context.outcome(), outcome) {
+        (KeyOutcome::Taken(record), _) => return answer(state, &context, &record, restore),
+        (KeyOutcome::Recorded, Ok(reply)) => return reply.into_response(),
+        (_, Err(error)) if error.status().is_server_error() => return error.into_response(),
+        (_, Ok(reply)) => reply,
+        (_, Err(error)) => error.to_reply(),
     };
-    let outcome = work(Some(claim.clone())).await;
-    let (reply, recorded) = match outcome {
-        Ok(done) => (done.reply, done.recorded),
-        Err(error) if error.status().is_server_error() => {
-            if let Err(abandon) = log.abandon_idempotent(&claim).await {
-                tracing::warn!(error = %abandon, "idempotency key not released");
-            }
-            return error.into_response();
-        }
-        Err(error) => (error.to_reply(), false),
+    // Nothing was appended (a refusal, a no-op): record the answer alone.
+    let record = IdempotencyRecord {
+        key: key.clone(),
+        request_sha256: context.request_sha256().to_owned(),
+        response: reply.to_stored(),
     };
-    if !recorded {
-        if let Err(error) = log.complete_idempotent(&claim, &reply.to_stored()).await {
+    let recorded = state
+        .handler
+        .log()
+        .append(AppendRequest {
+            streams: Vec::new(),
+            idempotency: Some(record),
+        })
+        .await;
+    match recorded {
+        Ok(_) => reply.into_response(),
+        Err(LogError::KeyTaken(record)) => answer(state, &context, &record, restore),
+        Err(error) => {
+            // The answer stands; a retry runs the request again and may answer the same.
             tracing::warn!(%error, "idempotent response not recorded");
+            reply.into_response()
         }
     }
-    reply.into_response()
+}
+
+/// The answer to a request whose key was recorded first by another request.
+fn answer(
+    state: &AppState,
+    context: &KeyContext,
+    record: &IdempotencyRecord,
+    restore: fn(&AppState, StoredResponse) -> StoredResponse,
+) -> Response {
+    match record.answer_to(context.request_sha256()) {
+        Prior::Same(stored) => replay(restore(state, stored)),
+        Prior::Different => ApiError::Unprocessable {
+            code: "idempotency_key_reused",
+            detail: "this Idempotency-Key was used with a different request".into(),
+        }
+        .into_response(),
+    }
+}
+
+fn in_use() -> ApiError {
+    ApiError::Conflict {
+        code: "idempotency_key_in_use",
+        detail: "a request with this Idempotency-Key is still in progress".into(),
+    }
 }
 
 /// Identifies "the same request": the route and the body, with JSON bodies compared by value

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use commands::handler::{Context, Idempotent};
-use commands::idempotency::IdempotencyClaim;
 use commands::trace::TraceParent;
 use commands::{CommandHandler, Executed};
 use domain::Aggregate;
@@ -17,6 +16,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
+use crate::idempotency::{InFlight, KeyContext};
 use crate::reply::Reply;
 
 /// Shared state, cheap to clone.
@@ -44,6 +44,8 @@ pub struct Shared {
     pub recent_writes: RecentWrites,
     /// The longest a query waits for that.
     pub read_your_writes_timeout: Duration,
+    /// Idempotency-Keys of requests running on this instance.
+    pub in_flight: InFlight,
     /// The key payment webhooks are signed with.
     pub webhook_secret: Vec<u8>,
     /// The log's mirror, for readiness.
@@ -80,26 +82,34 @@ impl AppState {
         AppState(Arc::new(shared))
     }
 
-    /// Executes a command; when a claim is given, the reply `render` makes of the new state is
-    /// recorded for it in the same transaction as the events.
+    /// Executes a command; under an Idempotency-Key, the reply `render` makes of the new state
+    /// is recorded under the key in the same transaction as the events.
     pub async fn execute<A: Aggregate>(
         &self,
         stream_id: &str,
         command: &A::Command,
         metadata: Metadata,
-        claim: Option<&IdempotencyClaim>,
+        key: Option<&KeyContext>,
         render: &(dyn Fn(&A::State) -> Reply + Send + Sync),
     ) -> Result<Executed<A>, ApiError> {
         let respond = |state: &A::State| render(state).to_stored();
         let mut context = Context::new(metadata);
-        context.idempotency = claim.map(|claim| Idempotent {
-            claim,
+        context.idempotency = key.map(|key| Idempotent {
+            key: key.key(),
+            request_sha256: key.request_sha256(),
             respond: &respond,
         });
         let executed = self
             .handler
             .execute::<A>(stream_id, command, &context)
-            .await?;
+            .await;
+        if let Some(key) = key {
+            let replayed = executed
+                .as_ref()
+                .is_ok_and(|e| e.appended.as_ref().is_none_or(|a| a.replayed));
+            key.appended(&executed, replayed);
+        }
+        let executed = executed?;
         let shown_in_read_model = projections::ProjectionName::of_stream(stream_id).is_some();
         if executed.appended.is_some() && shown_in_read_model {
             self.recent_writes.wrote(stream_id, executed.version);

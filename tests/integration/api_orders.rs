@@ -1,7 +1,5 @@
 //! Orders through the HTTP API: placing, reading, listing, cancelling, and Idempotency-Key.
 
-use commands::idempotency::{Begin, ClaimOptions, IdempotencyKey};
-use commands::EventLog;
 use harness::{expect_json, expect_problem, spawn_app, Backend, TestApp, OPERATOR_TOKEN};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -308,32 +306,44 @@ async fn the_owner_cancels_an_order_once(app: TestApp) {
 }
 
 #[tokio::test]
-async fn a_key_whose_first_request_is_still_running_is_in_use() {
-    let app = spawn_app(Backend::Postgres).await;
-    let (user_id, token) = app.create_user("Ada").await;
-    let campaign = app.create_campaign(10, 3).await;
-    let body = json!({"campaign_id": campaign["campaign_id"], "quantity": 1});
-    // Another instance took the key for the same request a moment ago and is still working.
-    let log = app.db.as_ref().unwrap().log();
-    let key = IdempotencyKey {
-        scope: format!("user:{user_id}"),
-        key: "busy".into(),
-    };
-    let hash = gateway::idempotency::request_sha256(
-        "POST /v1/orders",
-        &serde_json::to_vec(&body).unwrap(),
-    );
-    let begun = log
-        .begin_idempotent(&key, &hash, ClaimOptions::default())
-        .await
-        .unwrap();
-    assert!(matches!(begun, Begin::Claimed(_)));
-    expect_problem(
-        app.post("/v1/orders", &token, Some("busy"), &body).await,
-        StatusCode::CONFLICT,
-        "idempotency_key_in_use",
-    )
-    .await;
+async fn the_same_key_sent_many_times_at_once_places_one_order() {
+    for backend in [Backend::Embedded, Backend::Postgres] {
+        let app = spawn_app(backend).await;
+        let (_, token) = app.create_user("Ada").await;
+        let campaign = app.create_campaign(10, 3).await;
+        let body = json!({"campaign_id": campaign["campaign_id"], "quantity": 1});
+        let answers = futures::future::join_all(
+            (0..12).map(|_| app.post("/v1/orders", &token, Some("same-key"), &body)),
+        )
+        .await;
+        // Each answer is the order (first or replayed) or, while the first still runs on
+        // this instance, 409 idempotency_key_in_use; never a second order.
+        let mut orders = std::collections::HashSet::new();
+        for answer in answers {
+            match answer.status() {
+                StatusCode::ACCEPTED => {
+                    let order: Value = answer.json().await.unwrap();
+                    orders.insert(order["order_id"].as_str().unwrap().to_owned());
+                }
+                StatusCode::CONFLICT => {
+                    let problem: Value = answer.json().await.unwrap();
+                    assert_eq!(problem["code"], "idempotency_key_in_use");
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(orders.len(), 1, "{orders:?}");
+        let listed = expect_json(app.get("/v1/orders", &token).await, StatusCode::OK).await;
+        assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+        // Once it has finished, the key replays the order.
+        let again = app
+            .post("/v1/orders", &token, Some("same-key"), &body)
+            .await;
+        assert_eq!(again.status(), StatusCode::ACCEPTED);
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        let again: Value = again.json().await.unwrap();
+        assert!(orders.contains(again["order_id"].as_str().unwrap()));
+    }
 }
 
 #[tokio::test]

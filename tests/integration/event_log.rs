@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use commands::idempotency::{Begin, ClaimOptions, IdempotencyKey, StoredResponse};
+use commands::group_commit::{GroupCommit, GroupCommitOptions};
+use commands::idempotency::{IdempotencyKey, IdempotencyRecord, StoredResponse};
 use commands::log::memory::MemoryEventLog;
 use commands::log::Snapshot;
 use commands::{AppendRequest, EventLog, LogCursor, LogError, NewEvent, StreamAppend};
@@ -13,7 +14,43 @@ use harness::TestDb;
 use schemas::Metadata;
 use ulid::Ulid;
 
-on_both_logs!(
+/// Runs a contract test on both logs, alone and behind a group commit.
+macro_rules! on_every_log {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            use std::sync::Arc;
+
+            #[tokio::test]
+            async fn memory() {
+                super::$name(Arc::new(commands::log::memory::MemoryEventLog::new())).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let db = harness::TestDb::new().await;
+                super::$name(db.log()).await;
+            }
+
+            #[tokio::test]
+            async fn memory_group_committed() {
+                let log = Arc::new(commands::log::memory::MemoryEventLog::new());
+                super::$name(super::group_committed(log)).await;
+            }
+
+            #[tokio::test]
+            async fn postgres_group_committed() {
+                let db = harness::TestDb::new().await;
+                super::$name(super::group_committed(db.log())).await;
+            }
+        }
+    )*};
+}
+
+fn group_committed(log: Arc<dyn EventLog>) -> Arc<dyn EventLog> {
+    Arc::new(GroupCommit::new(log, GroupCommitOptions::default()))
+}
+
+on_every_log!(
     appended_events_read_back_in_version_order_with_their_envelope,
     an_append_at_a_stale_version_conflicts_and_stores_nothing,
     an_expected_version_ahead_of_the_stream_conflicts_instead_of_leaving_a_gap,
@@ -21,10 +58,13 @@ on_both_logs!(
     resending_an_append_that_was_stored_is_a_no_op,
     the_global_log_is_read_in_pages_without_gaps_or_repeats,
     a_snapshot_is_replaced_only_by_a_newer_one,
-    an_idempotency_key_is_claimed_once_and_replays_its_response,
-    an_append_completes_its_idempotency_claim_atomically,
+    an_idempotency_key_is_recorded_once_and_found_again,
+    an_append_records_its_idempotency_key_atomically,
+    a_batch_gives_each_append_its_own_outcome,
+    many_concurrent_appends_each_get_their_own_outcome,
     an_empty_or_oversized_append_is_refused,
     local_appends_wake_readers,
+    several_streams_are_read_in_one_call,
 );
 
 fn stream() -> String {
@@ -245,125 +285,198 @@ fn response(status: u16) -> StoredResponse {
     }
 }
 
-async fn an_idempotency_key_is_claimed_once_and_replays_its_response(log: Arc<dyn EventLog>) {
-    let k = key("claim");
-    let options = ClaimOptions::default();
-    let Begin::Claimed(claim) = log.begin_idempotent(&k, "hash-a", options).await.unwrap() else {
-        panic!("a new key is claimed")
-    };
-    assert_eq!(
-        log.begin_idempotent(&k, "hash-a", options).await.unwrap(),
-        Begin::InFlight
-    );
-    assert_eq!(
-        log.begin_idempotent(&k, "hash-b", options).await.unwrap(),
-        Begin::Mismatch
-    );
+fn record(k: &IdempotencyKey, request_sha256: &str, status: u16) -> IdempotencyRecord {
+    IdempotencyRecord {
+        key: k.clone(),
+        request_sha256: request_sha256.into(),
+        response: response(status),
+    }
+}
 
-    // Another caller's key of the same name is independent.
-    let other = IdempotencyKey {
-        scope: "user:02OTHER".into(),
-        key: k.key.clone(),
-    };
-    assert!(matches!(
-        log.begin_idempotent(&other, "hash-b", options)
-            .await
-            .unwrap(),
-        Begin::Claimed(_)
-    ));
+/// An append that records a key and nothing else: the answer of a request that was refused.
+fn key_only(record: IdempotencyRecord) -> AppendRequest {
+    AppendRequest {
+        streams: vec![],
+        idempotency: Some(record),
+    }
+}
 
-    log.complete_idempotent(&claim, &response(201))
+fn taken(outcome: Result<commands::Appended, LogError>) -> IdempotencyRecord {
+    match outcome {
+        Err(LogError::KeyTaken(record)) => *record,
+        other => panic!("expected the key to be taken, got {other:?}"),
+    }
+}
+
+async fn an_idempotency_key_is_recorded_once_and_found_again(log: Arc<dyn EventLog>) {
+    let k = key("record");
+    assert_eq!(log.find_idempotent(&k).await.unwrap(), None);
+    log.append(key_only(record(&k, "hash-a", 422)))
         .await
         .unwrap();
     assert_eq!(
-        log.begin_idempotent(&k, "hash-a", options).await.unwrap(),
-        Begin::Completed(response(201))
+        log.find_idempotent(&k).await.unwrap(),
+        Some(record(&k, "hash-a", 422))
     );
-    assert_eq!(
-        log.begin_idempotent(&k, "hash-b", options).await.unwrap(),
-        Begin::Mismatch
-    );
-    assert!(matches!(
-        log.complete_idempotent(&claim, &response(500)).await,
-        Err(LogError::ClaimLost)
-    ));
 
-    // An abandoned key is free again.
-    let k2 = key("abandon");
-    let Begin::Claimed(claim2) = log.begin_idempotent(&k2, "h", options).await.unwrap() else {
-        panic!()
-    };
-    log.abandon_idempotent(&claim2).await.unwrap();
-    assert!(matches!(
-        log.begin_idempotent(&k2, "h", options).await.unwrap(),
-        Begin::Claimed(_)
-    ));
+    // The key is taken: by the same request (a retry) or another, the first record stands.
+    let again = taken(log.append(key_only(record(&k, "hash-a", 201))).await);
+    assert_eq!(again, record(&k, "hash-a", 422));
+    let other_body = taken(log.append(key_only(record(&k, "hash-b", 201))).await);
+    assert_eq!(other_body.request_sha256, "hash-a");
 
-    // A claim whose lease ran out (its request crashed) is taken over by a retry of the same
-    // request, and the old claim can no longer complete.
-    let k3 = key("lease");
-    let short = ClaimOptions {
-        lease: Duration::from_millis(50),
+    // Another caller's key of the same name is independent.
+    let other_caller = IdempotencyKey {
+        scope: "user:02OTHER".into(),
+        key: k.key.clone(),
     };
-    let Begin::Claimed(stale) = log.begin_idempotent(&k3, "h", short).await.unwrap() else {
-        panic!()
-    };
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    log.append(key_only(record(&other_caller, "hash-b", 201)))
+        .await
+        .unwrap();
     assert_eq!(
-        log.begin_idempotent(&k3, "other-body", options)
-            .await
-            .unwrap(),
-        Begin::Mismatch
+        log.find_idempotent(&k).await.unwrap().unwrap().response,
+        response(422)
     );
-    assert!(matches!(
-        log.begin_idempotent(&k3, "h", options).await.unwrap(),
-        Begin::Claimed(_)
-    ));
-    assert!(matches!(
-        log.complete_idempotent(&stale, &response(201)).await,
-        Err(LogError::ClaimLost)
-    ));
 }
 
-async fn an_append_completes_its_idempotency_claim_atomically(log: Arc<dyn EventLog>) {
-    let options = ClaimOptions::default();
+async fn an_append_records_its_idempotency_key_atomically(log: Arc<dyn EventLog>) {
     let s = stream();
     let k = key("append");
-    let Begin::Claimed(claim) = log.begin_idempotent(&k, "h", options).await.unwrap() else {
-        panic!()
-    };
     let mut request = append(&s, 0, vec![event(1)]);
-    request.idempotency = Some((claim.clone(), response(202)));
+    request.idempotency = Some(record(&k, "h", 202));
     log.append(request).await.unwrap();
     assert_eq!(
-        log.begin_idempotent(&k, "h", options).await.unwrap(),
-        Begin::Completed(response(202))
+        log.find_idempotent(&k).await.unwrap(),
+        Some(record(&k, "h", 202))
     );
 
-    // A conflicting append records no response: the key stays in flight for the retry.
+    // A conflicting append records no key: the retry runs again.
     let k2 = key("conflict");
-    let Begin::Claimed(claim2) = log.begin_idempotent(&k2, "h", options).await.unwrap() else {
-        panic!()
-    };
     let mut conflicting = append(&s, 0, vec![event(2)]);
-    conflicting.idempotency = Some((claim2.clone(), response(202)));
+    conflicting.idempotency = Some(record(&k2, "h", 202));
     assert!(matches!(
         log.append(conflicting).await,
         Err(LogError::Conflict { .. })
     ));
-    assert_eq!(
-        log.begin_idempotent(&k2, "h", options).await.unwrap(),
-        Begin::InFlight
-    );
+    assert_eq!(log.find_idempotent(&k2).await.unwrap(), None);
 
-    // An append under a claim that was lost stores nothing.
-    log.complete_idempotent(&claim2, &response(409))
+    // An append under a key that is taken stores nothing, and says what the key holds.
+    let mut late = append(&s, 1, vec![event(3)]);
+    late.idempotency = Some(record(&k, "h", 202));
+    assert_eq!(taken(log.append(late).await), record(&k, "h", 202));
+    assert_eq!(log.read_stream(&s, 0, 10).await.unwrap().len(), 1);
+}
+
+async fn a_batch_gives_each_append_its_own_outcome(log: Arc<dyn EventLog>) {
+    let (fresh, stale, resent, keyed) = (stream(), stream(), stream(), stream());
+    log.append(append(&stale, 0, vec![event(1)])).await.unwrap();
+    let stored_before = vec![event(2)];
+    let first = log
+        .append(append(&resent, 0, stored_before.clone()))
         .await
         .unwrap();
-    let mut lost = append(&s, 1, vec![event(3)]);
-    lost.idempotency = Some((claim2, response(202)));
-    assert!(matches!(log.append(lost).await, Err(LogError::ClaimLost)));
-    assert_eq!(log.read_stream(&s, 0, 10).await.unwrap().len(), 1);
+    let used = key("used");
+    log.append(key_only(record(&used, "h", 201))).await.unwrap();
+    let new_key = key("new");
+
+    let mut under_used_key = append(&keyed, 0, vec![event(3)]);
+    under_used_key.idempotency = Some(record(&used, "h", 202));
+    let outcomes = log
+        .append_batch(vec![
+            append(&fresh, 0, vec![event(4), event(5)]),
+            append(&stale, 0, vec![event(6)]),
+            append(&resent, 0, stored_before),
+            under_used_key,
+            key_only(record(&new_key, "h", 422)),
+            append(&fresh, 2, vec![]),
+        ])
+        .await;
+    assert_eq!(outcomes.len(), 6);
+    let mut outcomes = outcomes.into_iter();
+    let appended = outcomes.next().unwrap().unwrap();
+    assert!(!appended.replayed);
+    assert!(matches!(
+        outcomes.next().unwrap(),
+        Err(LogError::Conflict { .. })
+    ));
+    let again = outcomes.next().unwrap().unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.last, first.last);
+    assert_eq!(taken(outcomes.next().unwrap()).response, response(201));
+    outcomes.next().unwrap().unwrap();
+    assert!(matches!(
+        outcomes.next().unwrap(),
+        Err(LogError::InvalidAppend(_))
+    ));
+
+    // Each append stored exactly what its own outcome says.
+    assert_eq!(log.read_stream(&fresh, 0, 10).await.unwrap().len(), 2);
+    assert_eq!(log.read_stream(&stale, 0, 10).await.unwrap().len(), 1);
+    assert_eq!(log.read_stream(&resent, 0, 10).await.unwrap().len(), 1);
+    assert!(log.read_stream(&keyed, 0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        log.find_idempotent(&new_key).await.unwrap(),
+        Some(record(&new_key, "h", 422))
+    );
+}
+
+async fn many_concurrent_appends_each_get_their_own_outcome(log: Arc<dyn EventLog>) {
+    // 200 writers: each appends to a stream of its own, and every fourth also races another
+    // writer for a shared stream at version 0, where exactly one of each pair can win.
+    let shared: Vec<String> = (0..25).map(|_| stream()).collect();
+    let own: Vec<String> = (0..200).map(|_| stream()).collect();
+    let tasks = own.iter().enumerate().map(|(i, s)| {
+        let log = Arc::clone(&log);
+        let racing = (i % 4 == 0).then(|| shared[i / 8].clone());
+        let s = s.clone();
+        async move {
+            let mine = log.append(append(&s, 0, vec![event(i as i64)])).await;
+            let race = match racing {
+                Some(r) => Some(log.append(append(&r, 0, vec![event(i as i64)])).await),
+                None => None,
+            };
+            (mine, race)
+        }
+    });
+    let results = futures::future::join_all(tasks).await;
+    for (mine, _) in &results {
+        assert!(!mine.as_ref().unwrap().replayed);
+    }
+    let wins = results
+        .iter()
+        .filter_map(|(_, race)| race.as_ref())
+        .filter(|r| r.is_ok())
+        .count();
+    let losses = results
+        .iter()
+        .filter_map(|(_, race)| race.as_ref())
+        .filter(|r| matches!(r, Err(LogError::Conflict { .. })))
+        .count();
+    assert_eq!((wins, losses), (25, 25));
+    for s in own.iter().chain(&shared) {
+        assert_eq!(log.read_stream(s, 0, 10).await.unwrap().len(), 1, "{s}");
+    }
+}
+
+async fn several_streams_are_read_in_one_call(log: Arc<dyn EventLog>) {
+    let (a, b, missing) = (stream(), stream(), stream());
+    log.append(append(&a, 0, vec![event(1), event(2)]))
+        .await
+        .unwrap();
+    log.append(append(&b, 0, vec![event(3)])).await.unwrap();
+    let read = log
+        .read_streams(&[b.clone(), missing, a.clone(), b.clone()], 100)
+        .await
+        .unwrap();
+    let mut expected = vec![(a.clone(), 1), (a.clone(), 2), (b.clone(), 1)];
+    expected.sort();
+    assert_eq!(
+        read.iter()
+            .map(|r| (r.envelope.stream_id.clone(), r.envelope.stream_version))
+            .collect::<Vec<_>>(),
+        expected
+    );
+    assert_eq!(log.read_streams(&[a, b], 2).await.unwrap().len(), 2);
 }
 
 async fn an_empty_or_oversized_append_is_refused(log: Arc<dyn EventLog>) {
@@ -577,4 +690,59 @@ async fn the_memory_log_satisfies_the_same_contract_from_many_tasks() {
         wins += usize::from(t.await.unwrap());
     }
     assert_eq!(wins, 1);
+}
+
+#[tokio::test]
+async fn a_failed_group_commit_fails_every_append_of_it_and_stores_nothing() {
+    let db = TestDb::new().await;
+    let log = db.log();
+    let (good, bad) = (stream(), stream());
+    let k = key("failed-batch");
+    let mut keyed = append(&good, 0, vec![event(1)]);
+    keyed.idempotency = Some(record(&k, "h", 202));
+    // The database refuses a schema version of 0 (a CHECK constraint): the whole transaction
+    // fails, not just the append that carried it.
+    let mut broken = event(2);
+    broken.event.schema_version = 0;
+    let outcomes = log
+        .append_batch(vec![keyed.clone(), append(&bad, 0, vec![broken])])
+        .await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(LogError::BatchFailed(_)))),
+        "{outcomes:?}"
+    );
+    assert!(log.read_stream(&good, 0, 10).await.unwrap().is_empty());
+    assert_eq!(log.find_idempotent(&k).await.unwrap(), None);
+
+    // Nothing was lost: the same append goes through on its own.
+    log.append(keyed).await.unwrap();
+    assert_eq!(log.read_stream(&good, 0, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_appends_share_transactions() {
+    let db = TestDb::new().await;
+    let log = group_committed(db.log());
+    let streams: Vec<String> = (0..200).map(|_| stream()).collect();
+    let appended = futures::future::join_all(
+        streams
+            .iter()
+            .map(|s| log.append(append(s, 0, vec![event(1)]))),
+    )
+    .await;
+    let mut transactions: Vec<u64> = appended
+        .into_iter()
+        .map(|a| a.unwrap().last.transaction_id)
+        .collect();
+    transactions.sort_unstable();
+    transactions.dedup();
+    assert!(
+        transactions.len() < streams.len(),
+        "every append had a transaction of its own"
+    );
+    for s in &streams {
+        assert_eq!(log.read_stream(s, 0, 10).await.unwrap().len(), 1);
+    }
 }

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use commands::handler::{Context, HandlerOptions};
-use commands::idempotency::{
-    Begin, ClaimOptions, IdempotencyClaim, IdempotencyKey, StoredResponse,
-};
+use commands::idempotency::{IdempotencyKey, IdempotencyRecord};
 use commands::log::Snapshot;
 use commands::subscription::Handler;
 use commands::{
@@ -433,9 +431,8 @@ struct DyingLog {
     after_storing: bool,
 }
 
-#[async_trait]
-impl EventLog for DyingLog {
-    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+impl DyingLog {
+    async fn append_one(&self, request: AppendRequest) -> Result<Appended, LogError> {
         let n = self.appends.fetch_add(1, AtomicOrdering::SeqCst) + 1;
         if n != self.kill_at {
             return self.inner.append(request).await;
@@ -444,6 +441,24 @@ impl EventLog for DyingLog {
             self.inner.append(request).await?;
         }
         Err(LogError::InvalidAppend("the worker died here"))
+    }
+}
+
+#[async_trait]
+impl EventLog for DyingLog {
+    async fn append_batch(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, LogError>> {
+        let mut outcomes = Vec::new();
+        for request in requests {
+            outcomes.push(self.append_one(request).await);
+        }
+        outcomes
+    }
+    async fn read_streams(
+        &self,
+        ids: &[String],
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.inner.read_streams(ids, limit).await
     }
     async fn read_stream(
         &self,
@@ -472,23 +487,11 @@ impl EventLog for DyingLog {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), LogError> {
         self.inner.save_snapshot(snapshot).await
     }
-    async fn begin_idempotent(
+    async fn find_idempotent(
         &self,
         k: &IdempotencyKey,
-        h: &str,
-        o: ClaimOptions,
-    ) -> Result<Begin, LogError> {
-        self.inner.begin_idempotent(k, h, o).await
-    }
-    async fn complete_idempotent(
-        &self,
-        c: &IdempotencyClaim,
-        r: &StoredResponse,
-    ) -> Result<(), LogError> {
-        self.inner.complete_idempotent(c, r).await
-    }
-    async fn abandon_idempotent(&self, c: &IdempotencyClaim) -> Result<(), LogError> {
-        self.inner.abandon_idempotent(c).await
+    ) -> Result<Option<IdempotencyRecord>, LogError> {
+        self.inner.find_idempotent(k).await
     }
     fn appends(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.appends()

@@ -1,7 +1,7 @@
 //! The embedded event log: everything in process memory, gone when the process ends.
 //!
 //! It keeps the Postgres log's semantics exactly (expected versions, atomic multi-stream
-//! appends, idempotent re-sends, idempotency claims), so the embedded default behaves like
+//! appends, idempotent re-sends, Idempotency-Key records), so the embedded default behaves like
 //! production; the shared test suite in `tests/integration/event_log.rs` holds both to it.
 
 use std::collections::HashMap;
@@ -16,9 +16,7 @@ use ulid::Ulid;
 use super::{
     check_request, AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot,
 };
-use crate::idempotency::{
-    Begin, ClaimOptions, IdempotencyClaim, IdempotencyKey, StoredResponse, IDEMPOTENCY_KEY_TTL_S,
-};
+use crate::idempotency::{IdempotencyKey, IdempotencyRecord, IDEMPOTENCY_KEY_TTL_S};
 
 /// An event log in memory.
 pub struct MemoryEventLog {
@@ -39,11 +37,14 @@ struct Inner {
 }
 
 struct KeyRecord {
-    request_sha256: String,
-    claim_id: Ulid,
-    locked_until: Instant,
+    record: IdempotencyRecord,
     created_at: Instant,
-    response: Option<StoredResponse>,
+}
+
+impl KeyRecord {
+    fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.created_at).as_secs() >= IDEMPOTENCY_KEY_TTL_S
+    }
 }
 
 impl Default for MemoryEventLog {
@@ -70,22 +71,26 @@ impl MemoryEventLog {
     }
 }
 
-#[async_trait]
-impl EventLog for MemoryEventLog {
-    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+impl Inner {
+    /// One request, atomically: everything is checked before anything is stored.
+    fn append(&mut self, request: AppendRequest) -> Result<Appended, LogError> {
         let count = check_request(&request)?;
-        let mut inner = self.lock();
-
+        let now = Instant::now();
+        if let Some(record) = &request.idempotency {
+            if let Some(taken) = self.keys.get(&record.key).filter(|k| !k.expired(now)) {
+                return Err(LogError::KeyTaken(Box::new(taken.record.clone())));
+            }
+        }
         let stored: Vec<usize> = request
             .streams
             .iter()
             .flat_map(|s| &s.events)
-            .filter_map(|e| inner.event_ids.get(&e.event_id).copied())
+            .filter_map(|e| self.event_ids.get(&e.event_id).copied())
             .collect();
-        if stored.len() == count {
+        if count > 0 && stored.len() == count {
             let last = stored
                 .iter()
-                .map(|&i| inner.events[i].cursor)
+                .map(|&i| self.events[i].cursor)
                 .max()
                 .expect("count > 0");
             return Ok(Appended {
@@ -94,7 +99,7 @@ impl EventLog for MemoryEventLog {
             });
         }
         for stream in &request.streams {
-            let version = inner
+            let version = self
                 .streams
                 .get(&stream.stream_id)
                 .map_or(0, |v| v.len() as u64);
@@ -107,23 +112,14 @@ impl EventLog for MemoryEventLog {
                 });
             }
         }
-        if let Some((claim, _)) = &request.idempotency {
-            let owned = inner
-                .keys
-                .get(&claim.key)
-                .is_some_and(|k| k.claim_id == claim.claim_id && k.response.is_none());
-            if !owned {
-                return Err(LogError::ClaimLost);
-            }
-        }
 
-        inner.transactions += 1;
-        let transaction_id = inner.transactions;
+        self.transactions += 1;
+        let transaction_id = self.transactions;
         let recorded_at = chrono::Utc::now();
         let mut last = LogCursor::default();
         for stream in request.streams {
             for (offset, event) in stream.events.into_iter().enumerate() {
-                let index = inner.events.len();
+                let index = self.events.len();
                 let cursor = LogCursor {
                     transaction_id,
                     global_position: index as u64 + 1,
@@ -139,26 +135,65 @@ impl EventLog for MemoryEventLog {
                     metadata: event.metadata,
                     data: event.event.data,
                 };
-                inner.events.push(RecordedEvent { cursor, envelope });
-                inner.event_ids.insert(event.event_id, index);
-                inner
-                    .streams
+                self.events.push(RecordedEvent { cursor, envelope });
+                self.event_ids.insert(event.event_id, index);
+                self.streams
                     .entry(stream.stream_id.clone())
                     .or_default()
                     .push(index);
                 last = cursor;
             }
         }
-        if let Some((claim, response)) = request.idempotency {
-            let key = inner.keys.get_mut(&claim.key).expect("claim checked above");
-            key.response = Some(response);
+        if let Some(record) = request.idempotency {
+            self.keys.insert(
+                record.key.clone(),
+                KeyRecord {
+                    record,
+                    created_at: now,
+                },
+            );
         }
-        drop(inner);
-        self.appends.send_modify(|n| *n += 1);
         Ok(Appended {
             last,
             replayed: false,
         })
+    }
+}
+
+#[async_trait]
+impl EventLog for MemoryEventLog {
+    async fn append_batch(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, LogError>> {
+        let mut inner = self.lock();
+        let outcomes: Vec<_> = requests
+            .into_iter()
+            .map(|request| inner.append(request))
+            .collect();
+        drop(inner);
+        if outcomes
+            .iter()
+            .any(|o| o.as_ref().is_ok_and(|a| !a.replayed))
+        {
+            self.appends.send_modify(|n| *n += 1);
+        }
+        outcomes
+    }
+
+    async fn read_streams(
+        &self,
+        stream_ids: &[String],
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let inner = self.lock();
+        let mut ids: Vec<&String> = stream_ids.iter().collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| inner.streams.get(id))
+            .flatten()
+            .take(limit.min(super::READ_EVENTS_MAX))
+            .map(|&i| inner.events[i].clone())
+            .collect())
     }
 
     async fn read_stream(
@@ -229,69 +264,16 @@ impl EventLog for MemoryEventLog {
         Ok(())
     }
 
-    async fn begin_idempotent(
+    async fn find_idempotent(
         &self,
         key: &IdempotencyKey,
-        request_sha256: &str,
-        options: ClaimOptions,
-    ) -> Result<Begin, LogError> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        let claim = IdempotencyClaim {
-            key: key.clone(),
-            claim_id: Ulid::new(),
-        };
-        let fresh = KeyRecord {
-            request_sha256: request_sha256.to_owned(),
-            claim_id: claim.claim_id,
-            locked_until: now + options.lease,
-            created_at: now,
-            response: None,
-        };
-        let Some(record) = inner.keys.get_mut(key) else {
-            inner.keys.insert(key.clone(), fresh);
-            return Ok(Begin::Claimed(claim));
-        };
-        let expired = now.duration_since(record.created_at).as_secs() >= IDEMPOTENCY_KEY_TTL_S;
-        let stale = record.response.is_none() && record.locked_until <= now;
-        if expired || (stale && record.request_sha256 == request_sha256) {
-            *record = fresh;
-            return Ok(Begin::Claimed(claim));
-        }
-        Ok(if record.request_sha256 != request_sha256 {
-            Begin::Mismatch
-        } else if let Some(response) = &record.response {
-            Begin::Completed(response.clone())
-        } else {
-            Begin::InFlight
-        })
-    }
-
-    async fn complete_idempotent(
-        &self,
-        claim: &IdempotencyClaim,
-        response: &StoredResponse,
-    ) -> Result<(), LogError> {
-        let mut inner = self.lock();
-        match inner.keys.get_mut(&claim.key) {
-            Some(record) if record.claim_id == claim.claim_id && record.response.is_none() => {
-                record.response = Some(response.clone());
-                Ok(())
-            }
-            _ => Err(LogError::ClaimLost),
-        }
-    }
-
-    async fn abandon_idempotent(&self, claim: &IdempotencyClaim) -> Result<(), LogError> {
-        let mut inner = self.lock();
-        if inner
+    ) -> Result<Option<IdempotencyRecord>, LogError> {
+        let inner = self.lock();
+        Ok(inner
             .keys
-            .get(&claim.key)
-            .is_some_and(|r| r.claim_id == claim.claim_id && r.response.is_none())
-        {
-            inner.keys.remove(&claim.key);
-        }
-        Ok(())
+            .get(key)
+            .filter(|k| !k.expired(Instant::now()))
+            .map(|k| k.record.clone()))
     }
 
     fn appends(&self) -> watch::Receiver<u64> {

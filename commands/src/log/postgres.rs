@@ -24,7 +24,7 @@ use super::{
     check_request, AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot,
 };
 use crate::idempotency::{
-    Begin, ClaimOptions, IdempotencyClaim, IdempotencyKey, StoredResponse, IDEMPOTENCY_KEY_TTL_S,
+    IdempotencyKey, IdempotencyRecord, StoredResponse, IDEMPOTENCY_KEY_TTL_S,
 };
 
 /// Connection settings for the Postgres log.
@@ -54,6 +54,10 @@ pub struct PgEventLog {
     appends: watch::Sender<u64>,
 }
 
+/// Inserts the events of a whole group commit. A row that would break a unique constraint
+/// (its stream version or its event id is taken) or whose stream's predecessor version is
+/// missing is skipped rather than failing the statement; the caller finds the requests that
+/// lost a row and takes the rest of their rows out again before committing.
 const INSERT_EVENTS: &str = "
 INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata)
 SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.data, e.metadata
@@ -63,7 +67,24 @@ FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jso
 WHERE e.follows_version = 0
    OR EXISTS (SELECT 1 FROM events p WHERE p.stream_id = e.stream_id AND p.stream_version = e.follows_version)
 ORDER BY e.ord
-RETURNING global_position, transaction_id::text";
+ON CONFLICT DO NOTHING
+RETURNING event_id, global_position, transaction_id::text";
+
+/// Records the Idempotency-Keys of a group commit; a key recorded already (and not expired)
+/// is left alone and not returned.
+const INSERT_KEYS: &str = "
+INSERT INTO idempotency_keys (scope, key, request_sha256, response_status, response_headers, response_body)
+SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[], $6::bytea[])
+ON CONFLICT (scope, key) DO UPDATE SET request_sha256 = EXCLUDED.request_sha256,
+    response_status = EXCLUDED.response_status, response_headers = EXCLUDED.response_headers,
+    response_body = EXCLUDED.response_body, created_at = now()
+WHERE idempotency_keys.created_at < now() - make_interval(secs => $7)
+RETURNING scope, key";
+
+const SELECT_KEYS: &str =
+    "SELECT scope, key, request_sha256, response_status, response_headers, response_body \
+     FROM idempotency_keys WHERE created_at >= now() - make_interval(secs => $3) \
+     AND (scope, key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))";
 
 const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
      schema_version, data, metadata, recorded_at, transaction_id::text AS transaction_id FROM events";
@@ -113,92 +134,322 @@ impl PgEventLog {
     }
 }
 
-#[async_trait]
-impl EventLog for PgEventLog {
-    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
-        let count = check_request(&request)?;
-        let mut event_ids = Vec::with_capacity(count);
-        let mut stream_ids = Vec::with_capacity(count);
-        let mut versions = Vec::with_capacity(count);
-        let mut types = Vec::with_capacity(count);
-        let mut schema_versions = Vec::with_capacity(count);
-        let mut data = Vec::with_capacity(count);
-        let mut metadata = Vec::with_capacity(count);
-        let mut follows = Vec::with_capacity(count);
-        for stream in &request.streams {
-            let expected = i64::try_from(stream.expected_version)
-                .map_err(|_| LogError::InvalidAppend("expected version out of range"))?;
-            for (offset, event) in stream.events.iter().enumerate() {
-                event_ids.push(Uuid::from(event.event_id));
-                stream_ids.push(stream.stream_id.as_str());
-                versions.push(expected + offset as i64 + 1);
-                types.push(event.event.event_type.as_str());
-                schema_versions.push(event.event.schema_version as i32);
-                data.push(&event.event.data);
-                metadata.push(serde_json::to_value(&event.metadata).expect("metadata serializes"));
-                follows.push(if offset == 0 { expected } else { 0 });
+/// One request of a group commit on its way through the transaction.
+struct Pending {
+    /// Its place in the batch, and so of its outcome.
+    index: usize,
+    request: AppendRequest,
+    /// Its events' ids, in order.
+    event_ids: Vec<Uuid>,
+    /// Rows of it the insert stored: (event id, cursor).
+    stored: Vec<(Uuid, LogCursor)>,
+    /// Whether its key, if it has one, was recorded (and kept: a request that lost a row
+    /// takes its key out again).
+    key_recorded: bool,
+    /// Whether its key was recorded already by another request.
+    key_taken: bool,
+}
+
+impl Pending {
+    fn complete(&self) -> bool {
+        self.stored.len() == self.event_ids.len()
+    }
+}
+
+impl PgEventLog {
+    /// Runs one group commit's transaction over `pending` (valid, non-overlapping requests),
+    /// filling in what each stored. Requests that lost a row, or whose key was taken, have
+    /// their other rows taken out again before the commit.
+    async fn commit_batch(&self, pending: &mut [Pending]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let keyed: Vec<usize> = (0..pending.len())
+            .filter(|&i| pending[i].request.idempotency.is_some())
+            .collect();
+        if !keyed.is_empty() {
+            let records: Vec<&IdempotencyRecord> = keyed
+                .iter()
+                .map(|&i| pending[i].request.idempotency.as_ref().expect("keyed"))
+                .collect();
+            let recorded: Vec<(String, String)> = sqlx::query_as(INSERT_KEYS)
+                .bind(
+                    records
+                        .iter()
+                        .map(|r| r.key.scope.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    records
+                        .iter()
+                        .map(|r| r.key.key.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    records
+                        .iter()
+                        .map(|r| r.request_sha256.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    records
+                        .iter()
+                        .map(|r| r.response.status as i16)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    records
+                        .iter()
+                        .map(|r| {
+                            serde_json::to_value(&r.response.headers).expect("headers serialize")
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    records
+                        .iter()
+                        .map(|r| r.response.body.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(IDEMPOTENCY_KEY_TTL_S as f64)
+                .fetch_all(&mut *tx)
+                .await?;
+            for &i in &keyed {
+                let key = &pending[i].request.idempotency.as_ref().expect("keyed").key;
+                let won = recorded
+                    .iter()
+                    .any(|(scope, k)| *scope == key.scope && *k == key.key);
+                pending[i].key_recorded = won;
+                pending[i].key_taken = !won;
             }
         }
 
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(INSERT_EVENTS)
-            .bind(&event_ids)
-            .bind(&stream_ids)
-            .bind(&versions)
-            .bind(&types)
-            .bind(&schema_versions)
-            .bind(&data)
-            .bind(&metadata)
-            .bind(&follows)
-            .fetch_all(&mut *tx)
-            .await;
-        let conflict = || {
-            let first = &request.streams[0];
-            LogError::Conflict {
-                stream_id: first.stream_id.clone(),
-                expected_version: first.expected_version,
+        let mut event_ids = Vec::new();
+        let mut stream_ids = Vec::new();
+        let mut versions = Vec::new();
+        let mut types = Vec::new();
+        let mut schema_versions = Vec::new();
+        let mut data = Vec::new();
+        let mut metadata = Vec::new();
+        let mut follows = Vec::new();
+        let mut owner = std::collections::HashMap::new();
+        for (slot, p) in pending.iter().enumerate() {
+            if p.key_taken {
+                continue;
             }
-        };
-        let rows = match inserted {
-            Ok(rows) => rows,
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-                tx.rollback().await?;
-                // Either another writer took a version, or this very append was sent before
-                // and committed (the client did not hear back). Only the second is a success.
-                let stored = self.cursors_of(&event_ids).await?;
-                return match stored.iter().max() {
-                    Some(&last) if stored.len() == count => Ok(Appended {
-                        last,
-                        replayed: true,
-                    }),
-                    _ => Err(conflict()),
-                };
+            for stream in &p.request.streams {
+                let expected = stream.expected_version as i64;
+                for (offset, event) in stream.events.iter().enumerate() {
+                    let id = Uuid::from(event.event_id);
+                    owner.insert(id, slot);
+                    event_ids.push(id);
+                    stream_ids.push(stream.stream_id.as_str());
+                    versions.push(expected + offset as i64 + 1);
+                    types.push(event.event.event_type.as_str());
+                    schema_versions.push(event.event.schema_version as i32);
+                    data.push(&event.event.data);
+                    metadata
+                        .push(serde_json::to_value(&event.metadata).expect("metadata serializes"));
+                    follows.push(if offset == 0 { expected } else { 0 });
+                }
             }
-            Err(e) => return Err(e.into()),
-        };
-        if rows.len() != count {
-            // An expected version ahead of the stream: refused rather than leaving a gap.
-            tx.rollback().await?;
-            return Err(conflict());
         }
-        if let Some((claim, response)) = &request.idempotency {
-            let done = complete_claim(&mut *tx, claim, response).await?;
-            if !done {
-                tx.rollback().await?;
-                return Err(LogError::ClaimLost);
+        if !event_ids.is_empty() {
+            let rows = sqlx::query(INSERT_EVENTS)
+                .bind(&event_ids)
+                .bind(&stream_ids)
+                .bind(&versions)
+                .bind(&types)
+                .bind(&schema_versions)
+                .bind(&data)
+                .bind(&metadata)
+                .bind(&follows)
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in &rows {
+                let id: Uuid = row.get(0);
+                let cursor =
+                    cursor_of(row, 1, 2).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                pending[owner[&id]].stored.push((id, cursor));
             }
+        }
+
+        // Requests that lost a row, or recorded a key without all their events, are taken
+        // out again: every request is all or nothing.
+        let broken: Vec<&Pending> = pending
+            .iter()
+            .filter(|p| !p.complete() && (p.key_recorded || !p.stored.is_empty()))
+            .collect();
+        let positions: Vec<i64> = broken
+            .iter()
+            .flat_map(|p| p.stored.iter().map(|(_, c)| c.global_position as i64))
+            .collect();
+        if !positions.is_empty() {
+            sqlx::query("DELETE FROM events WHERE global_position = ANY($1)")
+                .bind(&positions)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let keys: Vec<&IdempotencyKey> = broken
+            .iter()
+            .filter(|p| p.key_recorded)
+            .filter_map(|p| p.request.idempotency.as_ref().map(|r| &r.key))
+            .collect();
+        if !keys.is_empty() {
+            sqlx::query(
+                "DELETE FROM idempotency_keys WHERE (scope, key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+            )
+            .bind(keys.iter().map(|k| k.scope.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
-        self.appends.send_modify(|n| *n += 1);
-        let last = rows
-            .iter()
-            .map(|row| cursor_of(row, 0, 1))
-            .collect::<Result<Vec<_>, _>>()?;
-        let last = last.into_iter().max().expect("count > 0");
-        Ok(Appended {
-            last,
-            replayed: false,
-        })
+        for p in pending.iter_mut().filter(|p| !p.complete()) {
+            p.stored.clear();
+            p.key_recorded = false;
+        }
+        Ok(())
+    }
+
+    /// The recorded Idempotency-Keys among `keys`.
+    async fn records_of(
+        &self,
+        keys: &[&IdempotencyKey],
+    ) -> Result<Vec<IdempotencyRecord>, LogError> {
+        let rows = sqlx::query(SELECT_KEYS)
+            .bind(keys.iter().map(|k| k.scope.as_str()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
+            .bind(IDEMPOTENCY_KEY_TTL_S as f64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(record_of).collect()
+    }
+
+    /// The outcome of a request the transaction did not store: a re-send of an append stored
+    /// before, a key taken, or a conflict.
+    async fn outcome_of_unstored(&self, p: &Pending) -> Result<Appended, LogError> {
+        if let Some(record) = &p.request.idempotency {
+            if p.key_taken {
+                let found = self.records_of(&[&record.key]).await?;
+                return match found.into_iter().next() {
+                    Some(taken) => Err(LogError::KeyTaken(Box::new(taken))),
+                    // Expired (or removed) since the insert looked: nothing was stored.
+                    None => Err(LogError::BatchFailed(
+                        "idempotency key changed hands".into(),
+                    )),
+                };
+            }
+        }
+        let stored = self.cursors_of(&p.event_ids).await?;
+        match stored.iter().max() {
+            Some(&last) if stored.len() == p.event_ids.len() => Ok(Appended {
+                last,
+                replayed: true,
+            }),
+            _ => {
+                let first = &p.request.streams[0];
+                Err(LogError::Conflict {
+                    stream_id: first.stream_id.clone(),
+                    expected_version: first.expected_version,
+                })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EventLog for PgEventLog {
+    async fn append_batch(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, LogError>> {
+        let mut outcomes: Vec<Option<Result<Appended, LogError>>> =
+            requests.iter().map(|_| None).collect();
+        let mut pending: Vec<Pending> = Vec::with_capacity(requests.len());
+        for (index, request) in requests.into_iter().enumerate() {
+            if let Err(error) = check_request(&request) {
+                outcomes[index] = Some(Err(error));
+                continue;
+            }
+            if request
+                .streams
+                .iter()
+                .any(|s| i64::try_from(s.expected_version).is_err())
+            {
+                outcomes[index] = Some(Err(LogError::InvalidAppend(
+                    "expected version out of range",
+                )));
+                continue;
+            }
+            if let Some(earlier) = pending.iter().find(|p| p.request.overlaps(&request)) {
+                // One statement cannot see an earlier request's rows: refuse rather than
+                // misjudge (the group commit never puts such requests together).
+                let stream_id = earlier.request.streams.first().map(|s| s.stream_id.clone());
+                outcomes[index] = Some(Err(LogError::Conflict {
+                    stream_id: stream_id.unwrap_or_default(),
+                    expected_version: request.streams.first().map_or(0, |s| s.expected_version),
+                }));
+                continue;
+            }
+            pending.push(Pending {
+                index,
+                event_ids: request
+                    .streams
+                    .iter()
+                    .flat_map(|s| s.events.iter().map(|e| Uuid::from(e.event_id)))
+                    .collect(),
+                request,
+                stored: Vec::new(),
+                key_recorded: false,
+                key_taken: false,
+            });
+        }
+        if !pending.is_empty() {
+            match self.commit_batch(&mut pending).await {
+                Ok(()) => {
+                    if pending
+                        .iter()
+                        .any(|p| p.complete() && !p.event_ids.is_empty())
+                    {
+                        self.appends.send_modify(|n| *n += 1);
+                    }
+                    for p in &pending {
+                        let stored =
+                            p.complete() && (p.key_recorded || p.request.idempotency.is_none());
+                        outcomes[p.index] = Some(if stored {
+                            Ok(Appended {
+                                last: p.stored.iter().map(|(_, c)| *c).max().unwrap_or_default(),
+                                replayed: false,
+                            })
+                        } else {
+                            self.outcome_of_unstored(p).await
+                        });
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, requests = pending.len(), "a group commit failed; nothing of it was stored");
+                    for p in &pending {
+                        outcomes[p.index] = Some(Err(LogError::BatchFailed(error.to_string())));
+                    }
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every request has an outcome"))
+            .collect()
+    }
+
+    async fn read_streams(
+        &self,
+        stream_ids: &[String],
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let sql = format!(
+            "{SELECT_EVENT} WHERE stream_id = ANY($1) ORDER BY stream_id, stream_version LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(stream_ids)
+            .bind(limit.min(super::READ_EVENTS_MAX) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(recorded_event).collect()
     }
 
     async fn read_stream(
@@ -270,92 +521,11 @@ impl EventLog for PgEventLog {
         Ok(())
     }
 
-    async fn begin_idempotent(
+    async fn find_idempotent(
         &self,
         key: &IdempotencyKey,
-        request_sha256: &str,
-        options: ClaimOptions,
-    ) -> Result<Begin, LogError> {
-        let claim = IdempotencyClaim {
-            key: key.clone(),
-            claim_id: Ulid::new(),
-        };
-        // Takes the key when it is new, expired, or held by a claim whose lease ran out (a
-        // crashed request) for the same body.
-        let claimed = sqlx::query(
-            "INSERT INTO idempotency_keys (scope, key, request_sha256, claim_id, locked_until) \
-             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) \
-             ON CONFLICT (scope, key) DO UPDATE SET request_sha256 = EXCLUDED.request_sha256, \
-               claim_id = EXCLUDED.claim_id, locked_until = EXCLUDED.locked_until, response_status = NULL, \
-               response_headers = NULL, response_body = NULL, created_at = now(), completed_at = NULL \
-             WHERE idempotency_keys.created_at < now() - make_interval(secs => $6) \
-                OR (idempotency_keys.response_status IS NULL AND idempotency_keys.locked_until <= now() \
-                    AND idempotency_keys.request_sha256 = EXCLUDED.request_sha256) \
-             RETURNING claim_id",
-        )
-        .bind(&key.scope)
-        .bind(&key.key)
-        .bind(request_sha256)
-        .bind(Uuid::from(claim.claim_id))
-        .bind(options.lease.as_secs_f64())
-        .bind(IDEMPOTENCY_KEY_TTL_S as f64)
-        .fetch_optional(&self.pool)
-        .await?;
-        if claimed.is_some() {
-            return Ok(Begin::Claimed(claim));
-        }
-        let row = sqlx::query(
-            "SELECT request_sha256, response_status, response_headers, response_body \
-             FROM idempotency_keys WHERE scope = $1 AND key = $2",
-        )
-        .bind(&key.scope)
-        .bind(&key.key)
-        .fetch_optional(&self.pool)
-        .await?;
-        // The holder abandoned the key between the two statements: the client may retry.
-        let Some(row) = row else {
-            return Ok(Begin::InFlight);
-        };
-        if row.get::<String, _>(0) != request_sha256 {
-            return Ok(Begin::Mismatch);
-        }
-        let Some(status) = row.get::<Option<i16>, _>(1) else {
-            return Ok(Begin::InFlight);
-        };
-        let headers: serde_json::Value = row
-            .get::<Option<serde_json::Value>, _>(2)
-            .unwrap_or_default();
-        let headers: Vec<(String, String)> = serde_json::from_value(headers)
-            .map_err(|e| LogError::Corrupt(format!("idempotency headers: {e}")))?;
-        Ok(Begin::Completed(StoredResponse {
-            status: status as u16,
-            headers,
-            body: row.get::<Option<Vec<u8>>, _>(3).unwrap_or_default(),
-        }))
-    }
-
-    async fn complete_idempotent(
-        &self,
-        claim: &IdempotencyClaim,
-        response: &StoredResponse,
-    ) -> Result<(), LogError> {
-        if complete_claim(&self.pool, claim, response).await? {
-            Ok(())
-        } else {
-            Err(LogError::ClaimLost)
-        }
-    }
-
-    async fn abandon_idempotent(&self, claim: &IdempotencyClaim) -> Result<(), LogError> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND claim_id = $3 AND response_status IS NULL",
-        )
-        .bind(&claim.key.scope)
-        .bind(&claim.key.key)
-        .bind(Uuid::from(claim.claim_id))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    ) -> Result<Option<IdempotencyRecord>, LogError> {
+        Ok(self.records_of(&[key]).await?.into_iter().next())
     }
 
     fn appends(&self) -> watch::Receiver<u64> {
@@ -387,26 +557,22 @@ impl EventLog for PgEventLog {
     }
 }
 
-/// Records a response under a claim; false when the claim no longer owns the key.
-async fn complete_claim<'e, E: sqlx::PgExecutor<'e>>(
-    executor: E,
-    claim: &IdempotencyClaim,
-    response: &StoredResponse,
-) -> Result<bool, LogError> {
-    let headers = serde_json::to_value(&response.headers).expect("headers serialize");
-    let done = sqlx::query(
-        "UPDATE idempotency_keys SET response_status = $4, response_headers = $5, response_body = $6, \
-         completed_at = now() WHERE scope = $1 AND key = $2 AND claim_id = $3 AND response_status IS NULL",
-    )
-    .bind(&claim.key.scope)
-    .bind(&claim.key.key)
-    .bind(Uuid::from(claim.claim_id))
-    .bind(response.status as i16)
-    .bind(headers)
-    .bind(&response.body)
-    .execute(executor)
-    .await?;
-    Ok(done.rows_affected() == 1)
+fn record_of(row: &PgRow) -> Result<IdempotencyRecord, LogError> {
+    let headers: serde_json::Value = row.get(4);
+    let headers: Vec<(String, String)> = serde_json::from_value(headers)
+        .map_err(|e| LogError::Corrupt(format!("idempotency headers: {e}")))?;
+    Ok(IdempotencyRecord {
+        key: IdempotencyKey {
+            scope: row.get(0),
+            key: row.get(1),
+        },
+        request_sha256: row.get(2),
+        response: StoredResponse {
+            status: row.get::<i16, _>(3) as u16,
+            headers,
+            body: row.get(5),
+        },
+    })
 }
 
 fn cursor_of(row: &PgRow, position: usize, transaction: usize) -> Result<LogCursor, LogError> {

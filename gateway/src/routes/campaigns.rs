@@ -17,7 +17,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::{as_stored, idempotent, Done};
+use crate::idempotency::{as_stored, idempotent};
 use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -145,7 +145,7 @@ pub async fn create(
         "POST /v1/campaigns",
         &body.0,
         as_stored,
-        move |claim| async move {
+        move |key| async move {
             let request: CreateCampaign = body.parse()?;
             let store_id: StoreId = field_id(&request.store_id, "store_id")?;
             let store = state
@@ -170,12 +170,9 @@ pub async fn create(
             let render = render(StatusCode::CREATED);
             let stream = stream_id::<CampaignAggregate>(campaign_id);
             let executed = state
-                .execute::<CampaignAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .execute::<CampaignAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await?;
-            Ok(Done {
-                reply: render(&executed.state),
-                recorded: claim.is_some(),
-            })
+            Ok(render(&executed.state))
         },
     )
     .await)
@@ -370,19 +367,15 @@ async fn operate(
         &route,
         &body.0,
         as_stored,
-        move |claim| async move {
+        move |key| async move {
             let command = command(body)?;
             let render = render(StatusCode::OK);
             let stream = stream_id::<CampaignAggregate>(id);
             let executed = state
-                .execute::<CampaignAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .execute::<CampaignAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await
                 .map_err(not_found_in_path)?;
-            let recorded = claim.is_some() && executed.appended.is_some();
-            Ok(Done {
-                reply: render(&executed.state),
-                recorded,
-            })
+            Ok(render(&executed.state))
         },
     )
     .await)

@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::{as_stored, idempotent, Done};
+use crate::idempotency::{as_stored, idempotent};
 use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -132,7 +132,7 @@ pub async fn place(
         "POST /v1/orders",
         &body.0,
         as_stored,
-        move |claim| async move {
+        move |key| async move {
             let request: PlaceOrder = body.parse()?;
             let campaign_id: CampaignId = field_id(&request.campaign_id, "campaign_id")?;
             state.caught_up().await;
@@ -165,7 +165,7 @@ pub async fn place(
             };
             let stream = stream_id::<OrderAggregate>(order_id);
             let executed = state
-                .execute::<OrderAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .execute::<OrderAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await?;
             if executed.appended.is_some() {
                 metrics::counter!("groupbuy_orders_placed_total", "campaign_id" => campaign_id.to_string())
@@ -180,10 +180,7 @@ pub async fn place(
                 }
                 None => render(&executed.state),
             };
-            Ok(Done {
-                reply,
-                recorded: claim.is_some(),
-            })
+            Ok(reply)
         },
     )
     .await)
@@ -424,7 +421,7 @@ pub async fn cancel(
         &route,
         &body.0,
         as_stored,
-        move |claim| async move {
+        move |key| async move {
             let stream = stream_id::<OrderAggregate>(order_id);
             let current = state.handler.load::<OrderAggregate>(&stream).await?.state;
             if current.as_ref().is_none_or(|o| o.user_id != user_id) {
@@ -444,7 +441,7 @@ pub async fn cancel(
                 now: chrono::Utc::now(),
             };
             let executed = state
-                .execute::<OrderAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .execute::<OrderAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await?;
             if let (Some(_), Some(order)) = (&executed.appended, &executed.state) {
                 metrics::counter!(
@@ -454,10 +451,7 @@ pub async fn cancel(
                 )
                 .increment(1);
             }
-            Ok(Done {
-                reply: render(&executed.state),
-                recorded: claim.is_some() && executed.appended.is_some(),
-            })
+            Ok(render(&executed.state))
         },
     )
     .await)

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::{as_stored, idempotent, Done};
+use crate::idempotency::{as_stored, idempotent};
 use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -71,7 +71,7 @@ pub async fn create(
         "POST /v1/stores",
         &body.0,
         as_stored,
-        move |claim| async move {
+        move |key| async move {
             let request: CreateStore = body.parse()?;
             let store_id = StoreId::from_ulid(crate::ids::new_ulid());
             let command = StoreCommand::Create {
@@ -93,12 +93,9 @@ pub async fn create(
             };
             let stream = stream_id::<StoreAggregate>(store_id);
             let executed = state
-                .execute::<StoreAggregate>(&stream, &command, meta, claim.as_ref(), &render)
+                .execute::<StoreAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await?;
-            Ok(Done {
-                reply: render(&executed.state),
-                recorded: claim.is_some(),
-            })
+            Ok(render(&executed.state))
         },
     )
     .await)

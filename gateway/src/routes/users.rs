@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::{idempotent, Done};
+use crate::idempotency::idempotent;
 use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -73,7 +73,7 @@ pub async fn create(
         "POST /v1/users",
         &body.0,
         restore_token,
-        move |claim| async move {
+        move |key| async move {
             let request: CreateUser = body.parse()?;
             let user_id = UserId::from_ulid(crate::ids::new_ulid());
             let token = state.auth.issue(user_id);
@@ -97,12 +97,9 @@ pub async fn create(
             let stored_render = |user: &Option<User>| render(user, TOKEN_PLACEHOLDER);
             let stream = stream_id::<UserAggregate>(user_id);
             let executed = state
-                .execute::<UserAggregate>(&stream, &command, meta, claim.as_ref(), &stored_render)
+                .execute::<UserAggregate>(&stream, &command, meta, key.as_ref(), &stored_render)
                 .await?;
-            Ok(Done {
-                reply: render(&executed.state, &token),
-                recorded: claim.is_some(),
-            })
+            Ok(render(&executed.state, &token))
         },
     )
     .await)

@@ -1,0 +1,233 @@
+//! Group commit: appends from many concurrent callers gathered into one transaction.
+//!
+//! A flash sale sends thousands of small appends a second at the log: one `OrderPlaced` per
+//! request, and the saga's decisions. One transaction each would spend the database on
+//! commits (a WAL flush each); gathered, one commit carries hundreds of them. [`GroupCommit`]
+//! wraps any [`EventLog`] and sends every append through one committer task:
+//!
+//! - While a transaction runs, new appends queue. When it is done, the committer takes every
+//!   queued append (at most [`GroupCommitOptions::batch_requests_max`] requests and
+//!   [`GroupCommitOptions::batch_events_max`] events), optionally waits
+//!   [`GroupCommitOptions::linger`] for more, and commits them together with
+//!   [`EventLog::append_batch`]. Under light load a batch is one append and waits for nothing;
+//!   under heavy load batches grow by themselves.
+//! - Each caller gets its own outcome: its own conflict, its own Idempotency-Key record, its
+//!   own error. A failed transaction fails every append of the batch with
+//!   [`LogError::BatchFailed`], which is safe to retry: nothing of the batch was stored.
+//! - Two appends that write the same stream (or record the same key) never share a batch:
+//!   the later waits for the next, so it can follow the earlier one's events.
+//! - The queue is bounded ([`GroupCommitOptions::queue_requests_max`]): past it, callers wait
+//!   for room, which is how back-pressure reaches the request handlers.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::idempotency::{IdempotencyKey, IdempotencyRecord};
+use crate::log::{AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot};
+
+/// How a group commit gathers appends.
+#[derive(Clone, Debug)]
+pub struct GroupCommitOptions {
+    /// Most appends in one transaction.
+    pub batch_requests_max: usize,
+    /// Most events in one transaction (an append larger than this goes alone).
+    pub batch_events_max: usize,
+    /// How long the committer waits for more appends once it has one, when the batch is not
+    /// full. Zero: take what is queued and go.
+    pub linger: Duration,
+    /// Appends waiting for a transaction before callers wait for room.
+    pub queue_requests_max: usize,
+}
+
+impl Default for GroupCommitOptions {
+    fn default() -> Self {
+        GroupCommitOptions {
+            batch_requests_max: 1_000,
+            batch_events_max: 10_000,
+            linger: Duration::ZERO,
+            queue_requests_max: 20_000,
+        }
+    }
+}
+
+/// An append waiting for its transaction.
+struct Queued {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<Appended, LogError>>,
+}
+
+/// An [`EventLog`] whose appends are group-committed; everything else goes straight through.
+pub struct GroupCommit {
+    inner: Arc<dyn EventLog>,
+    queue: mpsc::Sender<Queued>,
+}
+
+impl GroupCommit {
+    /// Wraps `inner` and starts the committer task on the current tokio runtime; the task
+    /// ends when the wrapper is dropped.
+    pub fn new(inner: Arc<dyn EventLog>, options: GroupCommitOptions) -> GroupCommit {
+        let (queue, queued) = mpsc::channel(options.queue_requests_max.max(1));
+        tokio::spawn(commit(Arc::clone(&inner), queued, options));
+        GroupCommit { inner, queue }
+    }
+
+    /// The log it commits to.
+    pub fn inner(&self) -> &Arc<dyn EventLog> {
+        &self.inner
+    }
+}
+
+/// The committer: one transaction at a time, each carrying every append that queued while
+/// the previous one ran.
+async fn commit(
+    log: Arc<dyn EventLog>,
+    mut queued: mpsc::Receiver<Queued>,
+    options: GroupCommitOptions,
+) {
+    let requests_max = options.batch_requests_max.max(1);
+    // Appends that overlapped an earlier one of their batch, in arrival order: they go first
+    // next time.
+    let mut held: VecDeque<Queued> = VecDeque::new();
+    loop {
+        if held.is_empty() {
+            match queued.recv().await {
+                Some(first) => held.push_back(first),
+                None => return,
+            }
+            if !options.linger.is_zero() {
+                let deadline = tokio::time::Instant::now() + options.linger;
+                while held.len() < requests_max {
+                    match tokio::time::timeout_at(deadline, queued.recv()).await {
+                        Ok(Some(next)) => held.push_back(next),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        while held.len() < requests_max * 2 {
+            match queued.try_recv() {
+                Ok(next) => held.push_back(next),
+                Err(_) => break,
+            }
+        }
+        let batch = take_batch(&mut held, requests_max, options.batch_events_max);
+        metrics::histogram!("groupbuy_group_commit_appends").record(batch.len() as f64);
+        let (requests, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|q| (q.request, q.reply)).unzip();
+        let outcomes = log.append_batch(requests).await;
+        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+            // A caller that gave up waiting has nobody to tell.
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// The next batch from the front of `held`: appends that overlap none taken before them,
+/// within the limits. The first append always goes, however large.
+fn take_batch(held: &mut VecDeque<Queued>, requests_max: usize, events_max: usize) -> Vec<Queued> {
+    let mut batch: Vec<Queued> = Vec::new();
+    let mut events = 0;
+    let mut skipped = VecDeque::new();
+    while let Some(next) = held.pop_front() {
+        let size = next.request.event_count();
+        let fits = batch.is_empty() || events + size <= events_max;
+        let overlaps = batch.iter().any(|b| b.request.overlaps(&next.request))
+            || skipped
+                .iter()
+                .any(|s: &Queued| s.request.overlaps(&next.request));
+        if fits && !overlaps {
+            events += size;
+            batch.push(next);
+            if batch.len() == requests_max {
+                break;
+            }
+        } else {
+            // Overlapping a skipped append too keeps appends to one stream in order.
+            skipped.push_back(next);
+        }
+    }
+    while let Some(s) = skipped.pop_back() {
+        held.push_front(s);
+    }
+    batch
+}
+
+#[async_trait]
+impl EventLog for GroupCommit {
+    async fn append(&self, request: AppendRequest) -> Result<Appended, LogError> {
+        let (reply, outcome) = oneshot::channel();
+        self.queue
+            .send(Queued { request, reply })
+            .await
+            .map_err(|_| LogError::BatchFailed("the committer has stopped".into()))?;
+        outcome
+            .await
+            .map_err(|_| LogError::BatchFailed("the committer has stopped".into()))?
+    }
+
+    async fn append_batch(&self, requests: Vec<AppendRequest>) -> Vec<Result<Appended, LogError>> {
+        futures::future::join_all(requests.into_iter().map(|r| self.append(r))).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.inner
+            .read_stream(stream_id, after_version, limit)
+            .await
+    }
+
+    async fn read_streams(
+        &self,
+        stream_ids: &[String],
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.inner.read_streams(stream_ids, limit).await
+    }
+
+    async fn read_all(
+        &self,
+        after: LogCursor,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        self.inner.read_all(after, limit).await
+    }
+
+    async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, LogError> {
+        self.inner.load_snapshot(stream_id).await
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), LogError> {
+        self.inner.save_snapshot(snapshot).await
+    }
+
+    async fn find_idempotent(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<IdempotencyRecord>, LogError> {
+        self.inner.find_idempotent(key).await
+    }
+
+    fn appends(&self) -> watch::Receiver<u64> {
+        self.inner.appends()
+    }
+
+    async fn head(&self) -> Result<u64, LogError> {
+        self.inner.head().await
+    }
+
+    async fn count_after(&self, after: u64, categories: &[&str]) -> Result<u64, LogError> {
+        self.inner.count_after(after, categories).await
+    }
+
+    async fn ping(&self) -> Result<(), LogError> {
+        self.inner.ping().await
+    }
+}
