@@ -79,6 +79,9 @@ pub enum Command {
     /// Replays the whole log against the invariants (and compares the Redis read models with a
     /// fresh fold); exits non-zero on any violation.
     Audit(AuditArgs),
+    /// Drives a flash sale against a running deployment over HTTP, and reports rates,
+    /// latencies and the stock invariants; exits non-zero when a check fails.
+    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 /// `groupbuy projections ...`.

@@ -10,6 +10,7 @@
 //!   the routes, and a browser for it at `/docs`.
 //! - [`cli`] is the command line: `serve`, `migrate`, `projections`, `audit`; [`config`]
 //!   layers a file under the environment and flags, and holds the profiles.
+//! - [`loadgen`] is `groupbuy loadgen`, a flash sale driven against any deployment over HTTP.
 
 pub mod app;
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod ids;
+pub mod loadgen;
 pub mod metrics;
 pub mod openapi;
 pub mod overload;

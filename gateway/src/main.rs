@@ -30,7 +30,8 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the subcommand; false when it found something wrong (an audit's violations).
+/// Runs the subcommand; false when it found something wrong (an audit's violations, a load
+/// generator's failed check).
 async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Serve(args) => cli::serve(*args).await?,
@@ -38,6 +39,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Projections(ProjectionsCommand::Rebuild(args)) => cli::rebuild(args).await?,
         Command::Projections(ProjectionsCommand::List(args)) => cli::list_projections(args).await?,
         Command::Audit(args) => return Ok(cli::audit(args).await?),
+        Command::Loadgen(args) => return gateway::loadgen::command(args).await,
     }
     Ok(true)
 }

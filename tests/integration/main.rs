@@ -42,6 +42,7 @@ mod api_orders;
 mod command_handling;
 mod contract;
 mod event_log;
+mod loadgen;
 mod mirror;
 mod order_saga;
 mod read_models;
