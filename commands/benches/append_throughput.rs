@@ -1,5 +1,5 @@
-//! Appends per second on this machine's Postgres: raw log appends and whole commands, on one
-//! hot stream and on many streams. Creates a scratch database and drops it afterwards.
+//! Appends per second on this machine's Postgres: raw log appends, alone and group-committed,
+//! and whole commands. Creates a scratch database and drops it afterwards.
 //!
 //! `cargo bench -p groupbuy-commands --bench append_throughput`
 //! (`GROUPBUY_BENCH_PG` overrides the server, default `postgres://postgres@127.0.0.1:5432/postgres`.)
@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use commands::group_commit::{GroupCommit, GroupCommitOptions};
 use commands::handler::{Context, HandlerOptions};
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 use commands::{stream_id, AppendRequest, CommandHandler, EventLog, NewEvent, StreamAppend};
-use domain::campaign::{CampaignAggregate, CampaignCommand, CampaignEvent, NewCampaign};
+use domain::campaign::CampaignEvent;
 use domain::order::{OrderAggregate, OrderCommand};
-use domain::store::Store;
-use domain::{CampaignId, Cents, OrderId, StoreId, UserId};
+use domain::{CampaignId, Cents, OrderId, UserId};
 use schemas::Metadata;
 use sqlx::{Connection, PgConnection};
 use ulid::Ulid;
@@ -52,7 +52,7 @@ async fn one_stream_sequential(log: Arc<PgEventLog>, count: u64) -> f64 {
 }
 
 /// `writers` tasks each append single-event transactions to their own stream.
-async fn many_streams(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f64 {
+async fn many_streams(log: Arc<dyn EventLog>, writers: u64, per_writer: u64) -> f64 {
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|_| {
@@ -104,67 +104,8 @@ fn context<S>() -> Context<'static, S> {
     })
 }
 
-/// `writers` tasks in one process reserve stock on ONE campaign through the command handler:
-/// the hot-stream path of a flash sale. Returns commands/s.
-async fn hot_campaign_commands(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f64 {
-    let options = HandlerOptions {
-        conflict_retries_max: 1_000,
-        ..HandlerOptions::default()
-    };
-    let handler = CommandHandler::new(log, options);
-    let id = CampaignId::from_ulid(Ulid::new());
-    let stream = stream_id::<CampaignAggregate>(id);
-    let now = Utc::now();
-    let create = CampaignCommand::Create(NewCampaign {
-        campaign_id: id,
-        store: Some(Store {
-            store_id: StoreId::from_ulid(Ulid::new()),
-            name: "s".into(),
-            region: "r".into(),
-            created_at: now,
-        }),
-        sku: "IPA".into(),
-        title: "IPA".into(),
-        price_cents: 100,
-        quota: 1_000_000,
-        per_user_limit: 10,
-        starts_at: now - chrono::Duration::minutes(1),
-        ends_at: now + chrono::Duration::hours(1),
-        payment_timeout_seconds: 600,
-        now,
-    });
-    handler
-        .execute::<CampaignAggregate>(&stream, &create, &context())
-        .await
-        .unwrap();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..writers)
-        .map(|_| {
-            let (handler, stream) = (handler.clone(), stream.clone());
-            tokio::spawn(async move {
-                for _ in 0..per_writer {
-                    let reserve = CampaignCommand::Reserve {
-                        order_id: OrderId::from_ulid(Ulid::new()),
-                        user_id: UserId::from_ulid(Ulid::new()),
-                        quantity: 1,
-                        now: Utc::now(),
-                    };
-                    handler
-                        .execute::<CampaignAggregate>(&stream, &reserve, &context())
-                        .await
-                        .unwrap();
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    (writers * per_writer) as f64 / started.elapsed().as_secs_f64()
-}
-
 /// `writers` tasks place orders (each order its own stream) through the command handler.
-async fn place_orders(log: Arc<PgEventLog>, writers: u64, per_writer: u64) -> f64 {
+async fn place_orders(log: Arc<dyn EventLog>, writers: u64, per_writer: u64) -> f64 {
     let handler = CommandHandler::new(log, HandlerOptions::default());
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
@@ -247,10 +188,26 @@ async fn main() -> anyhow::Result<()> {
         || one_stream_sequential(Arc::clone(&log), 2_000),
     )
     .await;
+    let group_committed: Arc<dyn EventLog> = Arc::new(GroupCommit::new(
+        log.clone() as Arc<dyn EventLog>,
+        GroupCommitOptions::default(),
+    ));
     report(
         "log: 32 streams, 32 writers, 1 event per append",
         "appends/s",
-        || many_streams(Arc::clone(&log), 32, 200),
+        || many_streams(log.clone(), 32, 200),
+    )
+    .await;
+    report(
+        "log: 32 streams, 32 writers, 1 event per append, group commit",
+        "appends/s",
+        || many_streams(Arc::clone(&group_committed), 32, 200),
+    )
+    .await;
+    report(
+        "log: 256 streams, 256 writers, 1 event per append, group commit",
+        "appends/s",
+        || many_streams(Arc::clone(&group_committed), 256, 50),
     )
     .await;
     report(
@@ -262,16 +219,17 @@ async fn main() -> anyhow::Result<()> {
     report(
         "commands: place order, 32 writers, one stream each",
         "commands/s",
-        || place_orders(Arc::clone(&log), 32, 100),
+        || place_orders(log.clone(), 32, 100),
     )
     .await;
     report(
-        "commands: reserve on ONE campaign, 16 writers in one process",
+        "commands: place order, 256 writers, one stream each, group commit",
         "commands/s",
-        || hot_campaign_commands(Arc::clone(&log), 16, 50),
+        || place_orders(Arc::clone(&group_committed), 256, 50),
     )
     .await;
 
+    drop(group_committed);
     drop(log);
     sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
         .execute(&mut conn)

@@ -320,7 +320,7 @@ impl CommandHandler {
                     // A replayed append means the events were stored before, maybe after
                     // more events: the state here is not known to be the stream's.
                     if !appended.replayed {
-                        self.maybe_snapshot::<A>(stream_id, loaded.version, version, &state);
+                        self.snapshot_if_due::<A>(stream_id, loaded.version, version, &state);
                         self.local.remember::<A>(stream_id, version, &state);
                     }
                     return Ok(Executed {
@@ -352,9 +352,10 @@ impl CommandHandler {
         rand::thread_rng().gen_range(Duration::ZERO..=ceiling)
     }
 
-    /// Saves a snapshot in the background when the stream crossed a multiple of
-    /// `snapshot_every_events`. Losing one costs a longer load, never correctness.
-    fn maybe_snapshot<A: Aggregate>(
+    /// Saves a snapshot in the background when the stream went from version `before` to
+    /// `after` across a multiple of `snapshot_every_events`. Losing one costs a longer load,
+    /// never correctness. For writers that append without [`CommandHandler::execute`].
+    pub fn snapshot_if_due<A: Aggregate>(
         &self,
         stream_id: &str,
         before: u64,

@@ -45,6 +45,16 @@ pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event. Return an error to have it retried.
     async fn handle(&self, event: &Envelope) -> Result<(), HandlerError>;
+
+    /// Handles several events at once, in order: all of them, or an error, after which they
+    /// are handled again (so handling must be idempotent, as it is for redeliveries anyway).
+    /// Handlers that gain from batching (one round trip for many events) override it.
+    async fn handle_batch(&self, events: &[Envelope]) -> Result<(), HandlerError> {
+        for event in events {
+            self.handle(event).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Whether events of one stream must be handled in version order.

@@ -1,26 +1,28 @@
-//! A campaign: a group-buy deal on one drink SKU, and the stock it sells.
+//! A campaign: a group-buy deal on one drink SKU, and the first bucket of the stock it sells.
 //!
-//! Stock and the per-user limit live in the same aggregate on purpose: both are checked by one
-//! decision against one stream version, so "never oversold" and "never over the limit" hold
-//! under any concurrency without a second lock. The campaign remembers every reservation by
-//! order id, which makes reserve, release and sell idempotent per order: a saga step that is
-//! delivered twice decides nothing the second time.
-
-use std::collections::BTreeMap;
+//! The campaign's state is its terms and three counters, whatever the size of the sale: the
+//! units it ever had (`total_units`), the units of its own bucket nobody holds
+//! (`available_units`), and the units its writer's decisions sold (`sold_units`). What each order and each customer holds lives in the customer's
+//! [`crate::holding::Holding`] of the campaign, and units may be spread over more buckets
+//! ([`crate::stock::StockBucket`]) so several writers can sell at once without fighting over one
+//! stream. A writer decides many orders against these counters in memory and records what they
+//! took from the bucket, and gave back to it, as one [`CampaignEvent::StockMoved`]. See
+//! docs/adr/0010-flash-sale-engine.md.
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::check_text;
 use crate::limits::{
-    CAMPAIGN_TOTAL_UNITS_MAX, ORDER_QUANTITY_UNITS_MAX, PAYMENT_TIMEOUT_S_MAX,
-    PAYMENT_TIMEOUT_S_MIN, PER_USER_LIMIT_UNITS_MAX, PRICE_CENTS_MAX, SALES_WINDOW_DAYS_MAX,
-    SKU_CHARS_MAX, TITLE_CHARS_MAX,
+    CAMPAIGN_TOTAL_UNITS_MAX, PAYMENT_TIMEOUT_S_MAX, PAYMENT_TIMEOUT_S_MIN,
+    PER_USER_LIMIT_UNITS_MAX, PRICE_CENTS_MAX, SALES_WINDOW_DAYS_MAX, SKU_CHARS_MAX,
+    STOCK_BUCKETS_MAX, TITLE_CHARS_MAX,
 };
 use crate::order::CancelReason;
 use crate::store::Store;
 use crate::{Aggregate, CampaignId, Cents, DomainError, OrderId, StoreId, Timestamp, UserId};
 
-/// Units of a campaign by where they are. `available + reserved + sold == total` always.
+/// Units of a campaign by where they are, over all its buckets and holdings, as the read
+/// model shows them. `available + reserved + sold == total` always.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stock {
     /// Every unit the campaign ever had: quota plus replenishments.
@@ -53,29 +55,6 @@ pub enum CampaignStatus {
     Closed,
 }
 
-/// What happened to the units an order reserved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReservationState {
-    /// Held for the order, awaiting payment.
-    Reserved,
-    /// Paid for.
-    Sold,
-    /// Given back to the campaign.
-    Released,
-}
-
-/// Units one order took from a campaign.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Reservation {
-    /// The customer who ordered.
-    pub user_id: UserId,
-    /// How many units.
-    pub quantity: u32,
-    /// Where they are now.
-    pub state: ReservationState,
-}
-
 /// A campaign as its events left it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Campaign {
@@ -103,12 +82,18 @@ pub struct Campaign {
     pub closed_at: Option<Timestamp>,
     /// When it was created.
     pub created_at: Timestamp,
-    /// Its units.
-    pub stock: Stock,
-    /// Live (reserved or sold) units per user.
-    pub holdings: BTreeMap<UserId, u32>,
-    /// Every reservation ever made, by order.
-    pub reservations: BTreeMap<OrderId, Reservation>,
+    /// How many buckets its stock may be spread over: this stream is bucket 0, buckets 1 and
+    /// up are [`crate::stock::StockBucket`] streams that take units from the others.
+    pub stock_buckets: u32,
+    /// Every unit the campaign ever had: quota plus replenishments.
+    pub total_units: u32,
+    /// Units in this stream's bucket that nobody holds.
+    pub available_units: u32,
+    /// Units sold by decisions recorded on this bucket. Sales leave a bucket's available
+    /// units alone (the units left it when they were reserved); counting them here lets the
+    /// campaign's stock be told from its buckets alone: whatever is neither available nor
+    /// sold in any bucket is reserved.
+    pub sold_units: u32,
 }
 
 impl CampaignStatus {
@@ -131,38 +116,51 @@ impl CampaignStatus {
 }
 
 impl Campaign {
+    /// The campaign's units by where they are, over this bucket and `others` (the campaign's
+    /// other buckets, as their streams stand).
+    pub fn stock<'a>(
+        &self,
+        others: impl IntoIterator<Item = &'a crate::stock::StockBucket>,
+    ) -> Stock {
+        let (mut available, mut sold) =
+            (u64::from(self.available_units), u64::from(self.sold_units));
+        for bucket in others {
+            available += u64::from(bucket.available_units);
+            sold += u64::from(bucket.sold_units);
+        }
+        let total = u64::from(self.total_units);
+        let reserved = total
+            .checked_sub(available + sold)
+            .expect("more units available and sold than the campaign ever had");
+        let units = |n: u64| u32::try_from(n).expect("at most the total");
+        Stock {
+            total: self.total_units,
+            available: units(available),
+            reserved: units(reserved),
+            sold: units(sold),
+        }
+    }
+
     /// Where the campaign stands at `now`.
     pub fn status(&self, now: Timestamp) -> CampaignStatus {
         CampaignStatus::at(now, self.starts_at, self.ends_at, self.closed_at)
-    }
-
-    /// Live units `user` holds.
-    pub fn holding_of(&self, user: UserId) -> u32 {
-        self.holdings.get(&user).copied().unwrap_or(0)
     }
 
     /// Panics when the campaign breaks one of its invariants: that can only be a bug or a
     /// corrupted log, and carrying on would sell what does not exist.
     fn assert_invariants(&self) {
         assert!(
-            self.stock.is_consistent(),
-            "stock does not add up: {:?}",
-            self.stock
+            u64::from(self.available_units) + u64::from(self.sold_units)
+                <= u64::from(self.total_units),
+            "bucket 0 counts {} units available and {} sold of {} in all",
+            self.available_units,
+            self.sold_units,
+            self.total_units
         );
         assert!(
-            self.stock.total <= CAMPAIGN_TOTAL_UNITS_MAX,
+            self.total_units <= CAMPAIGN_TOTAL_UNITS_MAX,
             "total over the limit"
         );
-        if let Some((user, held)) = self
-            .holdings
-            .iter()
-            .find(|(_, held)| **held > self.per_user_limit)
-        {
-            panic!(
-                "user {user} holds {held} units over the limit {}",
-                self.per_user_limit
-            );
-        }
     }
 }
 
@@ -189,6 +187,8 @@ pub struct NewCampaign {
     pub ends_at: Timestamp,
     /// Payment window once units are reserved.
     pub payment_timeout_seconds: u32,
+    /// How many buckets the stock may be spread over, 1 to [`STOCK_BUCKETS_MAX`].
+    pub stock_buckets: u32,
     /// Now.
     pub now: Timestamp,
 }
@@ -210,33 +210,57 @@ pub enum CampaignCommand {
         /// Now.
         now: Timestamp,
     },
-    /// Holds units for an order, within stock and the user's limit.
-    Reserve {
-        /// The order that wants the units.
-        order_id: OrderId,
-        /// Its customer.
-        user_id: UserId,
-        /// How many units.
-        quantity: u32,
-        /// Now, to check the sales window.
-        now: Timestamp,
-    },
-    /// Gives an order's reserved units back.
-    Release {
-        /// The order whose units go back.
-        order_id: OrderId,
-        /// Why the order gave them up.
-        reason: CancelReason,
+    /// Records what a writer's decision took from this bucket for reservations and gave back
+    /// to it for releases.
+    Move(StockMove),
+    /// Gives units of this bucket to another bucket of the campaign.
+    TransferOut {
+        /// The bucket that gets them.
+        to_bucket: u32,
+        /// How many.
+        units: u32,
         /// Now.
         now: Timestamp,
     },
-    /// Turns an order's reserved units into sold ones.
-    Sell {
-        /// The paid order.
-        order_id: OrderId,
+    /// Takes units another bucket of the campaign gave.
+    TransferIn {
+        /// The bucket that gave them.
+        from_bucket: u32,
+        /// How many.
+        units: u32,
         /// Now.
         now: Timestamp,
     },
+}
+
+/// Units that one decision took out of a bucket, put back into it, and sold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StockMove {
+    /// Units taken for reservations.
+    pub reserved: u32,
+    /// Units given back by releases.
+    pub released: u32,
+    /// Reserved units that were paid for.
+    pub sold: u32,
+    /// Now.
+    pub now: Timestamp,
+}
+
+impl StockMove {
+    /// Whether it moves nothing.
+    pub fn is_empty(&self) -> bool {
+        self.reserved == 0 && self.released == 0 && self.sold == 0
+    }
+
+    /// The bucket's available units after the move, or `SoldOut` when it takes more than
+    /// the bucket has.
+    pub fn apply_to(&self, available: u32) -> Result<u32, DomainError> {
+        u64::from(available)
+            .checked_add(u64::from(self.released))
+            .and_then(|units| units.checked_sub(u64::from(self.reserved)))
+            .and_then(|units| u32::try_from(units).ok())
+            .ok_or(DomainError::SoldOut)
+    }
 }
 
 /// The terms a campaign was created with.
@@ -262,6 +286,8 @@ pub struct CampaignCreated {
     pub ends_at: Timestamp,
     /// Payment window.
     pub payment_timeout_seconds: u32,
+    /// How many buckets the stock may be spread over (1 before schema version 2).
+    pub stock_buckets: u32,
     /// When.
     pub created_at: Timestamp,
 }
@@ -284,7 +310,38 @@ pub enum CampaignEvent {
         /// When.
         at: Timestamp,
     },
-    /// Units were held for an order.
+    /// A writer's decision took units out of this bucket for reservations, put units back for
+    /// releases, and sold reserved units. Which orders and customers hold them is in their
+    /// holdings.
+    StockMoved {
+        /// Units taken for reservations.
+        reserved: u32,
+        /// Units given back by releases.
+        released: u32,
+        /// Reserved units paid for.
+        sold: u32,
+        /// When.
+        at: Timestamp,
+    },
+    /// Units of this bucket went to another bucket.
+    StockTransferredOut {
+        /// The bucket that got them.
+        to_bucket: u32,
+        /// How many.
+        units: u32,
+        /// When.
+        at: Timestamp,
+    },
+    /// Units came from another bucket.
+    StockTransferredIn {
+        /// The bucket that gave them.
+        from_bucket: u32,
+        /// How many.
+        units: u32,
+        /// When.
+        at: Timestamp,
+    },
+    /// Units were held for an order. Recorded before holdings existed; read, never decided.
     StockReserved {
         /// The order.
         order_id: OrderId,
@@ -295,7 +352,8 @@ pub enum CampaignEvent {
         /// When.
         at: Timestamp,
     },
-    /// An order's held units went back to available.
+    /// An order's held units went back to available. Recorded before holdings existed; read,
+    /// never decided.
     StockReleased {
         /// The order.
         order_id: OrderId,
@@ -308,7 +366,8 @@ pub enum CampaignEvent {
         /// When.
         at: Timestamp,
     },
-    /// An order's held units were paid for.
+    /// An order's held units were paid for. Recorded before holdings existed; read, never
+    /// decided.
     StockSold {
         /// The order.
         order_id: OrderId,
@@ -327,6 +386,8 @@ pub struct CampaignAggregate;
 
 impl Aggregate for CampaignAggregate {
     const CATEGORY: &'static str = "campaign";
+    // 2: counters instead of every reservation and holding.
+    const STATE_VERSION: u32 = 2;
     type State = Option<Campaign>;
     type Command = CampaignCommand;
     type Event = CampaignEvent;
@@ -351,48 +412,44 @@ impl Aggregate for CampaignAggregate {
             } else {
                 vec![CampaignEvent::CampaignClosed { at: now }]
             }),
-            CampaignCommand::Reserve {
-                order_id,
-                user_id,
-                quantity,
-                now,
-            } => reserve(campaign, order_id, user_id, quantity, now),
-            CampaignCommand::Release {
-                order_id,
-                reason,
+            CampaignCommand::Move(stock_move) => {
+                if stock_move.is_empty() {
+                    return Ok(vec![]);
+                }
+                stock_move.apply_to(campaign.available_units)?;
+                Ok(vec![CampaignEvent::StockMoved {
+                    reserved: stock_move.reserved,
+                    released: stock_move.released,
+                    sold: stock_move.sold,
+                    at: stock_move.now,
+                }])
+            }
+            CampaignCommand::TransferOut {
+                to_bucket,
+                units,
                 now,
             } => {
-                let reservation = campaign
-                    .reservations
-                    .get(&order_id)
-                    .ok_or(DomainError::ReservationNotFound)?;
-                match reservation.state {
-                    ReservationState::Released => Ok(vec![]),
-                    ReservationState::Sold => Err(DomainError::ReservationSold),
-                    ReservationState::Reserved => Ok(vec![CampaignEvent::StockReleased {
-                        order_id,
-                        user_id: reservation.user_id,
-                        quantity: reservation.quantity,
-                        reason,
-                        at: now,
-                    }]),
+                check_transfer(campaign, to_bucket, units)?;
+                if units > campaign.available_units {
+                    return Err(DomainError::SoldOut);
                 }
+                Ok(vec![CampaignEvent::StockTransferredOut {
+                    to_bucket,
+                    units,
+                    at: now,
+                }])
             }
-            CampaignCommand::Sell { order_id, now } => {
-                let reservation = campaign
-                    .reservations
-                    .get(&order_id)
-                    .ok_or(DomainError::ReservationNotFound)?;
-                match reservation.state {
-                    ReservationState::Sold => Ok(vec![]),
-                    ReservationState::Released => Err(DomainError::ReservationReleased),
-                    ReservationState::Reserved => Ok(vec![CampaignEvent::StockSold {
-                        order_id,
-                        user_id: reservation.user_id,
-                        quantity: reservation.quantity,
-                        at: now,
-                    }]),
-                }
+            CampaignCommand::TransferIn {
+                from_bucket,
+                units,
+                now,
+            } => {
+                check_transfer(campaign, from_bucket, units)?;
+                Ok(vec![CampaignEvent::StockTransferredIn {
+                    from_bucket,
+                    units,
+                    at: now,
+                }])
             }
         }
     }
@@ -413,14 +470,10 @@ impl Aggregate for CampaignAggregate {
                     payment_timeout_seconds: created.payment_timeout_seconds,
                     closed_at: None,
                     created_at: created.created_at,
-                    stock: Stock {
-                        total: created.quota,
-                        available: created.quota,
-                        reserved: 0,
-                        sold: 0,
-                    },
-                    holdings: BTreeMap::new(),
-                    reservations: BTreeMap::new(),
+                    stock_buckets: created.stock_buckets,
+                    total_units: created.quota,
+                    available_units: created.quota,
+                    sold_units: 0,
                 };
                 campaign.assert_invariants();
                 return Some(campaign);
@@ -432,58 +485,55 @@ impl Aggregate for CampaignAggregate {
         match event {
             CampaignEvent::CampaignCreated(_) => unreachable!("handled above"),
             CampaignEvent::StockReplenished { quantity, .. } => {
-                campaign.stock.total = add(campaign.stock.total, *quantity);
-                campaign.stock.available = add(campaign.stock.available, *quantity);
+                campaign.total_units = add(campaign.total_units, *quantity);
+                campaign.available_units = add(campaign.available_units, *quantity);
             }
             CampaignEvent::CampaignClosed { at } => campaign.closed_at = Some(*at),
-            CampaignEvent::StockReserved {
-                order_id,
-                user_id,
-                quantity,
+            CampaignEvent::StockMoved {
+                reserved,
+                released,
+                sold,
                 ..
             } => {
-                campaign.stock.available = sub(campaign.stock.available, *quantity);
-                campaign.stock.reserved = add(campaign.stock.reserved, *quantity);
-                let held = campaign.holdings.entry(*user_id).or_insert(0);
-                *held = add(*held, *quantity);
-                let previous = campaign.reservations.insert(
-                    *order_id,
-                    Reservation {
-                        user_id: *user_id,
-                        quantity: *quantity,
-                        state: ReservationState::Reserved,
-                    },
-                );
-                assert!(previous.is_none(), "order {order_id} reserved twice");
+                campaign.available_units = sub(add(campaign.available_units, *released), *reserved);
+                campaign.sold_units = add(campaign.sold_units, *sold);
             }
-            CampaignEvent::StockReleased {
-                order_id, quantity, ..
-            } => {
-                let reservation = take_reserved(&mut campaign, *order_id, *quantity);
-                reservation.state = ReservationState::Released;
-                let user_id = reservation.user_id;
-                campaign.stock.reserved = sub(campaign.stock.reserved, *quantity);
-                campaign.stock.available = add(campaign.stock.available, *quantity);
-                let held = campaign
-                    .holdings
-                    .get_mut(&user_id)
-                    .expect("a reservation has a holder");
-                *held = sub(*held, *quantity);
-                if *held == 0 {
-                    campaign.holdings.remove(&user_id);
-                }
+            CampaignEvent::StockTransferredOut { units, .. } => {
+                campaign.available_units = sub(campaign.available_units, *units);
             }
-            CampaignEvent::StockSold {
-                order_id, quantity, ..
-            } => {
-                take_reserved(&mut campaign, *order_id, *quantity).state = ReservationState::Sold;
-                campaign.stock.reserved = sub(campaign.stock.reserved, *quantity);
-                campaign.stock.sold = add(campaign.stock.sold, *quantity);
+            CampaignEvent::StockTransferredIn { units, .. } => {
+                campaign.available_units = add(campaign.available_units, *units);
+            }
+            CampaignEvent::StockReserved { quantity, .. } => {
+                campaign.available_units = sub(campaign.available_units, *quantity);
+            }
+            CampaignEvent::StockReleased { quantity, .. } => {
+                campaign.available_units = add(campaign.available_units, *quantity);
+            }
+            CampaignEvent::StockSold { quantity, .. } => {
+                campaign.sold_units = add(campaign.sold_units, *quantity);
             }
         }
         campaign.assert_invariants();
         Some(campaign)
     }
+}
+
+/// A transfer names another bucket of the campaign and moves at least one unit.
+fn check_transfer(campaign: &Campaign, other: u32, units: u32) -> Result<(), DomainError> {
+    if other == 0 || other >= campaign.stock_buckets {
+        return Err(DomainError::InvalidInput {
+            field: "bucket",
+            problem: "must be another bucket of the campaign",
+        });
+    }
+    if units == 0 {
+        return Err(DomainError::InvalidInput {
+            field: "units",
+            problem: "must be at least 1",
+        });
+    }
+    Ok(())
 }
 
 fn create(new: &NewCampaign) -> Result<Vec<CampaignEvent>, DomainError> {
@@ -514,6 +564,9 @@ fn create(new: &NewCampaign) -> Result<Vec<CampaignEvent>, DomainError> {
     if new.ends_at - new.starts_at > chrono::Duration::days(SALES_WINDOW_DAYS_MAX) {
         return invalid("ends_at", "must be at most 366 days after starts_at");
     }
+    if !(1..=STOCK_BUCKETS_MAX).contains(&new.stock_buckets) {
+        return invalid("stock_buckets", "must be between 1 and 64");
+    }
     Ok(vec![CampaignEvent::CampaignCreated(CampaignCreated {
         campaign_id: new.campaign_id,
         store_id: store.store_id,
@@ -525,6 +578,7 @@ fn create(new: &NewCampaign) -> Result<Vec<CampaignEvent>, DomainError> {
         starts_at: new.starts_at,
         ends_at: new.ends_at,
         payment_timeout_seconds: new.payment_timeout_seconds,
+        stock_buckets: new.stock_buckets,
         created_at: new.now,
     })])
 }
@@ -543,66 +597,13 @@ fn replenish(
             problem: "must be at least 1",
         });
     }
-    if u64::from(campaign.stock.total) + u64::from(quantity) > u64::from(CAMPAIGN_TOTAL_UNITS_MAX) {
+    if u64::from(campaign.total_units) + u64::from(quantity) > u64::from(CAMPAIGN_TOTAL_UNITS_MAX) {
         return Err(DomainError::InvalidInput {
             field: "quantity",
             problem: "would take the campaign over 10000000 units in total",
         });
     }
     Ok(vec![CampaignEvent::StockReplenished { quantity, at: now }])
-}
-
-fn reserve(
-    campaign: &Campaign,
-    order_id: OrderId,
-    user_id: UserId,
-    quantity: u32,
-    now: Timestamp,
-) -> Result<Vec<CampaignEvent>, DomainError> {
-    if campaign.reservations.contains_key(&order_id) {
-        // This order was decided before; deciding it again must not hold more units.
-        return Ok(vec![]);
-    }
-    if !(1..=ORDER_QUANTITY_UNITS_MAX).contains(&quantity) {
-        return Err(DomainError::InvalidInput {
-            field: "quantity",
-            problem: "must be between 1 and 10000",
-        });
-    }
-    if campaign.status(now) != CampaignStatus::Open {
-        return Err(DomainError::CampaignNotOpen);
-    }
-    if u64::from(campaign.holding_of(user_id)) + u64::from(quantity)
-        > u64::from(campaign.per_user_limit)
-    {
-        return Err(DomainError::LimitExceeded);
-    }
-    if campaign.stock.available < quantity {
-        return Err(DomainError::SoldOut);
-    }
-    Ok(vec![CampaignEvent::StockReserved {
-        order_id,
-        user_id,
-        quantity,
-        at: now,
-    }])
-}
-
-fn take_reserved(campaign: &mut Campaign, order_id: OrderId, quantity: u32) -> &mut Reservation {
-    let reservation = campaign
-        .reservations
-        .get_mut(&order_id)
-        .unwrap_or_else(|| panic!("order {order_id} has no reservation"));
-    assert_eq!(
-        reservation.state,
-        ReservationState::Reserved,
-        "order {order_id} is not reserved"
-    );
-    assert_eq!(
-        reservation.quantity, quantity,
-        "order {order_id} quantity differs"
-    );
-    reservation
 }
 
 fn add(a: u32, b: u32) -> u32 {

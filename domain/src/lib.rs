@@ -8,18 +8,22 @@
 //! The aggregates:
 //! - [`user::User`]: a customer and the hash of their API token.
 //! - [`store::Store`]: a shop in a region.
-//! - [`campaign::Campaign`]: a group-buy deal together with its stock and the units each user
-//!   holds, so that stock and per-user limit are decided in one place and one stream.
+//! - [`campaign::Campaign`]: a group-buy deal, its total units and the units of its first stock
+//!   bucket; [`stock::StockBucket`]: more buckets, for several writers at once.
+//! - [`holding::Holding`]: a customer's live units in one campaign, by order, where the
+//!   per-user limit is decided.
 //! - [`order::Order`]: a customer's order as the saga moves it to a final state.
 //! - [`payment::Payment`]: a payment request and what the provider (or the deadline) said.
-//! - [`saga::OrderSaga`]: the steps the order saga took for one order, and [`saga::plan`], its
-//!   next step from where the order, its reservation and its payment stand.
+//! - [`saga::OrderSaga`]: the steps the order saga took for one order; [`saga::plan`], its
+//!   next step from where the order, its reservation and its payment stand; and
+//!   [`saga::advance`], every step a wake-up takes, decided in memory for one atomic append.
 //!
 //! [`scenario`] holds the given/when/then harness used by every decide test.
 
 pub mod aggregate;
 pub mod campaign;
 pub mod error;
+pub mod holding;
 pub mod ids;
 pub mod limits;
 pub mod money;
@@ -27,6 +31,7 @@ pub mod order;
 pub mod payment;
 pub mod saga;
 pub mod scenario;
+pub mod stock;
 pub mod store;
 pub mod user;
 

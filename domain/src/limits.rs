@@ -23,3 +23,6 @@ pub const TITLE_CHARS_MAX: usize = 200;
 pub const SKU_CHARS_MAX: usize = 64;
 /// Longest provider reference a payment webhook may carry, in characters.
 pub const PROVIDER_REFERENCE_CHARS_MAX: usize = 200;
+
+/// Most buckets a campaign's stock may be spread over.
+pub const STOCK_BUCKETS_MAX: u32 = 64;

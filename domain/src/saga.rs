@@ -1,17 +1,26 @@
-//! The order saga, pure: its own state (the steps it took for one order) and its plan (the
-//! next step, from where the order, its reservation and its payment stand).
+//! The order saga, pure: its plan (the next step, from where the order, its reservation and
+//! its payment stand), [`advance`] (every step a wake-up takes, decided in memory), and its own
+//! record (the steps it took for one order).
 //!
 //! The plan is level-triggered: it looks at the aggregates, not at the event that woke the
-//! saga, so a duplicated, reordered or replayed trigger leads to the same next step, and a saga
-//! that died between two steps finds the second one still to do. The order moves first and the
-//! stock follows (confirm, then sell; cancel, then release), so a customer's cancel racing a
-//! payment can never leave units sold for a cancelled order.
+//! saga, so a duplicated, reordered or replayed trigger leads to the same next step. The order
+//! moves first and the stock follows (confirm, then sell; cancel, then release), so a
+//! customer's cancel racing a payment can never leave units sold for a cancelled order.
+//!
+//! [`advance`] takes every step that can be taken now on copies of the order, the customer's
+//! holding and the payment, and the campaign's bucket, and hands back the events; the caller
+//! appends all of them, with an [`OrderSagaEvent::OrderSagaAdvanced`] record, in one atomic
+//! append at the versions it loaded. So a wake-up's steps happen together or not at all, and
+//! one writer can decide the steps of many orders in one append.
 
 use serde::{Deserialize, Serialize};
 
-use crate::campaign::{Reservation, ReservationState};
-use crate::order::{CancelReason, Order, OrderStatus, RejectReason};
-use crate::payment::{Payment, PaymentStatus};
+use crate::campaign::{Campaign, CampaignStatus};
+use crate::holding::{Holding, HoldingAggregate, HoldingCommand, HoldingEvent, ReservationState};
+use crate::order::{
+    CancelReason, Order, OrderAggregate, OrderCommand, OrderEvent, OrderStatus, RejectReason,
+};
+use crate::payment::{Payment, PaymentAggregate, PaymentCommand, PaymentEvent, PaymentStatus};
 use crate::{Aggregate, DomainError, OrderId, PaymentId, Timestamp};
 
 /// A step of the order saga. Each is taken at most once per order.
@@ -72,7 +81,7 @@ pub enum Plan {
 /// A step with what it needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Reserve; a refusal becomes [`Action::RejectOrder`].
+    /// Reserve; a refusal is handed back to [`plan`], which rejects the order.
     ReserveStock,
     /// Reject the order.
     RejectOrder(RejectReason),
@@ -127,16 +136,17 @@ pub fn payment_id_of(order_id: OrderId) -> PaymentId {
     PaymentId::from_ulid(order_id.ulid())
 }
 
-/// The next step for `order`, given its campaign's reservation for it, its payment, the
-/// campaign's payment timeout and the time.
+/// The next step for `order`, given where its units are (in the customer's holding), why the
+/// campaign refused to reserve them (when it just did), its payment, the campaign's payment
+/// timeout and the time.
 pub fn plan(
     order: &Order,
-    reservation: Option<&Reservation>,
+    held: Option<ReservationState>,
+    refused: Option<RejectReason>,
     payment: Option<&Payment>,
     payment_timeout_seconds: u32,
     now: Timestamp,
 ) -> Plan {
-    let held = reservation.map(|r| r.state);
     let payment_status = payment.map(|p| p.status);
     // A pending payment times out at its deadline, whatever the order did meanwhile.
     let wait_for_payment = |payment: &Payment| {
@@ -148,8 +158,10 @@ pub fn plan(
     };
     match order.status {
         OrderStatus::Pending => match (held, payment) {
-            (None, _) => Plan::Act(Action::ReserveStock),
-            (Some(ReservationState::Released), _) => Plan::Done,
+            (None, _) => match refused {
+                Some(reason) => Plan::Act(Action::RejectOrder(reason)),
+                None => Plan::Act(Action::ReserveStock),
+            },
             (Some(_), None) => Plan::Act(Action::RequestPayment {
                 payment_id: payment_id_of(order.order_id),
                 deadline: now + chrono::Duration::seconds(i64::from(payment_timeout_seconds)),
@@ -192,6 +204,276 @@ pub fn plan(
     }
 }
 
+/// The most steps one wake-up takes. The longest path takes five (time out, cancel, release,
+/// and a refund of a late success is a wake-up of its own); reaching this means a bug.
+pub const STEPS_MAX: usize = 12;
+
+/// What one wake-up decides on for one order: copies of the order, the customer's holding in
+/// the campaign and the payment, which [`advance`] moves on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OrderFacts {
+    /// The order; `None` when it is not (yet) in the log.
+    pub order: Option<Order>,
+    /// The customer's holding in the order's campaign.
+    pub holding: Holding,
+    /// The order's payment, once requested.
+    pub payment: Option<Payment>,
+}
+
+/// A campaign's bucket as the writer deciding on it sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Bucket<'a> {
+    /// The campaign: its terms, its window, whether it is closed.
+    pub campaign: &'a Campaign,
+    /// Which bucket.
+    pub bucket: u32,
+    /// Units in it that nobody holds, as the decisions so far left them.
+    pub available_units: u32,
+    /// Whether other buckets may still have units: then a reservation this bucket cannot
+    /// cover asks for a transfer instead of rejecting the order as sold out.
+    pub more_elsewhere: bool,
+}
+
+/// What a wake-up did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Advanced {
+    /// Events for the order's stream.
+    pub order: Vec<OrderEvent>,
+    /// Events for the customer's holding.
+    pub holding: Vec<HoldingEvent>,
+    /// Events for the payment's stream.
+    pub payment: Vec<PaymentEvent>,
+    /// Units taken from the bucket.
+    pub reserved_units: u32,
+    /// Units given back to the bucket.
+    pub released_units: u32,
+    /// Reserved units sold.
+    pub sold_units: u32,
+    /// The steps taken, in order; empty when there was nothing to do.
+    pub steps: Vec<SagaStep>,
+    /// Where the order stands now.
+    pub next: Next,
+}
+
+/// Where a wake-up left an order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Next {
+    /// No such order.
+    #[default]
+    Unknown,
+    /// Waiting for the payment's answer, or its deadline at this instant.
+    WaitUntil(Timestamp),
+    /// Final, with every compensation done.
+    Done,
+}
+
+/// The outcome of [`advance`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Wake {
+    /// These steps were taken (in `facts` and the bucket).
+    Advanced(Advanced),
+    /// The bucket has fewer units than the order needs, and others may have some: move
+    /// units into it and advance again. Nothing was changed.
+    NeedsUnits(u32),
+}
+
+/// Takes every step the saga can take now for one order, in memory: plans, decides the step
+/// on its aggregate, applies the events, and plans again, until the order waits or is done.
+/// `facts` and `bucket` are moved on only when the whole wake-up succeeds.
+///
+/// A reservation is refused, and the order rejected, when the campaign is not open, when the
+/// customer would go over the limit, or when the bucket is short and no other bucket may
+/// help. Any other refusal is a bug in the plan and comes back as an error, changing nothing.
+pub fn advance(
+    facts: &mut OrderFacts,
+    bucket: &mut Bucket<'_>,
+    now: Timestamp,
+) -> Result<Wake, DomainError> {
+    let Some(mut order) = facts.order.clone() else {
+        return Ok(Wake::Advanced(Advanced::default()));
+    };
+    let campaign = bucket.campaign;
+    let mut holding = facts.holding.clone();
+    let mut payment = facts.payment.clone();
+    let mut available = bucket.available_units;
+    let mut advanced = Advanced::default();
+    let mut refused = None;
+    for _ in 0..STEPS_MAX {
+        let next = plan(
+            &order,
+            holding.of(order.order_id),
+            refused,
+            payment.as_ref(),
+            campaign.payment_timeout_seconds,
+            now,
+        );
+        let action = match next {
+            Plan::Act(action) => action,
+            Plan::WaitUntil(deadline) => {
+                advanced.next = Next::WaitUntil(deadline);
+                break;
+            }
+            Plan::Done => {
+                advanced.next = Next::Done;
+                break;
+            }
+        };
+        match action {
+            Action::ReserveStock => {
+                if campaign.status(now) != CampaignStatus::Open {
+                    refused = Some(RejectReason::CampaignNotOpen);
+                    continue;
+                }
+                let reserve = HoldingCommand::Reserve {
+                    order_id: order.order_id,
+                    campaign_id: campaign.campaign_id,
+                    user_id: order.user_id,
+                    quantity: order.quantity,
+                    bucket: bucket.bucket,
+                    per_user_limit: campaign.per_user_limit,
+                    now,
+                };
+                let events = match HoldingAggregate::decide(&holding, &reserve) {
+                    Err(DomainError::LimitExceeded) => {
+                        refused = Some(RejectReason::LimitExceeded);
+                        continue;
+                    }
+                    other => other?,
+                };
+                if available < order.quantity {
+                    if bucket.more_elsewhere {
+                        return Ok(Wake::NeedsUnits(order.quantity));
+                    }
+                    refused = Some(RejectReason::SoldOut);
+                    continue;
+                }
+                available -= order.quantity;
+                advanced.reserved_units += order.quantity;
+                holding = apply::<HoldingAggregate>(holding, events, &mut advanced.holding);
+            }
+            Action::ReleaseStock(reason) => {
+                let release = HoldingCommand::Release {
+                    order_id: order.order_id,
+                    campaign_id: campaign.campaign_id,
+                    user_id: order.user_id,
+                    bucket: bucket.bucket,
+                    reason,
+                    now,
+                };
+                let events = HoldingAggregate::decide(&holding, &release)?;
+                let units = holding
+                    .orders
+                    .get(&order.order_id)
+                    .map_or(0, |held| held.quantity);
+                available = available.checked_add(units).expect("unit count overflow");
+                advanced.released_units += units;
+                holding = apply::<HoldingAggregate>(holding, events, &mut advanced.holding);
+            }
+            Action::SellStock => {
+                let sell = HoldingCommand::Sell {
+                    order_id: order.order_id,
+                    campaign_id: campaign.campaign_id,
+                    user_id: order.user_id,
+                    now,
+                };
+                let events = HoldingAggregate::decide(&holding, &sell)?;
+                if !events.is_empty() {
+                    advanced.sold_units += order.quantity;
+                }
+                holding = apply::<HoldingAggregate>(holding, events, &mut advanced.holding);
+            }
+            Action::RejectOrder(reason) => {
+                order = on_order(order, OrderCommand::Reject { reason, now }, &mut advanced)?;
+            }
+            Action::AwaitPayment {
+                payment_id,
+                deadline,
+            } => {
+                let command = OrderCommand::AwaitPayment {
+                    payment_id,
+                    deadline,
+                    now,
+                };
+                order = on_order(order, command, &mut advanced)?;
+            }
+            Action::ConfirmOrder(payment_id) => {
+                order = on_order(
+                    order,
+                    OrderCommand::Confirm { payment_id, now },
+                    &mut advanced,
+                )?;
+            }
+            Action::CancelOrder(reason) => {
+                order = on_order(order, OrderCommand::Cancel { reason, now }, &mut advanced)?;
+            }
+            Action::RequestPayment {
+                payment_id,
+                deadline,
+            } => {
+                let command = PaymentCommand::Request {
+                    payment_id,
+                    order_id: order.order_id,
+                    amount_cents: order.amount_cents,
+                    deadline,
+                    now,
+                };
+                payment = on_payment(payment, command, &mut advanced)?;
+            }
+            Action::TimeOutPayment => {
+                payment = on_payment(payment, PaymentCommand::TimeOut { now }, &mut advanced)?;
+            }
+            Action::RefundPayment => {
+                payment = on_payment(payment, PaymentCommand::Refund { now }, &mut advanced)?;
+            }
+        }
+        advanced.steps.push(action.step());
+    }
+    assert!(
+        advanced.next != Next::Unknown,
+        "order {}: no end after {STEPS_MAX} steps",
+        order.order_id
+    );
+    facts.order = Some(order);
+    facts.holding = holding;
+    facts.payment = payment;
+    bucket.available_units = available;
+    Ok(Wake::Advanced(advanced))
+}
+
+fn apply<A: Aggregate>(
+    state: A::State,
+    events: Vec<A::Event>,
+    out: &mut Vec<A::Event>,
+) -> A::State {
+    let state = events.iter().fold(state, A::evolve);
+    out.extend(events);
+    state
+}
+
+fn on_order(
+    order: Order,
+    command: OrderCommand,
+    advanced: &mut Advanced,
+) -> Result<Order, DomainError> {
+    let state = Some(order);
+    let events = OrderAggregate::decide(&state, &command)?;
+    let state = apply::<OrderAggregate>(state, events, &mut advanced.order);
+    Ok(state.expect("an order stays an order"))
+}
+
+fn on_payment(
+    payment: Option<Payment>,
+    command: PaymentCommand,
+    advanced: &mut Advanced,
+) -> Result<Option<Payment>, DomainError> {
+    let events = PaymentAggregate::decide(&payment, &command)?;
+    Ok(apply::<PaymentAggregate>(
+        payment,
+        events,
+        &mut advanced.payment,
+    ))
+}
+
 /// The saga's own record for one order: the steps it took.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderSaga {
@@ -206,14 +488,14 @@ pub struct OrderSaga {
 }
 
 /// What can be asked of a saga stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OrderSagaCommand {
-    /// Record that a step was taken.
+    /// Record the steps one wake-up took, in the same append as their effects.
     Record {
         /// The order.
         order_id: OrderId,
-        /// The step.
-        step: SagaStep,
+        /// The steps.
+        steps: Vec<SagaStep>,
         /// Now.
         now: Timestamp,
     },
@@ -223,7 +505,17 @@ pub enum OrderSagaCommand {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum OrderSagaEvent {
-    /// The saga took a step for the order.
+    /// The saga took these steps for the order, in one append with their effects.
+    OrderSagaAdvanced {
+        /// The order.
+        order_id: OrderId,
+        /// The steps, in order.
+        steps: Vec<SagaStep>,
+        /// When.
+        at: Timestamp,
+    },
+    /// The saga set out to take a step, before taking it. Recorded by earlier versions, one
+    /// append per step; read, never decided.
     OrderSagaStepTaken {
         /// The order.
         order_id: OrderId,
@@ -245,33 +537,42 @@ impl Aggregate for OrderSagaAggregate {
     type Event = OrderSagaEvent;
 
     fn decide(
-        state: &Option<OrderSaga>,
+        _state: &Option<OrderSaga>,
         command: &OrderSagaCommand,
     ) -> Result<Vec<OrderSagaEvent>, DomainError> {
         let OrderSagaCommand::Record {
             order_id,
-            step,
+            steps,
             now,
-        } = *command;
-        if state.as_ref().is_some_and(|s| s.steps.contains(&step)) {
+        } = command;
+        if steps.is_empty() {
             return Ok(vec![]);
         }
-        Ok(vec![OrderSagaEvent::OrderSagaStepTaken {
-            order_id,
-            step,
-            at: now,
+        Ok(vec![OrderSagaEvent::OrderSagaAdvanced {
+            order_id: *order_id,
+            steps: steps.clone(),
+            at: *now,
         }])
     }
 
     fn evolve(state: Option<OrderSaga>, event: &OrderSagaEvent) -> Option<OrderSaga> {
-        let OrderSagaEvent::OrderSagaStepTaken { order_id, step, at } = event;
+        let (order_id, steps, at) = match event {
+            OrderSagaEvent::OrderSagaAdvanced {
+                order_id,
+                steps,
+                at,
+            } => (order_id, steps.as_slice(), at),
+            OrderSagaEvent::OrderSagaStepTaken { order_id, step, at } => {
+                (order_id, std::slice::from_ref(step), at)
+            }
+        };
         let mut saga = state.unwrap_or(OrderSaga {
             order_id: *order_id,
             steps: Vec::new(),
             started_at: *at,
             updated_at: *at,
         });
-        saga.steps.push(*step);
+        saga.steps.extend_from_slice(steps);
         saga.updated_at = *at;
         Some(saga)
     }

@@ -369,6 +369,7 @@ impl Application {
             }),
             consumers,
             recent_writes: Default::default(),
+            prices: Default::default(),
             in_flight: Default::default(),
             read_your_writes_timeout: settings.read_your_writes_timeout,
             webhook_secret: settings.webhook_secret.clone(),
@@ -425,21 +426,13 @@ impl Application {
         let order_saga = self.order_saga;
         let deadlines = tokio::spawn(sagas::deadlines::run(
             self.deadlines,
-            move |order_id| {
+            move |order_ids| {
                 let order_saga = Arc::clone(&order_saga);
-                // A deadline starts a trace of its own; the steps it takes continue it.
-                let span = tracing::info_span!("payment_deadline", %order_id);
+                // Deadlines start a trace of their own; the steps they take continue it.
+                let span = tracing::info_span!("payment_deadlines", orders = order_ids.len());
                 let fired = async move {
-                    let mut cause = schemas::Metadata::default();
-                    let trace = commands::trace::recorded_in(
-                        &tracing::Span::current(),
-                        Some(commands::trace::TraceParent::root()),
-                    );
-                    if let Some(trace) = trace {
-                        trace.stamp(&mut cause);
-                    }
-                    if let Err(error) = order_saga.advance(order_id, &cause).await {
-                        tracing::warn!(%order_id, %error, "the saga could not act on a deadline");
+                    if let Err(error) = order_saga.fire_deadlines(&order_ids).await {
+                        tracing::warn!(%error, "the saga could not act on due deadlines");
                     }
                 };
                 fired.instrument(span)

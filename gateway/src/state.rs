@@ -39,9 +39,11 @@ pub struct Shared {
     pub customer_rate: crate::rate_limit::Limiter,
     /// The counters of this instance's consumers, for `/metrics`.
     pub consumers: crate::metrics::Consumers,
-    /// Writes made through this instance that the read model may not show yet; queries wait
-    /// for them, so callers read what was just written.
+    /// Writes made through this instance that the read model may not show yet, by caller; a
+    /// caller's queries wait for that caller's writes, so callers read what they just wrote.
     pub recent_writes: RecentWrites,
+    /// Prices of campaigns, which never change: placing an order reads them here.
+    pub prices: Prices,
     /// The longest a query waits for that.
     pub read_your_writes_timeout: Duration,
     /// Idempotency-Keys of requests running on this instance.
@@ -110,17 +112,33 @@ impl AppState {
             key.appended(&executed, replayed);
         }
         let executed = executed?;
-        let shown_in_read_model = projections::ProjectionName::of_stream(stream_id).is_some();
-        if executed.appended.is_some() && shown_in_read_model {
-            self.recent_writes.wrote(stream_id, executed.version);
+        let shown_in = projections::ProjectionName::of_stream(stream_id);
+        if let (Some(_), Some(projection)) = (&executed.appended, shown_in) {
+            // The catalog is everyone's: an operator's campaign is read by customers, and
+            // such writes are rare. An order is its customer's own.
+            let scope = match projection {
+                projections::ProjectionName::Campaigns => Some(EVERYONE),
+                projections::ProjectionName::Orders => context.metadata.actor.as_deref(),
+            };
+            if let Some(scope) = scope {
+                self.recent_writes.wrote(scope, stream_id, executed.version);
+            }
         }
         Ok(executed)
     }
 
-    /// Waits (bounded) until the read model shows every write made through this instance,
-    /// so any caller reads what was just written here.
-    pub async fn caught_up(&self) {
-        let pending = self.recent_writes.pending();
+    /// Waits (bounded) until the read model shows every write `caller` made through this
+    /// instance, and every change to the catalog made through it, so a caller reads what they
+    /// just wrote and everyone reads a campaign as soon as it is published. Other callers'
+    /// orders are not waited for.
+    pub async fn caught_up(&self, caller: &Caller) {
+        for scope in [EVERYONE.to_owned(), caller.scope()] {
+            self.caught_up_with(&scope).await;
+        }
+    }
+
+    async fn caught_up_with(&self, scope: &str) {
+        let pending = self.recent_writes.pending(scope);
         if pending.is_empty() {
             return;
         }
@@ -135,7 +153,7 @@ impl AppState {
                 if let Some((stream_id, version)) = lagging.first() {
                     tracing::warn!(%stream_id, version, lagging = lagging.len(), "read model lagging; answering from what it has");
                 }
-                self.recent_writes.shown(&pending, &lagging);
+                self.recent_writes.shown(scope, &pending, &lagging);
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot tell whether the read model shows recent writes");
@@ -144,47 +162,114 @@ impl AppState {
     }
 }
 
-/// Writes made through this instance that the read model may not show yet: per stream, the
-/// latest version written. An entry goes once a query saw it applied. Bounded: past
-/// [`PENDING_MAX`] streams it starts over, and reads may then miss a write for a moment.
+/// Writes made through this instance that the read model may not show yet: per caller and
+/// stream, the latest version written. An entry goes once a query of that caller saw it
+/// applied. Bounded: past [`PENDING_MAX`] streams it starts over, and reads may then miss a
+/// write for a moment.
 #[derive(Default)]
-pub struct RecentWrites(Mutex<HashMap<String, u64>>);
+pub struct RecentWrites(Mutex<Pending>);
 
-/// Streams remembered at once.
+#[derive(Default)]
+struct Pending {
+    by_caller: HashMap<String, HashMap<String, u64>>,
+    streams: usize,
+}
+
+/// The scope of writes every caller waits for: the catalog's.
+const EVERYONE: &str = "*";
+
+/// Streams remembered at once, over all callers.
 const PENDING_MAX: usize = 10_000;
 
 impl RecentWrites {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wrote(&self, stream_id: &str, version: u64) {
+    fn wrote(&self, caller: &str, stream_id: &str, version: u64) {
         let mut pending = self.lock();
-        if pending.len() >= PENDING_MAX && !pending.contains_key(stream_id) {
+        if pending.streams >= PENDING_MAX {
             tracing::warn!("too many writes not yet shown by the read model; forgetting them");
-            pending.clear();
+            *pending = Pending::default();
         }
-        let latest = pending.entry(stream_id.to_owned()).or_default();
+        let streams = pending.by_caller.entry(caller.to_owned()).or_default();
+        let latest = streams.entry(stream_id.to_owned()).or_default();
+        let new = *latest == 0;
         *latest = (*latest).max(version);
+        if new {
+            pending.streams += 1;
+        }
     }
 
-    fn pending(&self) -> Vec<(String, u64)> {
-        self.lock().iter().map(|(s, v)| (s.clone(), *v)).collect()
+    fn pending(&self, caller: &str) -> Vec<(String, u64)> {
+        self.lock()
+            .by_caller
+            .get(caller)
+            .map(|streams| streams.iter().map(|(s, v)| (s.clone(), *v)).collect())
+            .unwrap_or_default()
     }
 
     /// Forgets the writes of `asked` that are not in `lagging` (unless written again since).
-    fn shown(&self, asked: &[(String, u64)], lagging: &[(String, u64)]) {
+    fn shown(&self, caller: &str, asked: &[(String, u64)], lagging: &[(String, u64)]) {
         let mut pending = self.lock();
+        let Some(streams) = pending.by_caller.get_mut(caller) else {
+            return;
+        };
+        let mut forgotten = 0;
         for (stream_id, version) in asked {
             if lagging.iter().any(|(s, _)| s == stream_id) {
                 continue;
             }
-            if pending
+            if streams
                 .get(stream_id)
                 .is_some_and(|latest| latest <= version)
             {
-                pending.remove(stream_id);
+                streams.remove(stream_id);
+                forgotten += 1;
             }
         }
+        if streams.is_empty() {
+            pending.by_caller.remove(caller);
+        }
+        pending.streams = pending.streams.saturating_sub(forgotten);
+    }
+}
+
+/// Prices of campaigns by id. A campaign's price is set when it is created and never changes,
+/// so a price once read is right for good; placing an order needs no read model and no log
+/// read for it. Bounded: past [`PRICES_MAX`] campaigns it starts over.
+#[derive(Default)]
+pub struct Prices(Mutex<HashMap<domain::CampaignId, domain::Cents>>);
+
+/// Campaign prices remembered at once.
+const PRICES_MAX: usize = 10_000;
+
+impl Prices {
+    /// The price of `campaign_id`, read from the log the first time.
+    pub async fn of(
+        &self,
+        handler: &commands::CommandHandler,
+        campaign_id: domain::CampaignId,
+    ) -> Result<domain::Cents, ApiError> {
+        if let Some(price) = self.lock().get(&campaign_id) {
+            return Ok(*price);
+        }
+        let stream = commands::stream_id::<domain::campaign::CampaignAggregate>(campaign_id);
+        let price = handler
+            .load::<domain::campaign::CampaignAggregate>(&stream)
+            .await?
+            .state
+            .map(|c| c.price_cents)
+            .ok_or(domain::DomainError::CampaignNotFound)?;
+        let mut prices = self.lock();
+        if prices.len() >= PRICES_MAX {
+            prices.clear();
+        }
+        prices.insert(campaign_id, price);
+        Ok(price)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<domain::CampaignId, domain::Cents>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -8,8 +8,10 @@
 //! Checks, by violation `kind`:
 //!
 //! - `version_gap`: a stream's versions are not 1, 2, 3, ...
-//! - `stock_invariant`: at some version of a campaign, a bucket went negative or
-//!   `available + reserved + sold != total`.
+//! - `stock_invariant`: a stock bucket went negative; or, after some transaction, a campaign's
+//!   buckets and its customers' holdings disagreed: the units neither available nor sold in
+//!   any bucket must be exactly the units the holdings hold reserved, the units sold in the
+//!   buckets exactly those the holdings hold sold, and none of it negative.
 //! - `per_user_limit`: a reservation left a customer holding more live units of a campaign
 //!   than its limit.
 //! - `order_inconsistent`: an order disagrees with its stock and payment events. Confirmed
@@ -29,8 +31,10 @@ use std::time::Duration;
 use chrono::Utc;
 use commands::{EventLog, LogCursor, LogError, RecordedEvent};
 use domain::campaign::CampaignEvent;
+use domain::holding::HoldingEvent;
 use domain::order::{OrderEvent, OrderStatus};
 use domain::payment::PaymentEvent;
+use domain::stock::StockBucketEvent;
 use domain::{CampaignId, OrderId, PaymentId, Timestamp, UserId};
 use serde::Serialize;
 
@@ -119,6 +123,10 @@ pub async fn audit(
     loop {
         let batch = log.read_all(cursor, batch_size).await?;
         for event in &batch {
+            if event.cursor.transaction_id != replay.transaction {
+                replay.transaction_ended();
+                replay.transaction = event.cursor.transaction_id;
+            }
             replay.event(event);
             if read_model.is_some() {
                 fold_event(&fold, event).await;
@@ -130,6 +138,7 @@ pub async fn audit(
             _ => break,
         }
     }
+    replay.transaction_ended();
     let now = Utc::now();
     replay.settled(now, options.settle);
     let mut views_in_flight = 0;
@@ -167,12 +176,34 @@ struct Held {
 #[derive(Default)]
 struct CampaignFacts {
     per_user_limit: i64,
+    stock_buckets: u32,
     total: i64,
-    available: i64,
-    reserved: i64,
-    sold: i64,
-    /// Live units per customer.
-    holdings: HashMap<UserId, i64>,
+    /// Available units of each bucket, by bucket.
+    available: HashMap<u32, i64>,
+    /// Units sold by the decisions of each bucket.
+    sold: HashMap<u32, i64>,
+    /// Units per customer: reserved, and sold.
+    holdings: HashMap<UserId, (i64, i64)>,
+    /// Units reserved and sold over every holding.
+    held_reserved: i64,
+    held_sold: i64,
+}
+
+impl CampaignFacts {
+    /// What is wrong with the buckets and holdings together, if anything: checked between
+    /// transactions, since one append moves both.
+    fn disagreement(&self) -> Option<String> {
+        let available: i64 = self.available.values().sum();
+        let sold: i64 = self.sold.values().sum();
+        let reserved = self.total - available - sold;
+        (reserved < 0 || reserved != self.held_reserved || sold != self.held_sold).then(|| {
+            format!(
+                "total {}, available {available}, reserved {reserved}, sold {sold} in the buckets; \
+                 reserved {}, sold {} in the holdings",
+                self.total, self.held_reserved, self.held_sold
+            )
+        })
+    }
 }
 
 struct OrderFacts {
@@ -191,6 +222,9 @@ struct PaymentFacts {
 
 struct Replay {
     events: u64,
+    /// The transaction being read, and the campaigns it touched.
+    transaction: u64,
+    touched: Vec<(CampaignId, String)>,
     versions: HashMap<String, u64>,
     campaigns: HashMap<CampaignId, CampaignFacts>,
     held: HashMap<OrderId, Held>,
@@ -205,6 +239,8 @@ impl Replay {
     fn new(violations_max: usize) -> Replay {
         Replay {
             events: 0,
+            transaction: 0,
+            touched: Vec::new(),
             versions: HashMap::new(),
             campaigns: HashMap::new(),
             held: HashMap::new(),
@@ -242,18 +278,32 @@ impl Replay {
         }
         self.versions
             .insert(stream.to_owned(), envelope.stream_version.max(last));
-        let Some(id) = stream
-            .split_once('-')
-            .and_then(|(_, id)| ulid::Ulid::from_string(id).ok())
-        else {
+        let Some((_, id)) = stream.split_once('-') else {
             return;
         };
-        let decoded = match envelope.category() {
-            "campaign" => schemas::from_envelope(envelope)
+        // `<campaign id>-<bucket>` for a stock bucket, `<campaign id>-<user id>` for a holding.
+        let pair = || {
+            let (campaign, rest) = id.split_once('-')?;
+            Some((
+                CampaignId::from_ulid(ulid::Ulid::from_string(campaign).ok()?),
+                rest,
+            ))
+        };
+        let one = || ulid::Ulid::from_string(id).ok();
+        let decoded = match (envelope.category(), pair(), one()) {
+            ("campaign", _, Some(id)) => schemas::from_envelope(envelope)
                 .map(|e| self.campaign(stream, CampaignId::from_ulid(id), e)),
-            "order" => schemas::from_envelope(envelope)
+            ("stock", Some((campaign_id, bucket)), _) => match bucket.parse() {
+                Ok(bucket) => schemas::from_envelope(envelope)
+                    .map(|e| self.bucket(stream, campaign_id, bucket, e)),
+                Err(_) => Ok(()),
+            },
+            ("holding", Some((campaign_id, _)), _) => {
+                schemas::from_envelope(envelope).map(|e| self.holding(stream, campaign_id, e))
+            }
+            ("order", _, Some(id)) => schemas::from_envelope(envelope)
                 .map(|e| self.order(stream, OrderId::from_ulid(id), e, envelope.recorded_at)),
-            "payment" => schemas::from_envelope(envelope)
+            ("payment", _, Some(id)) => schemas::from_envelope(envelope)
                 .map(|e| self.payment(stream, PaymentId::from_ulid(id), e)),
             _ => Ok(()),
         };
@@ -266,6 +316,41 @@ impl Replay {
         }
     }
 
+    /// Checks the buckets against the holdings of every campaign the transaction that just
+    /// ended touched.
+    fn transaction_ended(&mut self) {
+        let touched = std::mem::take(&mut self.touched);
+        for (campaign_id, stream) in touched {
+            let problem = self
+                .campaigns
+                .get(&campaign_id)
+                .and_then(CampaignFacts::disagreement);
+            if let Some(detail) = problem {
+                self.violation("stock_invariant", &stream, detail);
+            }
+        }
+    }
+
+    fn touch(&mut self, campaign_id: CampaignId, stream: &str) {
+        if !self.touched.iter().any(|(c, _)| *c == campaign_id) {
+            self.touched.push((campaign_id, stream.to_owned()));
+        }
+    }
+
+    /// The campaign's facts, or a violation when its stock moves before it exists.
+    fn facts_of(&mut self, stream: &str, id: CampaignId) -> Option<&mut CampaignFacts> {
+        if !self.campaigns.contains_key(&id) {
+            self.violation(
+                "stock_invariant",
+                stream,
+                "stock moved before the campaign was created".into(),
+            );
+            return None;
+        }
+        self.touch(id, stream);
+        self.campaigns.get_mut(&id)
+    }
+
     fn campaign(&mut self, stream: &str, id: CampaignId, event: CampaignEvent) {
         if let CampaignEvent::CampaignCreated(c) = &event {
             let quota = i64::from(c.quota);
@@ -273,114 +358,198 @@ impl Replay {
                 id,
                 CampaignFacts {
                     per_user_limit: i64::from(c.per_user_limit),
+                    stock_buckets: c.stock_buckets,
                     total: quota,
-                    available: quota,
+                    available: HashMap::from([(0, quota)]),
                     ..Default::default()
                 },
             );
             return;
         }
-        let Some(c) = self.campaigns.get_mut(&id) else {
-            self.violation(
-                "stock_invariant",
-                stream,
-                "stock moved before the campaign was created".into(),
-            );
-            return;
-        };
-        let mut limit_broken = None;
-        let mut order_problem = None;
-        match event {
+        // Events recorded before holdings existed move the bucket and a holding at once.
+        let (order_id, user_id, reserved, released, sold) = match event {
             CampaignEvent::CampaignCreated(_) => unreachable!("handled above"),
-            CampaignEvent::CampaignClosed { .. } => {}
+            CampaignEvent::CampaignClosed { .. } => return,
             CampaignEvent::StockReplenished { quantity, .. } => {
-                c.total += i64::from(quantity);
-                c.available += i64::from(quantity);
+                if let Some(c) = self.facts_of(stream, id) {
+                    c.total += i64::from(quantity);
+                    *c.available.entry(0).or_default() += i64::from(quantity);
+                }
+                return;
+            }
+            CampaignEvent::StockMoved {
+                reserved,
+                released,
+                sold,
+                ..
+            } => return self.moved(stream, id, 0, reserved, released, sold),
+            CampaignEvent::StockTransferredOut { units, .. } => {
+                return self.moved(stream, id, 0, units, 0, 0)
+            }
+            CampaignEvent::StockTransferredIn { units, .. } => {
+                return self.moved(stream, id, 0, 0, units, 0)
             }
             CampaignEvent::StockReserved {
                 order_id,
                 user_id,
                 quantity,
                 ..
-            } => {
-                let q = i64::from(quantity);
-                c.available -= q;
-                c.reserved += q;
-                let holding = c.holdings.entry(user_id).or_default();
-                *holding += q;
-                if *holding > c.per_user_limit {
-                    limit_broken = Some(format!(
-                        "customer {user_id} holds {holding} live units, more than the limit of {}, after order {order_id}",
-                        c.per_user_limit
-                    ));
-                }
-                let held = self.held.entry(order_id).or_default();
-                held.reserved = held.reserved.saturating_add(1);
-                if held.reserved > 1 {
-                    order_problem = Some(format!("order {order_id} was reserved twice"));
-                }
-                if self
-                    .orders
-                    .get(&order_id)
-                    .is_some_and(|o| o.status == OrderStatus::Rejected)
-                {
-                    order_problem = Some(format!(
-                        "order {order_id} was reserved after it was rejected"
-                    ));
-                }
-            }
+            } => (order_id, user_id, quantity, 0, 0),
             CampaignEvent::StockReleased {
                 order_id,
                 user_id,
                 quantity,
                 ..
-            } => {
-                let q = i64::from(quantity);
-                c.reserved -= q;
-                c.available += q;
-                *c.holdings.entry(user_id).or_default() -= q;
-                let held = self.held.entry(order_id).or_default();
-                held.released = held.released.saturating_add(1);
-                if held.released > 1 {
-                    order_problem = Some(format!("order {order_id} was released twice"));
-                }
-            }
+            } => (order_id, user_id, 0, quantity, 0),
             CampaignEvent::StockSold {
-                order_id, quantity, ..
-            } => {
-                let q = i64::from(quantity);
-                c.reserved -= q;
-                c.sold += q;
-                let held = self.held.entry(order_id).or_default();
-                held.sold = held.sold.saturating_add(1);
-                let confirmed = self
-                    .orders
-                    .get(&order_id)
-                    .is_some_and(|o| o.status == OrderStatus::Confirmed);
-                if !confirmed {
-                    order_problem =
-                        Some(format!("order {order_id} was sold without being confirmed"));
-                }
+                order_id,
+                user_id,
+                quantity,
+                ..
+            } => (order_id, user_id, 0, 0, quantity),
+        };
+        self.moved(stream, id, 0, reserved, released, sold);
+        self.held(stream, id, order_id, user_id, reserved, released, sold);
+    }
+
+    fn bucket(&mut self, stream: &str, id: CampaignId, bucket: u32, event: StockBucketEvent) {
+        match event {
+            StockBucketEvent::StockMoved {
+                reserved,
+                released,
+                sold,
+                ..
+            } => self.moved(stream, id, bucket, reserved, released, sold),
+            StockBucketEvent::StockTransferredOut { units, .. } => {
+                self.moved(stream, id, bucket, units, 0, 0)
+            }
+            StockBucketEvent::StockTransferredIn { units, .. } => {
+                self.moved(stream, id, bucket, 0, units, 0)
             }
         }
-        let stock_broken = (c.available < 0
-            || c.reserved < 0
-            || c.sold < 0
-            || c.available + c.reserved + c.sold != c.total)
-            .then(|| {
+    }
+
+    /// Units leaving (`taken`) and coming back to (`given`) a bucket's available units, and
+    /// units its decisions sold.
+    fn moved(
+        &mut self,
+        stream: &str,
+        id: CampaignId,
+        bucket: u32,
+        taken: u32,
+        given: u32,
+        sold: u32,
+    ) {
+        let Some(c) = self.facts_of(stream, id) else {
+            return;
+        };
+        let available = c.available.entry(bucket).or_default();
+        *available += i64::from(given) - i64::from(taken);
+        let available = *available;
+        *c.sold.entry(bucket).or_default() += i64::from(sold);
+        if available < 0 {
+            self.violation(
+                "stock_invariant",
+                stream,
+                format!("bucket {bucket} went to {available} available units"),
+            );
+        }
+    }
+
+    fn holding(&mut self, stream: &str, id: CampaignId, event: HoldingEvent) {
+        let (order_id, user_id, reserved, released, sold) = match event {
+            HoldingEvent::UnitsReserved {
+                order_id,
+                user_id,
+                quantity,
+                ..
+            } => (order_id, user_id, quantity, 0, 0),
+            HoldingEvent::UnitsReleased {
+                order_id,
+                user_id,
+                quantity,
+                ..
+            } => (order_id, user_id, 0, quantity, 0),
+            HoldingEvent::UnitsSold {
+                order_id,
+                user_id,
+                quantity,
+                ..
+            } => (order_id, user_id, 0, 0, quantity),
+        };
+        self.held(stream, id, order_id, user_id, reserved, released, sold);
+    }
+
+    /// One order's units moving in its customer's holding: reserved, released or sold.
+    #[allow(clippy::too_many_arguments)]
+    fn held(
+        &mut self,
+        stream: &str,
+        id: CampaignId,
+        order_id: OrderId,
+        user_id: UserId,
+        reserved: u32,
+        released: u32,
+        sold: u32,
+    ) {
+        let Some(c) = self.facts_of(stream, id) else {
+            return;
+        };
+        let (reserved, released, sold) =
+            (i64::from(reserved), i64::from(released), i64::from(sold));
+        let holding = c.holdings.entry(user_id).or_default();
+        holding.0 += reserved - released - sold;
+        holding.1 += sold;
+        c.held_reserved += reserved - released - sold;
+        c.held_sold += sold;
+        let live = holding.0 + holding.1;
+        let mut problems = Vec::new();
+        if reserved > 0 && live > c.per_user_limit {
+            problems.push((
+                "per_user_limit",
                 format!(
-                    "total {}, available {}, reserved {}, sold {}",
-                    c.total, c.available, c.reserved, c.sold
-                )
-            });
-        if let Some(detail) = stock_broken {
-            self.violation("stock_invariant", stream, detail);
+                    "customer {user_id} holds {live} live units, more than the limit of {}, after order {order_id}",
+                    c.per_user_limit
+                ),
+            ));
         }
-        if let Some(detail) = limit_broken {
-            self.violation("per_user_limit", stream, detail);
+        let held = self.held.entry(order_id).or_default();
+        let order = self.orders.get(&order_id).map(|o| o.status);
+        if reserved > 0 {
+            held.reserved = held.reserved.saturating_add(1);
+            if held.reserved > 1 {
+                problems.push((
+                    "order_inconsistent",
+                    format!("order {order_id} was reserved twice"),
+                ));
+            }
+            if order == Some(OrderStatus::Rejected) {
+                problems.push((
+                    "order_inconsistent",
+                    format!("order {order_id} was reserved after it was rejected"),
+                ));
+            }
         }
-        if let Some(detail) = order_problem {
-            self.violation("order_inconsistent", stream, detail);
+        if released > 0 {
+            held.released = held.released.saturating_add(1);
+            if held.released > 1 {
+                problems.push((
+                    "order_inconsistent",
+                    format!("order {order_id} was released twice"),
+                ));
+            }
+        }
+        if sold > 0 {
+            held.sold = held.sold.saturating_add(1);
+            if order != Some(OrderStatus::Confirmed) {
+                problems.push((
+                    "order_inconsistent",
+                    format!("order {order_id} was sold without being confirmed"),
+                ));
+            }
+        }
+        for (kind, detail) in problems {
+            self.violation(kind, stream, detail);
         }
     }
 
@@ -535,7 +704,15 @@ async fn compare(
         if live_view.as_ref() == Some(&campaign) {
             continue;
         }
-        if in_motion(fold, live, &[stream.as_str()]).await? {
+        // Its stock moves on every bucket's stream.
+        let buckets = replay
+            .campaigns
+            .get(&campaign.campaign_id)
+            .map_or(1, |c| c.stock_buckets);
+        let mut streams = vec![stream.clone()];
+        streams.extend((1..buckets).map(|b| format!("stock-{}-{b}", campaign.campaign_id)));
+        let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+        if in_motion(fold, live, &streams).await? {
             in_flight += 1;
             continue;
         }

@@ -11,6 +11,7 @@
 use domain::campaign::CampaignEvent;
 use domain::order::{OrderEvent, OrderStatus};
 use domain::payment::{PaymentEvent, PaymentStatus};
+use domain::stock::StockBucketEvent;
 use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp, UserId};
 use schemas::{Envelope, SchemaError};
 use serde::Serialize;
@@ -39,7 +40,7 @@ impl ProjectionName {
     /// The stream categories it reads.
     pub fn categories(self) -> &'static [&'static str] {
         match self {
-            ProjectionName::Campaigns => &["campaign"],
+            ProjectionName::Campaigns => &["campaign", "stock"],
             ProjectionName::Orders => &["order", "payment"],
         }
     }
@@ -212,14 +213,24 @@ impl Change {
     }
 }
 
-/// The ops of one event of a campaign, order or payment stream; none for other streams, and
-/// none for events whose stream id does not name their aggregate.
+/// The ops of one event of a campaign, stock bucket, order or payment stream; none for other
+/// streams, and none for events whose stream id does not name their aggregate.
 pub fn ops(envelope: &Envelope) -> Result<Vec<Op>, SchemaError> {
-    let Some(id) = envelope
-        .stream_id
-        .split_once('-')
-        .and_then(|(_, id)| ulid::Ulid::from_string(id).ok())
-    else {
+    let Some((_, id)) = envelope.stream_id.split_once('-') else {
+        return Ok(Vec::new());
+    };
+    if envelope.category() == "stock" {
+        // `stock-<campaign id>-<bucket>`
+        let Some(campaign_id) = id
+            .split_once('-')
+            .and_then(|(c, _)| ulid::Ulid::from_string(c).ok())
+        else {
+            return Ok(Vec::new());
+        };
+        let event: StockBucketEvent = schemas::from_envelope(envelope)?;
+        return Ok(bucket_ops(CampaignId::from_ulid(campaign_id), event));
+    }
+    let Ok(id) = ulid::Ulid::from_string(id) else {
         return Ok(Vec::new());
     };
     Ok(match envelope.category() {
@@ -264,6 +275,16 @@ fn campaign_ops(campaign_id: CampaignId, event: CampaignEvent) -> Vec<Op> {
             campaign_id,
             at: nanos(at),
         },
+        CampaignEvent::StockMoved {
+            reserved,
+            released,
+            sold,
+            ..
+        } => return moved_ops(campaign_id, reserved, released, sold),
+        // Units moving between buckets stay available to the campaign.
+        CampaignEvent::StockTransferredOut { .. } | CampaignEvent::StockTransferredIn { .. } => {
+            return Vec::new()
+        }
         CampaignEvent::StockReserved { quantity, .. } => {
             let q = i64::from(quantity);
             stock(0, -q, q, 0)
@@ -278,6 +299,32 @@ fn campaign_ops(campaign_id: CampaignId, event: CampaignEvent) -> Vec<Op> {
         }
     };
     vec![op]
+}
+
+fn bucket_ops(campaign_id: CampaignId, event: StockBucketEvent) -> Vec<Op> {
+    match event {
+        StockBucketEvent::StockMoved {
+            reserved,
+            released,
+            sold,
+            ..
+        } => moved_ops(campaign_id, reserved, released, sold),
+        StockBucketEvent::StockTransferredOut { .. }
+        | StockBucketEvent::StockTransferredIn { .. } => Vec::new(),
+    }
+}
+
+/// A bucket's units taken for reservations, given back and sold, as the campaign's stock sees
+/// them: available, reserved and sold move; the total does not.
+fn moved_ops(campaign_id: CampaignId, reserved: u32, released: u32, sold: u32) -> Vec<Op> {
+    let (reserved, released, sold) = (i64::from(reserved), i64::from(released), i64::from(sold));
+    vec![Op::Stock {
+        campaign_id,
+        total: 0,
+        available: released - reserved,
+        reserved: reserved - released - sold,
+        sold,
+    }]
 }
 
 fn order_op(order_id: OrderId, event: OrderEvent) -> Op {

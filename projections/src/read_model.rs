@@ -41,8 +41,10 @@ pub struct CampaignView {
     pub stock: Stock,
 }
 
-impl From<&domain::campaign::Campaign> for CampaignView {
-    fn from(c: &domain::campaign::Campaign) -> Self {
+impl CampaignView {
+    /// The view of a campaign aggregate, with its stock told from its own bucket and
+    /// `others`, its other buckets.
+    pub fn of(c: &domain::campaign::Campaign, others: &[domain::stock::StockBucket]) -> Self {
         CampaignView {
             campaign_id: c.campaign_id,
             store_id: c.store_id,
@@ -55,7 +57,7 @@ impl From<&domain::campaign::Campaign> for CampaignView {
             ends_at: c.ends_at,
             payment_timeout_seconds: c.payment_timeout_seconds,
             closed_at: c.closed_at,
-            stock: c.stock,
+            stock: c.stock(others),
         }
     }
 }

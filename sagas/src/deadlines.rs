@@ -31,10 +31,19 @@ impl From<sqlx::Error> for DeadlineError {
 /// Where deadlines are kept.
 #[async_trait]
 pub trait Deadlines: Send + Sync + 'static {
-    /// Wake the saga for `order_id` at `due` (replacing an earlier deadline of the order).
-    async fn schedule(&self, order_id: OrderId, due: Timestamp) -> Result<(), DeadlineError>;
+    /// Wake the saga for each order at its instant (replacing an earlier deadline of the
+    /// order).
+    async fn schedule_many(&self, due: &[(OrderId, Timestamp)]) -> Result<(), DeadlineError>;
+    /// These orders need no wake-up any more.
+    async fn clear_many(&self, order_ids: &[OrderId]) -> Result<(), DeadlineError>;
+    /// Wake the saga for `order_id` at `due`.
+    async fn schedule(&self, order_id: OrderId, due: Timestamp) -> Result<(), DeadlineError> {
+        self.schedule_many(&[(order_id, due)]).await
+    }
     /// The order needs no wake-up any more.
-    async fn clear(&self, order_id: OrderId) -> Result<(), DeadlineError>;
+    async fn clear(&self, order_id: OrderId) -> Result<(), DeadlineError> {
+        self.clear_many(&[order_id]).await
+    }
     /// Claims up to `limit` deadlines due at `now`.
     async fn claim_due(&self, now: Timestamp, limit: usize) -> Result<Vec<OrderId>, DeadlineError>;
 }
@@ -54,18 +63,20 @@ impl MemoryDeadlines {
 
 #[async_trait]
 impl Deadlines for MemoryDeadlines {
-    async fn schedule(&self, order_id: OrderId, due: Timestamp) -> Result<(), DeadlineError> {
+    async fn schedule_many(&self, due: &[(OrderId, Timestamp)]) -> Result<(), DeadlineError> {
         let mut all = self.due.lock().unwrap_or_else(|p| p.into_inner());
-        let claimed_until = all.get(&order_id).map_or(Timestamp::MIN_UTC, |d| d.1);
-        all.insert(order_id, (due, claimed_until));
+        for &(order_id, due) in due {
+            let claimed_until = all.get(&order_id).map_or(Timestamp::MIN_UTC, |d| d.1);
+            all.insert(order_id, (due, claimed_until));
+        }
         Ok(())
     }
 
-    async fn clear(&self, order_id: OrderId) -> Result<(), DeadlineError> {
-        self.due
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&order_id);
+    async fn clear_many(&self, order_ids: &[OrderId]) -> Result<(), DeadlineError> {
+        let mut all = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        for order_id in order_ids {
+            all.remove(order_id);
+        }
         Ok(())
     }
 
@@ -101,21 +112,33 @@ impl PgDeadlines {
 
 #[async_trait]
 impl Deadlines for PgDeadlines {
-    async fn schedule(&self, order_id: OrderId, due: Timestamp) -> Result<(), DeadlineError> {
+    async fn schedule_many(&self, due: &[(OrderId, Timestamp)]) -> Result<(), DeadlineError> {
+        if due.is_empty() {
+            return Ok(());
+        }
+        // Sorted, so that two instances scheduling overlapping batches lock rows in the same
+        // order and cannot deadlock.
+        let mut due = due.to_vec();
+        due.sort_unstable_by_key(|(order_id, _)| *order_id);
+        due.dedup_by_key(|(order_id, _)| *order_id);
         sqlx::query(
-            "INSERT INTO saga_deadlines (order_id, due_at) VALUES ($1, $2) \
+            "INSERT INTO saga_deadlines (order_id, due_at) \
+             SELECT * FROM UNNEST($1::text[], $2::timestamptz[]) \
              ON CONFLICT (order_id) DO UPDATE SET due_at = EXCLUDED.due_at",
         )
-        .bind(order_id.to_string())
-        .bind(due)
+        .bind(due.iter().map(|(o, _)| o.to_string()).collect::<Vec<_>>())
+        .bind(due.iter().map(|(_, d)| *d).collect::<Vec<_>>())
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn clear(&self, order_id: OrderId) -> Result<(), DeadlineError> {
-        sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
-            .bind(order_id.to_string())
+    async fn clear_many(&self, order_ids: &[OrderId]) -> Result<(), DeadlineError> {
+        if order_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM saga_deadlines WHERE order_id = ANY($1)")
+            .bind(order_ids.iter().map(|o| o.to_string()).collect::<Vec<_>>())
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -142,23 +165,23 @@ impl Deadlines for PgDeadlines {
 /// How often the worker looks for due deadlines.
 pub const POLL: Duration = Duration::from_millis(200);
 
-/// Fires due deadlines through `fire` until `shutdown` resolves.
+/// Deadlines claimed per poll.
+pub const CLAIM_BATCH: usize = 500;
+
+/// Fires due deadlines through `fire`, a claimed batch at a time, until `shutdown` resolves.
 pub async fn run<F, Fut>(
     deadlines: Arc<dyn Deadlines>,
     fire: F,
     shutdown: impl std::future::Future<Output = ()>,
 ) where
-    F: Fn(OrderId) -> Fut,
+    F: Fn(Vec<OrderId>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     tokio::pin!(shutdown);
     loop {
-        match deadlines.claim_due(chrono::Utc::now(), 100).await {
-            Ok(due) => {
-                for order_id in due {
-                    fire(order_id).await;
-                }
-            }
+        match deadlines.claim_due(chrono::Utc::now(), CLAIM_BATCH).await {
+            Ok(due) if !due.is_empty() => fire(due).await,
+            Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot read due deadlines"),
         }
         tokio::select! {

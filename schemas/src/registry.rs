@@ -79,11 +79,18 @@ event_schemas!(
     "UserRegistered" v 1,
     "StoreCreated" v 1,
     "CampaignCreated" v 1,
+    "CampaignCreated" v 2,
     "StockReplenished" v 1,
     "CampaignClosed" v 1,
+    "StockMoved" v 1,
+    "StockTransferredOut" v 1,
+    "StockTransferredIn" v 1,
     "StockReserved" v 1,
     "StockReleased" v 1,
     "StockSold" v 1,
+    "UnitsReserved" v 1,
+    "UnitsReleased" v 1,
+    "UnitsSold" v 1,
     "OrderPlaced" v 1,
     "OrderRejected" v 1,
     "OrderAwaitingPayment" v 1,
@@ -95,12 +102,25 @@ event_schemas!(
     "PaymentTimedOut" v 1,
     "PaymentRefunded" v 1,
     "OrderSagaStepTaken" v 1,
+    "OrderSagaAdvanced" v 1,
 );
 
 /// Upcasters for every schema version that is no longer the current one. When an event's
 /// payload changes shape, its new schema gets a new version file and an entry here; old
 /// events in the log stay readable without being rewritten.
-pub const UPCASTERS: &[Upcaster] = &[];
+pub const UPCASTERS: &[Upcaster] = &[Upcaster {
+    event_type: "CampaignCreated",
+    from_version: 1,
+    upcast: campaign_created_in_one_bucket,
+}];
+
+/// CampaignCreated v1 predates stock buckets: such a campaign keeps its stock in one bucket.
+fn campaign_created_in_one_bucket(mut data: Value) -> Value {
+    if let Value::Object(fields) = &mut data {
+        fields.insert("stock_buckets".into(), Value::from(1));
+    }
+    data
+}
 
 /// The schema of the event envelope.
 pub const ENVELOPE_SCHEMA: &str = include_str!("../envelope.v1.json");

@@ -5,9 +5,11 @@ use std::collections::BTreeSet;
 
 use chrono::TimeZone;
 use domain::campaign::{CampaignCreated, CampaignEvent};
+use domain::holding::HoldingEvent;
 use domain::order::{CancelReason, OrderEvent, RejectReason};
 use domain::payment::PaymentEvent;
 use domain::saga::{OrderSagaEvent, SagaStep};
+use domain::stock::StockBucketEvent;
 use domain::store::{Store, StoreEvent};
 use domain::user::{User, UserEvent};
 use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp, UserId};
@@ -76,6 +78,7 @@ fn samples() -> Vec<Sample> {
             starts_at: at(),
             ends_at: at() + chrono::Duration::hours(1),
             payment_timeout_seconds: 600,
+            stock_buckets: 4,
             created_at: at(),
         }),
         CampaignEvent::StockReplenished {
@@ -83,6 +86,22 @@ fn samples() -> Vec<Sample> {
             at: at(),
         },
         CampaignEvent::CampaignClosed { at: at() },
+        CampaignEvent::StockMoved {
+            reserved: 7,
+            released: 2,
+            sold: 3,
+            at: at(),
+        },
+        CampaignEvent::StockTransferredOut {
+            to_bucket: 3,
+            units: 10,
+            at: at(),
+        },
+        CampaignEvent::StockTransferredIn {
+            from_bucket: 1,
+            units: 4,
+            at: at(),
+        },
         CampaignEvent::StockReserved {
             order_id: order,
             user_id: user,
@@ -104,6 +123,54 @@ fn samples() -> Vec<Sample> {
         },
     ] {
         out.push(sample(type_of_campaign(&e), &e));
+    }
+    for e in [
+        StockBucketEvent::StockMoved {
+            reserved: 1,
+            released: 0,
+            sold: 0,
+            at: at(),
+        },
+        StockBucketEvent::StockTransferredOut {
+            to_bucket: 0,
+            units: 1,
+            at: at(),
+        },
+        StockBucketEvent::StockTransferredIn {
+            from_bucket: 0,
+            units: 8,
+            at: at(),
+        },
+    ] {
+        out.push(sample(type_of_bucket(&e), &e));
+    }
+    for e in [
+        HoldingEvent::UnitsReserved {
+            order_id: order,
+            campaign_id: campaign,
+            user_id: user,
+            quantity: 2,
+            bucket: 1,
+            at: at(),
+        },
+        HoldingEvent::UnitsReleased {
+            order_id: order,
+            campaign_id: campaign,
+            user_id: user,
+            quantity: 2,
+            bucket: 0,
+            reason: CancelReason::PaymentFailed,
+            at: at(),
+        },
+        HoldingEvent::UnitsSold {
+            order_id: order,
+            campaign_id: campaign,
+            user_id: user,
+            quantity: 2,
+            at: at(),
+        },
+    ] {
+        out.push(sample(type_of_holding(&e), &e));
     }
     for e in [
         OrderEvent::OrderPlaced {
@@ -156,7 +223,7 @@ fn samples() -> Vec<Sample> {
     ] {
         out.push(sample(type_of_payment(&e), &e));
     }
-    for step in [
+    let all_steps = [
         SagaStep::ReserveStock,
         SagaStep::RejectOrder,
         SagaStep::RequestPayment,
@@ -167,7 +234,8 @@ fn samples() -> Vec<Sample> {
         SagaStep::CancelOrder,
         SagaStep::ReleaseStock,
         SagaStep::RefundPayment,
-    ] {
+    ];
+    for step in all_steps {
         let e = OrderSagaEvent::OrderSagaStepTaken {
             order_id: order,
             step,
@@ -175,12 +243,35 @@ fn samples() -> Vec<Sample> {
         };
         out.push(sample(type_of_saga(&e), &e));
     }
+    let e = OrderSagaEvent::OrderSagaAdvanced {
+        order_id: order,
+        steps: all_steps.to_vec(),
+        at: at(),
+    };
+    out.push(sample(type_of_saga(&e), &e));
     out
 }
 
 fn type_of_saga(e: &OrderSagaEvent) -> &'static str {
     match e {
+        OrderSagaEvent::OrderSagaAdvanced { .. } => "OrderSagaAdvanced",
         OrderSagaEvent::OrderSagaStepTaken { .. } => "OrderSagaStepTaken",
+    }
+}
+
+fn type_of_bucket(e: &StockBucketEvent) -> &'static str {
+    match e {
+        StockBucketEvent::StockMoved { .. } => "StockMoved",
+        StockBucketEvent::StockTransferredOut { .. } => "StockTransferredOut",
+        StockBucketEvent::StockTransferredIn { .. } => "StockTransferredIn",
+    }
+}
+
+fn type_of_holding(e: &HoldingEvent) -> &'static str {
+    match e {
+        HoldingEvent::UnitsReserved { .. } => "UnitsReserved",
+        HoldingEvent::UnitsReleased { .. } => "UnitsReleased",
+        HoldingEvent::UnitsSold { .. } => "UnitsSold",
     }
 }
 
@@ -201,6 +292,9 @@ fn type_of_campaign(e: &CampaignEvent) -> &'static str {
         CampaignEvent::CampaignCreated(_) => "CampaignCreated",
         CampaignEvent::StockReplenished { .. } => "StockReplenished",
         CampaignEvent::CampaignClosed { .. } => "CampaignClosed",
+        CampaignEvent::StockMoved { .. } => "StockMoved",
+        CampaignEvent::StockTransferredOut { .. } => "StockTransferredOut",
+        CampaignEvent::StockTransferredIn { .. } => "StockTransferredIn",
         CampaignEvent::StockReserved { .. } => "StockReserved",
         CampaignEvent::StockReleased { .. } => "StockReleased",
         CampaignEvent::StockSold { .. } => "StockSold",
@@ -278,6 +372,22 @@ fn a_payload_that_breaks_its_schema_is_refused_with_the_path_of_the_problem() {
     for needle in ["/order_id", "/quantity", "/at"] {
         assert!(error.contains(needle), "{needle} missing from: {error}");
     }
+}
+
+#[test]
+fn a_campaign_created_before_buckets_reads_back_as_one_bucket() {
+    let v1 = serde_json::json!({
+        "campaign_id": id(3).to_string(), "store_id": id(5).to_string(), "sku": "IPA",
+        "title": "IPA", "price_cents": 100, "quota": 10, "per_user_limit": 2,
+        "starts_at": "2026-01-01T00:00:00Z", "ends_at": "2026-01-02T00:00:00Z",
+        "payment_timeout_seconds": 60, "created_at": "2026-01-01T00:00:00Z"
+    });
+    let event: CampaignEvent = schemas::decode("CampaignCreated", 1, v1).unwrap();
+    let CampaignEvent::CampaignCreated(created) = event else {
+        panic!("{event:?}")
+    };
+    assert_eq!(created.stock_buckets, 1);
+    assert_eq!(created.quota, 10);
 }
 
 #[test]

@@ -94,6 +94,7 @@ async fn seed(log: &dyn EventLog, target: usize) -> usize {
             starts_at: now - chrono::Duration::hours(1),
             ends_at: now + chrono::Duration::days(30),
             payment_timeout_seconds: 600,
+            stock_buckets: 1,
             created_at: now,
         });
         streams.push(format!("campaign-{id}"), 0, vec![event(&created)]);

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use chrono::Utc;
 use commands::handler::{Context, HandlerOptions};
 use commands::{stream_id, CommandError, CommandHandler, EventLog};
-use domain::campaign::{CampaignAggregate, CampaignCommand, NewCampaign, Stock};
+use domain::campaign::{CampaignAggregate, CampaignCommand, NewCampaign, Stock, StockMove};
 use domain::store::Store;
-use domain::{Aggregate, CampaignId, DomainError, OrderId, StoreId, UserId};
+use domain::{Aggregate, CampaignId, DomainError, StoreId};
 use harness::TestDb;
 use schemas::Metadata;
 use ulid::Ulid;
@@ -30,18 +30,24 @@ fn new_campaign(id: CampaignId, quota: u32, per_user_limit: u32) -> CampaignComm
         starts_at: now - chrono::Duration::minutes(1),
         ends_at: now + chrono::Duration::hours(1),
         payment_timeout_seconds: 600,
+        stock_buckets: 1,
         now,
     })
 }
 
-/// One unit for a new order of a new customer.
-fn reserve_one() -> CampaignCommand {
-    CampaignCommand::Reserve {
-        order_id: OrderId::from_ulid(Ulid::new()),
-        user_id: UserId::from_ulid(Ulid::new()),
-        quantity: 1,
+/// A writer's decision taking `reserved` units and giving back `released` ones.
+fn move_stock(reserved: u32, released: u32) -> CampaignCommand {
+    CampaignCommand::Move(StockMove {
+        reserved,
+        released,
+        sold: 0,
         now: Utc::now(),
-    }
+    })
+}
+
+/// One unit reserved.
+fn reserve_one() -> CampaignCommand {
+    move_stock(1, 0)
 }
 
 fn context<S>() -> Context<'static, S> {
@@ -61,7 +67,7 @@ async fn create_campaign(handler: &CommandHandler, quota: u32, limit: u32) -> St
     stream
 }
 
-/// 64 writers reserve on one campaign at once: every one succeeds after retries, versions
+/// 64 writers take units of one campaign at once: every one succeeds after retries, versions
 /// stay contiguous, and the units add up.
 async fn concurrent_conflicting_commands_all_land_in_contiguous_versions(log: Arc<dyn EventLog>) {
     const WRITERS: u32 = 64;
@@ -93,7 +99,7 @@ async fn concurrent_conflicting_commands_all_land_in_contiguous_versions(log: Ar
     let versions: Vec<u64> = events.iter().map(|e| e.envelope.stream_version).collect();
     assert_eq!(versions, (1..=u64::from(WRITERS) + 1).collect::<Vec<_>>());
     let loaded = handler.load::<CampaignAggregate>(&stream).await.unwrap();
-    let stock = loaded.state.unwrap().stock;
+    let stock = loaded.state.unwrap().stock([]);
     assert_eq!(
         stock,
         Stock {
@@ -124,18 +130,12 @@ async fn a_refused_command_appends_nothing_and_says_why() {
     let db = TestDb::new().await;
     let handler = CommandHandler::new(db.log(), HandlerOptions::default());
     let stream = create_campaign(&handler, 2, 2).await;
-    let reserve = |quantity| CampaignCommand::Reserve {
-        order_id: OrderId::from_ulid(Ulid::new()),
-        user_id: UserId::from_ulid(Ulid::new()),
-        quantity,
-        now: Utc::now(),
-    };
     let error = handler
-        .execute::<CampaignAggregate>(&stream, &reserve(3), &context())
+        .execute::<CampaignAggregate>(&stream, &move_stock(3, 0), &context())
         .await
         .unwrap_err();
     assert!(
-        matches!(error, CommandError::Domain(DomainError::LimitExceeded)),
+        matches!(error, CommandError::Domain(DomainError::SoldOut)),
         "{error}"
     );
     assert_eq!(db.log().read_stream(&stream, 0, 10).await.unwrap().len(), 1);
@@ -168,8 +168,8 @@ async fn executing_the_same_command_again_stores_its_events_once() {
         .unwrap()
         .state
         .unwrap()
-        .stock;
-    assert_eq!(stock.total, 15, "replenished once");
+        .total_units;
+    assert_eq!(stock, 15, "replenished once");
 }
 
 #[tokio::test]
@@ -254,7 +254,7 @@ async fn commands_for_one_stream_in_one_process_take_turns_instead_of_conflictin
         .unwrap()
         .state
         .unwrap()
-        .stock;
+        .stock([]);
     assert_eq!(stock.reserved, 32);
 }
 
@@ -289,20 +289,8 @@ async fn a_stale_cached_state_costs_a_retry_never_a_wrong_decision() {
     );
     // A release elsewhere; `here` caches the sold-out state, which would refuse. A refusal
     // on a cached state is not trusted: the fresh stream has the released unit.
-    let release = |order_id| CampaignCommand::Release {
-        order_id,
-        reason: domain::order::CancelReason::Customer,
-        now: Utc::now(),
-    };
-    let state = elsewhere
-        .load::<CampaignAggregate>(&stream)
-        .await
-        .unwrap()
-        .state
-        .unwrap();
-    let some_order = *state.reservations.keys().next().unwrap();
     elsewhere
-        .execute::<CampaignAggregate>(&stream, &release(some_order), &context())
+        .execute::<CampaignAggregate>(&stream, &move_stock(0, 1), &context())
         .await
         .unwrap();
     let executed = here
@@ -310,7 +298,7 @@ async fn a_stale_cached_state_costs_a_retry_never_a_wrong_decision() {
         .await
         .unwrap();
     assert_eq!(executed.version, 6);
-    let stock = executed.state.unwrap().stock;
+    let stock = executed.state.unwrap().stock([]);
     assert_eq!(stock.available, 0);
     assert_eq!(stock.reserved, 3);
     let events = log.read_stream(&stream, 0, 100).await.unwrap();

@@ -8,6 +8,7 @@ use axum::Json;
 use commands::stream_id;
 use commands::trace::TraceParent;
 use domain::campaign::{Campaign, CampaignAggregate, CampaignCommand, CampaignStatus, NewCampaign};
+use domain::stock::StockBucket;
 use domain::store::StoreAggregate;
 use domain::{CampaignId, StoreId, Timestamp};
 use projections::CampaignView;
@@ -53,6 +54,16 @@ pub struct CreateCampaign {
     /// How long a customer has to pay before the order is cancelled.
     #[schema(minimum = 1, maximum = 86_400)]
     payment_timeout_seconds: u32,
+    /// How many stock buckets the units may be spread over, so that several instances sell
+    /// the campaign without waiting on each other: 1 (the default) to 64. Use about as many as
+    /// instances that serve the sale.
+    #[schema(minimum = 1, maximum = 64)]
+    #[serde(default = "one_bucket")]
+    stock_buckets: u32,
+}
+
+fn one_bucket() -> u32 {
+    1
 }
 
 /// Units to add to a campaign.
@@ -87,9 +98,14 @@ pub struct CampaignPath {
     id: String,
 }
 
-fn render(status: StatusCode) -> impl Fn(&Option<Campaign>) -> Reply + Send + Sync {
+/// Renders the campaign a command left, with its other buckets' units as they were read.
+fn render(
+    status: StatusCode,
+    others: Vec<StockBucket>,
+) -> impl Fn(&Option<Campaign>) -> Reply + Send + Sync {
     move |campaign| {
-        let view = CampaignView::from(campaign.as_ref().expect("a decided campaign exists"));
+        let campaign = campaign.as_ref().expect("a decided campaign exists");
+        let view = CampaignView::of(campaign, &others);
         Reply::json(status, &CampaignBody::new(&view, chrono::Utc::now()))
     }
 }
@@ -165,9 +181,11 @@ pub async fn create(
                 starts_at: request.starts_at,
                 ends_at: request.ends_at,
                 payment_timeout_seconds: request.payment_timeout_seconds,
+                stock_buckets: request.stock_buckets,
                 now: chrono::Utc::now(),
             });
-            let render = render(StatusCode::CREATED);
+            // A new campaign holds every unit in its own bucket.
+            let render = render(StatusCode::CREATED, Vec::new());
             let stream = stream_id::<CampaignAggregate>(campaign_id);
             let executed = state
                 .execute::<CampaignAggregate>(&stream, &command, meta, key.as_ref(), &render)
@@ -194,7 +212,7 @@ pub async fn create(
 )]
 pub async fn list(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<CampaignListBody>, ApiError> {
     let q: ListQuery = query(raw.as_deref())?;
@@ -203,7 +221,7 @@ pub async fn list(
         .as_deref()
         .map(|s| field_id(s, "store_id"))
         .transpose()?;
-    state.caught_up().await;
+    state.caught_up(&caller).await;
     let now = chrono::Utc::now();
     let status = q.status.map(CampaignStatus::from);
     let campaigns = state.read_model.campaigns(store_id, status, now).await?;
@@ -230,11 +248,11 @@ pub async fn list(
 )]
 pub async fn get(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<CampaignBody>, ApiError> {
     let id: CampaignId = path_id(&id, "campaign_not_found", "campaign")?;
-    state.caught_up().await;
+    state.caught_up(&caller).await;
     let campaign = state
         .read_model
         .campaign(id)
@@ -369,8 +387,20 @@ async fn operate(
         as_stored,
         move |key| async move {
             let command = command(body)?;
-            let render = render(StatusCode::OK);
             let stream = stream_id::<CampaignAggregate>(id);
+            let campaign = state
+                .handler
+                .load::<CampaignAggregate>(&stream)
+                .await?
+                .state
+                .ok_or(ApiError::NotFound {
+                    code: "campaign_not_found",
+                    what: "campaign",
+                })?;
+            let others =
+                sagas::campaign_writer::other_buckets(state.handler.log().as_ref(), &campaign)
+                    .await?;
+            let render = render(StatusCode::OK, others);
             let executed = state
                 .execute::<CampaignAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await

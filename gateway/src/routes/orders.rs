@@ -8,7 +8,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::Response;
 use axum::Json;
 use commands::stream_id;
-use domain::campaign::CampaignAggregate;
 use domain::order::{CancelReason, Order, OrderAggregate, OrderCommand, OrderStatus};
 use domain::{CampaignId, OrderId};
 use futures::Stream;
@@ -135,18 +134,7 @@ pub async fn place(
         move |key| async move {
             let request: PlaceOrder = body.parse()?;
             let campaign_id: CampaignId = field_id(&request.campaign_id, "campaign_id")?;
-            state.caught_up().await;
-            let unit_price_cents = match state.read_model.campaign(campaign_id).await? {
-                Some(campaign) => campaign.price_cents,
-                // The read model may lag behind a campaign created on another instance.
-                None => state
-                    .handler
-                    .load::<CampaignAggregate>(&stream_id::<CampaignAggregate>(campaign_id))
-                    .await?
-                    .state
-                    .map(|c| c.price_cents)
-                    .ok_or(domain::DomainError::CampaignNotFound)?,
-            };
+            let unit_price_cents = state.prices.of(&state.handler, campaign_id).await?;
             let order_id = OrderId::from_ulid(crate::ids::new_ulid());
             let command = OrderCommand::Place {
                 order_id,
@@ -298,7 +286,7 @@ async fn visible_order(
     caller: &Caller,
     id: OrderId,
 ) -> Result<OrderView, ApiError> {
-    state.caught_up().await;
+    state.caught_up(caller).await;
     let order = state.read_model.order(id).await?.ok_or_else(not_found)?;
     match caller {
         Caller::Customer(user) if order.user_id != *user => Err(not_found()),
@@ -378,7 +366,7 @@ pub async fn list(
             .transpose()?,
         status: q.status.map(OrderStatus::from),
     };
-    state.caught_up().await;
+    state.caught_up(&caller).await;
     let page = state.read_model.orders(&filter, after, limit).await?;
     Ok(Json(OrderPageBody {
         items: page.items.iter().map(OrderBody::from).collect(),
