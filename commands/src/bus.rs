@@ -9,6 +9,12 @@
 //! - [`memory::MemoryBus`]: in process, the embedded default, with the same delivery
 //!   semantics (durable consumers, explicit acks, redelivery after a negative ack).
 //!
+//! Events travel in batches: one message carries up to [`BATCH_EVENTS_MAX`] consecutive events
+//! of the log (a JSON array of envelopes), so the broker's cost per message is paid once per
+//! batch, not once per event: a flash sale writes several events per order, and every consumer
+//! reads them all. A message's id names its first and last event, so a relay that publishes
+//! the same events again within JetStream's duplicate window is not stored twice.
+//!
 //! Delivery is at least once on both: a consumer sees an event again after a crash, a lost
 //! ack or a relay that republished past JetStream's duplicate window. Consumers deduplicate
 //! (see [`crate::subscription::Dedupe`]).
@@ -24,25 +30,31 @@ use schemas::Envelope;
 
 use crate::log::{LogCursor, RecordedEvent};
 
-/// The headers every published event carries, beside its JSON envelope as the body.
+/// Most events one message carries.
+pub const BATCH_EVENTS_MAX: usize = 500;
+/// Most bytes of envelopes one message carries (NATS refuses payloads over 1 MiB by default);
+/// a single larger event still goes, alone.
+pub const BATCH_BYTES_MAX: usize = 768 * 1024;
+
+/// The headers every published message carries, beside its JSON array of envelopes as the
+/// body. A message's events carry their trace context in their own metadata (`trace_id`,
+/// `span_id`), which consumers continue event by event.
 pub mod header {
-    /// JetStream's dedupe key: the event id (`async_nats::header::NATS_MESSAGE_ID`).
+    /// JetStream's dedupe key: `<first event id>-<last event id>`
+    /// (`async_nats::header::NATS_MESSAGE_ID`).
     pub const MSG_ID: &str = "Nats-Msg-Id";
-    /// The event type.
-    pub const EVENT_TYPE: &str = "Groupbuy-Event-Type";
-    /// The stream id.
-    pub const STREAM: &str = "Groupbuy-Stream";
-    /// The version of the event in its stream.
-    pub const STREAM_VERSION: &str = "Groupbuy-Stream-Version";
-    /// The event's global position.
-    pub const GLOBAL_POSITION: &str = "Groupbuy-Global-Position";
-    /// The log cursor, `<transaction id>:<global position>`; the relay resumes from it.
+    /// How many events the message carries.
+    pub const EVENTS: &str = "Groupbuy-Events";
+    /// The log cursor of the message's first event, `<transaction id>:<global position>`.
+    pub const FIRST_CURSOR: &str = "Groupbuy-First-Cursor";
+    /// The log cursor of its last event; the relay resumes after it.
     pub const LOG_CURSOR: &str = "Groupbuy-Log-Cursor";
-    /// The trace the event was recorded in, when it has one.
-    pub const TRACE_ID: &str = "Groupbuy-Trace-Id";
-    /// W3C trace context: the trace and the span that recorded the event, when it has both, so
-    /// any consumer that speaks W3C Trace Context continues that span.
-    pub const TRACEPARENT: &str = "traceparent";
+    /// On a dead letter: the event's type.
+    pub const EVENT_TYPE: &str = "Groupbuy-Event-Type";
+    /// On a dead letter: the event's stream.
+    pub const STREAM: &str = "Groupbuy-Stream";
+    /// On a dead letter: the event's version in its stream.
+    pub const STREAM_VERSION: &str = "Groupbuy-Stream-Version";
     /// On a dead letter: the consumer that gave up.
     pub const DEAD_CONSUMER: &str = "Groupbuy-Dead-Consumer";
     /// On a dead letter: why.
@@ -51,14 +63,81 @@ pub mod header {
     pub const DEAD_SUBJECT: &str = "Groupbuy-Dead-Subject";
 }
 
+/// The events of the log in messages: consecutive events, at most [`BATCH_EVENTS_MAX`] and
+/// [`BATCH_BYTES_MAX`] bytes each.
+pub(crate) fn batches(events: &[RecordedEvent]) -> Result<Vec<Batch<'_>>, BusError> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    let mut encoded: Vec<Vec<u8>> = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        let body = serde_json::to_vec(&event.envelope)?;
+        let full = i > start
+            && (i - start >= BATCH_EVENTS_MAX || bytes + body.len() + 1 > BATCH_BYTES_MAX);
+        if full {
+            batches.push(Batch::new(&events[start..i], std::mem::take(&mut encoded)));
+            start = i;
+            bytes = 0;
+        }
+        bytes += body.len() + 1;
+        encoded.push(body);
+    }
+    if start < events.len() {
+        batches.push(Batch::new(&events[start..], encoded));
+    }
+    Ok(batches)
+}
+
+/// One message's worth of events.
+pub(crate) struct Batch<'a> {
+    /// The events.
+    pub events: &'a [RecordedEvent],
+    /// The body: a JSON array of their envelopes.
+    pub payload: Bytes,
+}
+
+impl<'a> Batch<'a> {
+    fn new(events: &'a [RecordedEvent], encoded: Vec<Vec<u8>>) -> Batch<'a> {
+        let mut payload =
+            Vec::with_capacity(encoded.iter().map(|e| e.len() + 1).sum::<usize>() + 1);
+        payload.push(b'[');
+        for (i, body) in encoded.iter().enumerate() {
+            if i > 0 {
+                payload.push(b',');
+            }
+            payload.extend_from_slice(body);
+        }
+        payload.push(b']');
+        Batch {
+            events,
+            payload: Bytes::from(payload),
+        }
+    }
+
+    /// The message id: the first and the last event's ids.
+    pub fn id(&self) -> String {
+        let first = self.events.first().expect("a batch has events");
+        let last = self.events.last().expect("a batch has events");
+        format!("{}-{}", first.envelope.event_id, last.envelope.event_id)
+    }
+
+    /// The first event's cursor.
+    pub fn first(&self) -> LogCursor {
+        self.events.first().expect("a batch has events").cursor
+    }
+
+    /// The last event's cursor.
+    pub fn last(&self) -> LogCursor {
+        self.events.last().expect("a batch has events").cursor
+    }
+}
+
 /// A durable consumer: where it starts, what it sees, how much it holds unacknowledged.
 #[derive(Clone, Debug)]
 pub struct ConsumerOptions {
     /// The durable name; the bus remembers the consumer's progress under it. Letters, digits,
     /// `-` and `_`.
     pub name: String,
-    /// Only events of streams in this category (`order`, `campaign`, ...); all when `None`.
-    pub category: Option<String>,
     /// Most deliveries handed out and not yet acknowledged.
     pub max_in_flight: usize,
     /// How long a delivery may stay unacknowledged before the bus delivers it again.
@@ -73,8 +152,8 @@ impl ConsumerOptions {
     pub fn new(name: impl Into<String>) -> Self {
         ConsumerOptions {
             name: name.into(),
-            category: None,
-            max_in_flight: 256,
+            // Messages, each a batch of up to `BATCH_EVENTS_MAX` events.
+            max_in_flight: 16,
             ack_wait: Duration::from_secs(10),
             inactive_threshold: None,
         }
@@ -112,8 +191,8 @@ impl BusError {
 /// One delivery of a message to a consumer. It must be acknowledged, negatively
 /// acknowledged or terminated; one left alone is delivered again after the ack wait.
 pub struct Delivery {
-    /// The event, or why the body is not one (a poison message).
-    pub event: Result<Envelope, String>,
+    /// The events, in log order, or why the body is not a batch of them (a poison message).
+    pub events: Result<Vec<Envelope>, String>,
     /// The subject it was published on.
     pub subject: String,
     /// The raw body, kept for dead letters.
@@ -179,8 +258,40 @@ impl std::fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("subject", &self.subject)
             .field("delivered", &self.delivered)
-            .field("event", &self.event.as_ref().map(|e| e.event_id))
+            .field("events", &self.events.as_ref().map(Vec::len))
             .finish()
+    }
+}
+
+/// Something a consumer gave up on: one event of a delivery, or a whole message whose body
+/// is not a batch of events.
+#[derive(Clone, Debug)]
+pub struct Letter<'a> {
+    /// The subject it was delivered on.
+    pub subject: &'a str,
+    /// The event, when it is one.
+    pub event: Option<&'a Envelope>,
+    /// Its body: the event's envelope, or the message's raw body.
+    pub payload: Bytes,
+}
+
+impl<'a> Letter<'a> {
+    /// A letter of one event of `delivery`.
+    pub fn of_event(delivery: &'a Delivery, event: &'a Envelope) -> Result<Letter<'a>, BusError> {
+        Ok(Letter {
+            subject: &delivery.subject,
+            event: Some(event),
+            payload: Bytes::from(serde_json::to_vec(event)?),
+        })
+    }
+
+    /// A letter of a whole delivery whose body could not be read.
+    pub fn of_message(delivery: &'a Delivery) -> Letter<'a> {
+        Letter {
+            subject: &delivery.subject,
+            event: None,
+            payload: delivery.payload.clone(),
+        }
     }
 }
 
@@ -195,8 +306,8 @@ pub trait Deliveries: Send {
 /// The message bus the log is mirrored into.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
-    /// Publishes `events` in order and returns once the bus has stored every one. Events it
-    /// already holds (by event id) are not stored twice.
+    /// Publishes `events` in order, in batches, and returns once the bus has stored every one.
+    /// A batch it already holds (by message id) is not stored twice.
     async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError>;
 
     /// How far the bus holds the log, so a relay can republish what the bus lost.
@@ -205,12 +316,12 @@ pub trait Bus: Send + Sync + 'static {
     /// Opens (creating it on first use) the durable consumer `options.name`.
     async fn subscribe(&self, options: &ConsumerOptions) -> Result<Box<dyn Deliveries>, BusError>;
 
-    /// Stores a delivery a consumer gave up on, with the reason, where operators look for
-    /// dead letters.
+    /// Stores what a consumer gave up on, with the reason, where operators look for dead
+    /// letters.
     async fn dead_letter(
         &self,
         consumer: &str,
-        delivery: &Delivery,
+        letter: Letter<'_>,
         reason: &str,
     ) -> Result<(), BusError>;
 
@@ -218,14 +329,20 @@ pub trait Bus: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), BusError>;
 }
 
-/// The body of an event's message: its envelope as JSON.
-pub(crate) fn encode(event: &RecordedEvent) -> Result<Bytes, BusError> {
-    Ok(Bytes::from(serde_json::to_vec(&event.envelope)?))
-}
-
-/// Reads a message body back; an error names what is wrong with a poison message.
-pub(crate) fn decode(payload: &[u8]) -> Result<Envelope, String> {
-    serde_json::from_slice(payload).map_err(|error| format!("not an event envelope: {error}"))
+/// Reads a message body back: a batch of envelopes, or the single envelope of a message
+/// published before batches; an error names what is wrong with a poison message.
+pub(crate) fn decode(payload: &[u8]) -> Result<Vec<Envelope>, String> {
+    let batch = payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    if batch {
+        serde_json::from_slice(payload).map_err(|error| format!("not a batch of events: {error}"))
+    } else {
+        serde_json::from_slice(payload)
+            .map(|envelope| vec![envelope])
+            .map_err(|error| format!("not an event envelope: {error}"))
+    }
 }
 
 /// `<transaction id>:<global position>`, as in the [`header::LOG_CURSOR`] header.
@@ -261,5 +378,72 @@ mod tests {
     fn a_body_that_is_not_an_envelope_is_reported_not_panicked_on() {
         let error = decode(b"{\"hello\":1}").unwrap_err();
         assert!(error.starts_with("not an event envelope"), "{error}");
+        let error = decode(b"[{\"hello\":1}]").unwrap_err();
+        assert!(error.starts_with("not a batch of events"), "{error}");
+    }
+
+    fn recorded(n: u64, data_bytes: usize) -> RecordedEvent {
+        RecordedEvent {
+            cursor: LogCursor {
+                transaction_id: 7,
+                global_position: n,
+            },
+            envelope: Envelope {
+                event_id: ulid::Ulid::from_parts(n, 1),
+                stream_id: format!("campaign-{n}"),
+                stream_version: 1,
+                global_position: n,
+                event_type: "CampaignClosed".into(),
+                schema_version: 1,
+                recorded_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+                metadata: Default::default(),
+                data: serde_json::json!({ "pad": "x".repeat(data_bytes) }),
+            },
+        }
+    }
+
+    #[test]
+    fn events_go_in_batches_bounded_in_events_and_bytes_and_read_back_whole() {
+        let many: Vec<RecordedEvent> = (1..=1_201).map(|n| recorded(n, 10)).collect();
+        let sizes: Vec<usize> = batches(&many)
+            .unwrap()
+            .iter()
+            .map(|b| b.events.len())
+            .collect();
+        assert_eq!(sizes, [500, 500, 201]);
+        let large: Vec<RecordedEvent> = (1..=4).map(|n| recorded(n, 300_000)).collect();
+        let sizes: Vec<usize> = batches(&large)
+            .unwrap()
+            .iter()
+            .map(|b| b.events.len())
+            .collect();
+        assert_eq!(
+            sizes,
+            [2, 2],
+            "two 300 kB events fit in 768 kB, three do not"
+        );
+        let huge = [recorded(1, 2_000_000)];
+        assert_eq!(
+            batches(&huge).unwrap().len(),
+            1,
+            "an event larger than the cap goes alone"
+        );
+
+        let batch = &batches(&many).unwrap()[2];
+        let back = decode(&batch.payload).unwrap();
+        assert_eq!(back.len(), 201);
+        assert_eq!(back[0], many[1_000].envelope);
+        assert_eq!(batch.first(), many[1_000].cursor);
+        assert_eq!(batch.last(), many[1_200].cursor);
+        assert_eq!(
+            batch.id(),
+            format!(
+                "{}-{}",
+                many[1_000].envelope.event_id, many[1_200].envelope.event_id
+            )
+        );
+        // A message from before batches still reads as one event.
+        let single = serde_json::to_vec(&many[0].envelope).unwrap();
+        assert_eq!(decode(&single).unwrap(), vec![many[0].envelope.clone()]);
     }
 }

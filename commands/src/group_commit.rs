@@ -115,10 +115,19 @@ async fn commit(
             }
         }
         let batch = take_batch(&mut held, requests_max, options.batch_events_max);
-        metrics::histogram!("groupbuy_group_commit_appends").record(batch.len() as f64);
         let (requests, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|q| (q.request, q.reply)).unzip();
+        metrics::histogram!("groupbuy_group_commit_appends").record(requests.len() as f64);
+        metrics::histogram!("groupbuy_group_commit_events").record(
+            requests
+                .iter()
+                .map(AppendRequest::event_count)
+                .sum::<usize>() as f64,
+        );
+        let started = std::time::Instant::now();
         let outcomes = log.append_batch(requests).await;
+        metrics::histogram!("groupbuy_group_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
         for (reply, outcome) in replies.into_iter().zip(outcomes) {
             // A caller that gave up waiting has nobody to tell.
             let _ = reply.send(outcome);

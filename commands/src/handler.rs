@@ -93,6 +93,10 @@ pub struct Context<'a, S> {
     pub command_id: Ulid,
     /// An Idempotency-Key to record with the append, with the response for the new state.
     pub idempotency: Option<Idempotent<'a, S>>,
+    /// The stream is new (its id was just minted, as a new order's): decide on the empty
+    /// state without reading the log. Should it exist after all, the append conflicts and the
+    /// retry reads it.
+    pub new_stream: bool,
 }
 
 /// An Idempotency-Key and how to build the response it records.
@@ -112,6 +116,7 @@ impl<S> Context<'_, S> {
             metadata,
             command_id: Ulid::new(),
             idempotency: None,
+            new_stream: false,
         }
     }
 }
@@ -271,7 +276,10 @@ impl CommandHandler {
             // expected version makes a stale cache a conflict, and the retry reads the tail.
             // Refusals and no-ops are only trusted on a fresh read.
             let optimistic = (attempt == 0)
-                .then(|| self.local.cached::<A>(stream_id))
+                .then(|| match context.new_stream {
+                    true => Some((A::State::default(), 0)),
+                    false => self.local.cached::<A>(stream_id),
+                })
                 .flatten()
                 .and_then(|(state, version)| {
                     let events = A::decide(&state, command).ok()?;

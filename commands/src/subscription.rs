@@ -1,26 +1,30 @@
 //! The subscription runtime sagas and projections consume the bus through.
 //!
-//! A [`Subscription`] runs one durable consumer and hands its deliveries to a [`Handler`]:
+//! A [`Subscription`] runs one durable consumer and hands the events of its deliveries (each
+//! a batch of consecutive events of the log) to a [`Handler`], a batch at a time:
 //!
 //! - **Bounded work.** At most `max_in_flight` deliveries are held at once, spread over
 //!   `lanes` workers; the bus holds back the rest.
-//! - **Per-stream order**, with [`Ordering::PerStream`]: every event of one stream goes to the
-//!   same lane, which handles one delivery at a time, and a handler failure is retried in the
-//!   lane (holding back the stream's later events) rather than sent back to the bus. An event
-//!   whose predecessor has not been handled yet (one redelivered after a crash, say) is sent
-//!   back to wait for it, for at most `gap_wait`.
+//! - **Per-stream order**, with [`Ordering::PerStream`]: deliveries are handled one at a time,
+//!   in the order they came, and a failing batch is retried in place (holding back what
+//!   follows) rather than sent back to the bus. A delivery with an event whose predecessor has
+//!   not been handled yet (one redelivered after a crash, say) is sent back to wait for it, for
+//!   at most `gap_wait`. With [`Ordering::Unordered`], deliveries are handled in parallel lanes.
 //! - **Dedupe.** Before handling, the [`Dedupe`] store is asked whether this consumer is
-//!   done with the event already; afterwards the event is recorded. Store the record with
+//!   done with each event already; afterwards the events are recorded. Store the record with
 //!   the handler's own effects where you can (then a crash between the two cannot repeat an
 //!   effect); otherwise handlers must tolerate the rare repeat, which the deterministic event
 //!   ids of command handling make harmless.
-//! - **Retries with backoff, then a dead letter.** A failing (or panicking) handler is
-//!   retried with exponential backoff; after `max_attempts` the delivery goes to the bus's
-//!   dead letters with the reason, an error is logged, the dead-letter counter moves, and
-//!   the consumer goes on. A body that is not an event is dead-lettered at once.
+//! - **Retries with backoff, then a dead letter.** A failing (or panicking) batch is retried
+//!   with exponential backoff; after `max_attempts` its events are handled one by one, each
+//!   retried the same way, and an event that still fails goes to the bus's dead letters with
+//!   the reason, an error is logged, the dead-letter counter moves, and the consumer goes on.
+//!   A body that is not a batch of events is dead-lettered at once.
+//! - **One trace.** Each event is handled in a span of its own, a child of the span that
+//!   recorded it; the handler sees the event with its metadata naming that span, so what it
+//!   does for the event continues the trace.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -35,7 +39,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use ulid::Ulid;
 
-use crate::bus::{Bus, ConsumerOptions, Delivery};
+use crate::bus::{Bus, ConsumerOptions, Delivery, Letter};
 
 /// Why a handler could not handle an event; it is retried, then dead-lettered.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,6 +58,19 @@ pub trait Handler: Send + Sync + 'static {
             self.handle(event).await?;
         }
         Ok(())
+    }
+
+    /// Whether the handler has anything to do with `event`; the others are acknowledged
+    /// without being deduplicated, recorded or handled. All by default.
+    fn wants(&self, _event: &Envelope) -> bool {
+        true
+    }
+
+    /// Whether the runtime should hand it whole batches ([`Handler::handle_batch`]), falling
+    /// back to one event at a time only when a batch keeps failing. False by default: events
+    /// go one by one to [`Handler::handle`], and a failure retries only its own event.
+    fn handles_batches(&self) -> bool {
+        false
     }
 }
 
@@ -145,6 +162,13 @@ pub trait Dedupe: Send + Sync + 'static {
     async fn seen(&self, consumer: &str, event: &Envelope) -> Result<Seen, DedupeError>;
     /// Records that `consumer` is done with `event`.
     async fn record(&self, consumer: &str, event: &Envelope) -> Result<(), DedupeError>;
+    /// Records that `consumer` is done with `events`; stores that can, do it in one go.
+    async fn record_all(&self, consumer: &str, events: &[&Envelope]) -> Result<(), DedupeError> {
+        for event in events {
+            self.record(consumer, event).await?;
+        }
+        Ok(())
+    }
     /// Whether answers rely on events of a stream being recorded in version order (so the
     /// subscription must use [`Ordering::PerStream`]).
     fn needs_stream_order(&self) -> bool;
@@ -287,6 +311,43 @@ impl Dedupe for PgStreamVersions {
         Ok(())
     }
 
+    async fn record_all(&self, consumer: &str, events: &[&Envelope]) -> Result<(), DedupeError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        // The latest version of each stream, sorted so that two consumers never lock rows in
+        // different orders.
+        let mut latest: HashMap<&str, u64> = HashMap::new();
+        for event in events {
+            let v = latest.entry(event.stream_id.as_str()).or_default();
+            *v = (*v).max(event.stream_version);
+        }
+        let mut latest: Vec<(&str, u64)> = latest.into_iter().collect();
+        latest.sort_unstable();
+        sqlx::query(
+            "WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true)) \
+             INSERT INTO consumer_stream_versions (consumer, stream_id, stream_version) \
+             SELECT $1, s, v FROM relaxed, UNNEST($2::text[], $3::bigint[]) AS u(s, v) \
+             ON CONFLICT (consumer, stream_id) DO UPDATE \
+             SET stream_version = GREATEST(consumer_stream_versions.stream_version, EXCLUDED.stream_version)",
+        )
+        .bind(consumer)
+        .bind(latest.iter().map(|(s, _)| *s).collect::<Vec<_>>())
+        .bind(
+            latest
+                .iter()
+                .map(|(_, v)| i64::try_from(*v).unwrap_or(i64::MAX))
+                .collect::<Vec<_>>(),
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(dedupe_error)?;
+        for (stream, version) in latest {
+            self.remember((consumer.to_owned(), stream.to_owned()), version);
+        }
+        Ok(())
+    }
+
     fn needs_stream_order(&self) -> bool {
         true
     }
@@ -348,7 +409,7 @@ pub struct SubscriptionStats {
     pub duplicates: AtomicU64,
     /// Handler failures that were retried.
     pub retries: AtomicU64,
-    /// Deliveries sent back to wait for an earlier event of their stream.
+    /// Events sent back to wait for an earlier event of their stream.
     pub early: AtomicU64,
     /// Deliveries given up on and dead-lettered.
     pub dead_lettered: AtomicU64,
@@ -356,7 +417,11 @@ pub struct SubscriptionStats {
 
 impl SubscriptionStats {
     fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, AtomicOrdering::Relaxed);
+        Self::add(counter, 1);
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, AtomicOrdering::Relaxed);
     }
 
     /// Reads a counter.
@@ -474,11 +539,8 @@ impl Subscription {
                     None => break,
                 };
                 let lane = match options.ordering {
-                    Ordering::PerStream => {
-                        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                        stream_key(&delivery).hash(&mut hasher);
-                        (hasher.finish() % lanes.len() as u64) as usize
-                    }
+                    // One lane: a batch holds many streams, so stream order is delivery order.
+                    Ordering::PerStream => 0,
                     Ordering::Unordered => {
                         round_robin = round_robin.wrapping_add(1);
                         round_robin % lanes.len()
@@ -500,76 +562,146 @@ impl Subscription {
     }
 }
 
-fn stream_key(delivery: &Delivery) -> &str {
-    match &delivery.event {
-        Ok(event) => &event.stream_id,
-        Err(_) => &delivery.subject,
-    }
-}
-
 impl Runtime {
     fn name(&self) -> &str {
         &self.options.consumer.name
     }
 
     async fn process(&self, delivery: Delivery) {
-        let event = match &delivery.event {
-            Ok(event) => event,
+        let events = match &delivery.events {
+            Ok(events) => events,
             Err(reason) => {
                 let reason = reason.clone();
-                return self.give_up(&delivery, &reason).await;
+                return self.give_up_message(&delivery, &reason).await;
             }
         };
-        let span = crate::trace::event_span(self.name(), event);
-        self.process_event(&delivery, event).instrument(span).await;
-    }
-
-    /// Handles a delivered event: once, in its stream's order, retried and at last
-    /// dead-lettered when the handler keeps failing.
-    async fn process_event(&self, delivery: &Delivery, event: &Envelope) {
-        match self.dedupe.seen(self.name(), event).await {
-            Ok(Seen::Done) => {
-                SubscriptionStats::bump(&self.stats.duplicates);
-                return ack(delivery, self.name()).await;
+        let wanted: Vec<&Envelope> = events.iter().filter(|e| self.handler.wants(e)).collect();
+        let fresh = match self.fresh(&wanted).await {
+            Ok(Fresh::Ready(fresh)) => fresh,
+            Ok(Fresh::Early(count)) => {
+                SubscriptionStats::add(&self.stats.early, count);
+                return retry(&delivery, EARLY_RETRY, self.name()).await;
             }
-            Ok(Seen::Early { done_to }) => {
-                if !self.wait_for_predecessor(event, done_to) {
-                    SubscriptionStats::bump(&self.stats.early);
-                    return retry(delivery, EARLY_RETRY, self.name()).await;
-                }
-            }
-            Ok(Seen::New) => {}
             Err(error) => {
                 tracing::warn!(consumer = %self.name(), %error, "cannot check for duplicates; delivering later");
-                return retry(delivery, self.options.first_backoff, self.name()).await;
+                return retry(&delivery, self.options.first_backoff, self.name()).await;
+            }
+        };
+        SubscriptionStats::add(&self.stats.duplicates, (wanted.len() - fresh.len()) as u64);
+        if !fresh.is_empty() {
+            self.handle(&delivery, &fresh).await;
+        }
+        ack(&delivery, self.name()).await;
+    }
+
+    /// The events of a delivery this consumer is not done with, in order; or how many wait
+    /// for an earlier event of their stream that has not come yet.
+    async fn fresh<'e>(&self, events: &[&'e Envelope]) -> Result<Fresh<'e>, DedupeError> {
+        let mut not_done = Vec::with_capacity(events.len());
+        // Versions taken earlier in this delivery count as done for the events after them.
+        let mut taken: HashMap<&str, u64> = HashMap::new();
+        let mut early = 0u64;
+        let mut gap = None;
+        for &event in events {
+            let seen = match taken.get(event.stream_id.as_str()) {
+                Some(&done_to) => by_version(done_to, event.stream_version),
+                None => self.dedupe.seen(self.name(), event).await?,
+            };
+            match seen {
+                Seen::Done => continue,
+                Seen::New => {}
+                Seen::Early { done_to } => {
+                    early += 1;
+                    gap.get_or_insert((event, done_to));
+                }
+            }
+            taken.insert(&event.stream_id, event.stream_version);
+            not_done.push(event);
+        }
+        if let Some((event, done_to)) = gap {
+            if !self.wait_for_predecessor(event, done_to) {
+                return Ok(Fresh::Early(early));
             }
         }
-        let mut attempt = 1;
-        loop {
-            let outcome = AssertUnwindSafe(self.handler.handle(event))
-                .catch_unwind()
-                .await;
-            let error = match outcome {
-                Ok(Ok(())) => break,
-                Ok(Err(error)) => error.to_string(),
-                Err(panic) => panic_message(panic.as_ref()),
+        Ok(Fresh::Ready(not_done))
+    }
+
+    /// Handles fresh events: as a batch when the handler takes batches, retried; then (or
+    /// else) one by one, each retried, dead-lettering those that keep failing. Records every
+    /// event it is done with.
+    async fn handle(&self, delivery: &Delivery, events: &[&Envelope]) {
+        let spans: Vec<tracing::Span> = events
+            .iter()
+            .map(|event| crate::trace::event_span(self.name(), event))
+            .collect();
+        let handled: Vec<Envelope> = events
+            .iter()
+            .zip(&spans)
+            .map(|(event, span)| as_handled_in(event, span))
+            .collect();
+        if self.handler.handles_batches() && events.len() > 1 {
+            let span =
+                tracing::debug_span!("batch", consumer = %self.name(), events = events.len());
+            if self.retrying(delivery, &handled, &span).await.is_ok() {
+                self.done_with(events).await;
+                SubscriptionStats::add(&self.stats.handled, events.len() as u64);
+                return;
+            }
+            // The batch keeps failing: find the events that do, one at a time.
+        }
+        for ((event, handled), span) in events.iter().zip(&handled).zip(&spans) {
+            match self
+                .retrying(delivery, std::slice::from_ref(handled), span)
+                .await
+            {
+                Ok(()) => {
+                    self.done_with(&[event]).await;
+                    SubscriptionStats::bump(&self.stats.handled);
+                }
+                Err(reason) => self.give_up_event(delivery, event, &reason).await,
+            }
+        }
+    }
+
+    /// Handles `events` in `span`, retrying with backoff; why it gave up, after
+    /// `max_attempts`.
+    async fn retrying(
+        &self,
+        delivery: &Delivery,
+        events: &[Envelope],
+        span: &tracing::Span,
+    ) -> Result<(), String> {
+        let attempts = self.options.max_attempts.max(1);
+        for attempt in 1..=attempts {
+            let error = match self.attempt(events).instrument(span.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
             };
-            if attempt >= self.options.max_attempts {
-                let reason = format!("handler failed {attempt} times; last: {error}");
-                return self.give_up(delivery, &reason).await;
+            if attempt == attempts {
+                return Err(format!("handler failed {attempt} times; last: {error}"));
             }
             SubscriptionStats::bump(&self.stats.retries);
             tracing::warn!(
-                consumer = %self.name(), event_id = %event.event_id, stream = %event.stream_id,
-                attempt, delivered = delivery.delivered, %error, "handler failed; retrying"
+                consumer = %self.name(), events = events.len(), first = %events[0].event_id,
+                stream = %events[0].stream_id, attempt, delivered = delivery.delivered, %error,
+                "handler failed; retrying"
             );
             let _ = delivery.in_progress().await;
             tokio::time::sleep(self.options.backoff(attempt)).await;
-            attempt += 1;
         }
-        self.done_with(event).await;
-        SubscriptionStats::bump(&self.stats.handled);
-        ack(delivery, self.name()).await;
+        unreachable!("the last attempt returns")
+    }
+
+    /// One try at a batch, a panic caught as a failure.
+    async fn attempt(&self, events: &[Envelope]) -> Result<(), String> {
+        match AssertUnwindSafe(self.handler.handle_batch(events))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(panic) => Err(panic_message(panic.as_ref())),
+        }
     }
 
     /// Whether an early event should be handled now: only once it has waited `gap_wait`.
@@ -590,37 +722,74 @@ impl Runtime {
         true
     }
 
-    async fn done_with(&self, event: &Envelope) {
-        if let Err(error) = self.dedupe.record(self.name(), event).await {
+    async fn done_with(&self, events: &[&Envelope]) {
+        if let Err(error) = self.dedupe.record_all(self.name(), events).await {
             // The effect is there; a redelivery would run the handler once more.
-            tracing::warn!(consumer = %self.name(), event_id = %event.event_id, %error, "cannot record a handled event");
+            tracing::warn!(consumer = %self.name(), %error, "cannot record handled events");
         }
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         if !waiting.is_empty() {
-            waiting.remove(&event.stream_id);
+            for event in events {
+                waiting.remove(&event.stream_id);
+            }
         }
     }
 
-    async fn give_up(&self, delivery: &Delivery, reason: &str) {
-        let event_id = delivery.event.as_ref().ok().map(|e| e.event_id);
+    /// Dead-letters one event the handler keeps failing on; the consumer is then done with it.
+    async fn give_up_event(&self, delivery: &Delivery, event: &Envelope, reason: &str) {
         tracing::error!(
-            consumer = %self.name(), subject = %delivery.subject, ?event_id, %reason,
-            "dead-lettering a delivery"
+            consumer = %self.name(), subject = %delivery.subject, event_id = %event.event_id,
+            stream = %event.stream_id, %reason, "dead-lettering an event"
         );
-        if let Err(error) = self.bus.dead_letter(self.name(), delivery, reason).await {
-            // Never drop a message that could not be dead-lettered: deliver it again later.
+        let letter = match Letter::of_event(delivery, event) {
+            Ok(letter) => letter,
+            Err(_) => Letter::of_message(delivery),
+        };
+        if let Err(error) = self.bus.dead_letter(self.name(), letter, reason).await {
+            // Never drop an event that could not be dead-lettered: deliver it again later
+            // (its batch's other events are done by then and skipped as duplicates).
             tracing::warn!(consumer = %self.name(), %error, "cannot store a dead letter");
             return retry(delivery, self.options.max_backoff, self.name()).await;
         }
-        if let Ok(event) = &delivery.event {
-            // Done with it, so the stream's later events go on.
-            self.done_with(event).await;
+        // Done with it, so the stream's later events go on.
+        self.done_with(&[event]).await;
+        SubscriptionStats::bump(&self.stats.dead_lettered);
+    }
+
+    /// Dead-letters a message whose body is not a batch of events.
+    async fn give_up_message(&self, delivery: &Delivery, reason: &str) {
+        tracing::error!(
+            consumer = %self.name(), subject = %delivery.subject, %reason,
+            "dead-lettering a message"
+        );
+        let letter = Letter::of_message(delivery);
+        if let Err(error) = self.bus.dead_letter(self.name(), letter, reason).await {
+            tracing::warn!(consumer = %self.name(), %error, "cannot store a dead letter");
+            return retry(delivery, self.options.max_backoff, self.name()).await;
         }
         SubscriptionStats::bump(&self.stats.dead_lettered);
         if let Err(error) = delivery.terminate().await {
             tracing::warn!(consumer = %self.name(), %error, "cannot terminate a dead-lettered delivery");
         }
     }
+}
+
+/// What a delivery holds for the handler.
+enum Fresh<'e> {
+    /// These events, in order.
+    Ready(Vec<&'e Envelope>),
+    /// This many events wait for earlier ones of their stream.
+    Early(u64),
+}
+
+/// `event` as a consumer handles it: its metadata names `span`, the span it is handled in,
+/// when OpenTelemetry tracks spans, so what the handler records for it continues that span.
+fn as_handled_in(event: &Envelope, span: &tracing::Span) -> Envelope {
+    let mut event = event.clone();
+    if let Some(here) = crate::trace::context_of(span) {
+        here.stamp(&mut event.metadata);
+    }
+    event
 }
 
 async fn ack(delivery: &Delivery, consumer: &str) {

@@ -254,9 +254,6 @@ fn projectors(
         .map(|name| {
             let consumer = Arc::new(ProjectionConsumer::new(name, Arc::clone(store)));
             let mut options = SubscriptionOptions::new(consumer.consumer_name());
-            if let [category] = name.categories() {
-                options.consumer.category = Some((*category).to_owned());
-            }
             if own_consumer {
                 options.consumer.name = format!("{}-{}", options.consumer.name, ulid::Ulid::new());
                 options.consumer.inactive_threshold = Some(Duration::from_secs(600));

@@ -94,8 +94,36 @@ impl AppState {
         key: Option<&KeyContext>,
         render: &(dyn Fn(&A::State) -> Reply + Send + Sync),
     ) -> Result<Executed<A>, ApiError> {
+        self.run(stream_id, command, metadata, key, render, false)
+            .await
+    }
+
+    /// [`AppState::execute`] for a command that starts the stream of an id just minted (a
+    /// new order): decided without reading the log first.
+    pub async fn create<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        command: &A::Command,
+        metadata: Metadata,
+        key: Option<&KeyContext>,
+        render: &(dyn Fn(&A::State) -> Reply + Send + Sync),
+    ) -> Result<Executed<A>, ApiError> {
+        self.run(stream_id, command, metadata, key, render, true)
+            .await
+    }
+
+    async fn run<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        command: &A::Command,
+        metadata: Metadata,
+        key: Option<&KeyContext>,
+        render: &(dyn Fn(&A::State) -> Reply + Send + Sync),
+        new_stream: bool,
+    ) -> Result<Executed<A>, ApiError> {
         let respond = |state: &A::State| render(state).to_stored();
         let mut context = Context::new(metadata);
+        context.new_stream = new_stream;
         context.idempotency = key.map(|key| Idempotent {
             key: key.key(),
             request_sha256: key.request_sha256(),

@@ -78,12 +78,30 @@ fn by_version(done_to: u64, version: u64) -> Seen {
 #[async_trait]
 impl Handler for ProjectionConsumer {
     async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
-        let Some(change) = Change::of(self.name, event)? else {
-            return Ok(());
-        };
-        let outcome = self.store.apply(self.name, &change).await?;
-        self.remember(outcome.live, &change.stream_id, change.version);
+        self.handle_batch(std::slice::from_ref(event)).await
+    }
+
+    /// Applies a batch in one store call (one Redis round trip).
+    async fn handle_batch(&self, events: &[Envelope]) -> Result<(), HandlerError> {
+        let mut changes = Vec::with_capacity(events.len());
+        for event in events {
+            if let Some(change) = Change::of(self.name, event)? {
+                changes.push(change);
+            }
+        }
+        let outcomes = self.store.apply_all(self.name, &changes).await?;
+        for (change, outcome) in changes.iter().zip(outcomes) {
+            self.remember(outcome.live, &change.stream_id, change.version);
+        }
         Ok(())
+    }
+
+    fn wants(&self, event: &Envelope) -> bool {
+        self.name.reads(&event.stream_id)
+    }
+
+    fn handles_batches(&self) -> bool {
+        true
     }
 }
 

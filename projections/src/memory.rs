@@ -470,20 +470,36 @@ impl ProjectionStore for MemoryProjections {
         name: ProjectionName,
         change: &Change,
     ) -> Result<ApplyOutcome, ReadModelError> {
-        let outcome = {
+        Ok(self
+            .apply_all(name, std::slice::from_ref(change))
+            .await?
+            .remove(0))
+    }
+
+    async fn apply_all(
+        &self,
+        name: ProjectionName,
+        changes: &[Change],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        let outcomes = {
             let mut slots = self.write();
             let slot = &mut slots[name.index()];
             let live = slot.live;
-            let mut applied = false;
-            for (version, keyspace) in slot.versions.iter_mut() {
-                let is_live = Some(*version) == live;
-                let took = keyspace.apply(change, !is_live);
-                applied |= took && is_live;
-            }
-            ApplyOutcome { live, applied }
+            changes
+                .iter()
+                .map(|change| {
+                    let mut applied = false;
+                    for (version, keyspace) in slot.versions.iter_mut() {
+                        let is_live = Some(*version) == live;
+                        let took = keyspace.apply(change, !is_live);
+                        applied |= took && is_live;
+                    }
+                    ApplyOutcome { live, applied }
+                })
+                .collect()
         };
         self.changed();
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     async fn skip(

@@ -117,7 +117,7 @@ impl RedisProjections {
     async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, RedisError> {
         let mut conn = self.conn.clone();
         match cmd.query_async(&mut conn).await {
-            Err(error) if error.to_string().contains("Function not found") => {
+            Err(error) if lost_functions(&error) => {
                 tracing::warn!("redis lost the read-model functions; loading them again");
                 load_functions(&mut conn).await?;
                 cmd.query_async(&mut conn).await
@@ -125,6 +125,32 @@ impl RedisProjections {
             other => other,
         }
     }
+
+    /// Runs a pipeline of calls in one round trip, as [`RedisProjections::query`] runs one.
+    /// The calls must be safe to run again (applies are: they skip what they hold).
+    async fn query_pipe<T: FromRedisValue>(
+        &self,
+        pipe: &::redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async(&mut conn).await {
+            Err(error) if lost_functions(&error) => {
+                tracing::warn!("redis lost the read-model functions; loading them again");
+                load_functions(&mut conn).await?;
+                pipe.query_async(&mut conn).await
+            }
+            other => other,
+        }
+    }
+
+    /// Moves this instance's watch at once: waiters here need not wait for the poller.
+    fn changed_here(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+fn lost_functions(error: &RedisError) -> bool {
+    error.to_string().contains("Function not found")
 }
 
 async fn load_functions(conn: &mut ConnectionManager) -> Result<(), RedisError> {
@@ -462,10 +488,44 @@ impl ProjectionStore for RedisProjections {
             )
             .await
             .map_err(unavailable)?;
+        self.changed_here();
         Ok(ApplyOutcome {
             live: live.parse().ok(),
             applied: applied == 1,
         })
+    }
+
+    async fn apply_all(
+        &self,
+        name: ProjectionName,
+        changes: &[Change],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let base = self.base(name);
+        let tick = self.tick_key();
+        let mut pipe = ::redis::pipe();
+        for change in changes {
+            pipe.cmd("FCALL")
+                .arg("groupbuy_apply")
+                .arg(0)
+                .arg(&base)
+                .arg(&tick)
+                .arg(&change.stream_id)
+                .arg(change.version)
+                .arg(change.position)
+                .arg(ops_json(&change.ops));
+        }
+        let replies: Vec<(String, u8)> = self.query_pipe(&pipe).await.map_err(unavailable)?;
+        self.changed_here();
+        Ok(replies
+            .into_iter()
+            .map(|(live, applied)| ApplyOutcome {
+                live: live.parse().ok(),
+                applied: applied == 1,
+            })
+            .collect())
     }
 
     async fn skip(

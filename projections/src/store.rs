@@ -101,6 +101,20 @@ pub trait ProjectionStore: ReadModel {
         change: &Change,
     ) -> Result<ApplyOutcome, ReadModelError>;
 
+    /// Applies live events in order, as [`ProjectionStore::apply`] does each, in one round
+    /// trip where the store can; an outcome per change.
+    async fn apply_all(
+        &self,
+        name: ProjectionName,
+        changes: &[Change],
+    ) -> Result<Vec<ApplyOutcome>, ReadModelError> {
+        let mut outcomes = Vec::with_capacity(changes.len());
+        for change in changes {
+            outcomes.push(self.apply(name, change).await?);
+        }
+        Ok(outcomes)
+    }
+
     /// Records `version` of `stream_id` as done in the live version without any effect: for
     /// an event that was dead-lettered, so the stream's later events do not wait for it.
     async fn skip(

@@ -653,6 +653,7 @@ impl CampaignWriter {
             actor: Some("saga:order".into()),
             ..Metadata::default()
         };
+        let mut bucket_metadata: Option<Metadata> = None;
         for wake_up in wake_ups {
             let Some(order) = &wake_up.state.order else {
                 outcomes.push(Ok(Woken::Unknown));
@@ -672,6 +673,17 @@ impl CampaignWriter {
                 holding,
                 payment: wake_up.state.payment.clone(),
             };
+            // The wake-up's steps run in a span of their own under what woke it; the events
+            // they record name it, so what handles them continues the trace.
+            let span = tracing::info_span!(
+                "saga_step",
+                step = tracing::field::Empty,
+                steps = tracing::field::Empty,
+                order_id = %wake_up.order_id,
+            );
+            if let Some(parent) = commands::trace::TraceParent::of(&wake_up.cause) {
+                commands::trace::continue_trace(&span, parent);
+            }
             let advanced = loop {
                 let mut bucket = Bucket {
                     campaign: &stock.campaign,
@@ -692,11 +704,28 @@ impl CampaignWriter {
                     }
                 }
             };
-            let metadata = Metadata {
+            if let Some(first) = advanced.steps.first() {
+                span.record("step", first.name());
+                let names: Vec<&str> = advanced.steps.iter().map(|s| s.name()).collect();
+                span.record("steps", names.join(",").as_str());
+            }
+            let mut metadata = Metadata {
                 actor: Some("saga:order".into()),
                 correlation_id: Some(wake_up.order_id.to_string()),
                 ..wake_up.cause.clone()
             };
+            if let Some(here) = commands::trace::context_of(&span) {
+                here.stamp(&mut metadata);
+            }
+            let moves_stock =
+                advanced.reserved_units + advanced.released_units + advanced.sold_units > 0;
+            if moves_stock && bucket_metadata.is_none() {
+                // A bucket's move is many orders'; it continues the first one's trace.
+                bucket_metadata = Some(Metadata {
+                    correlation_id: None,
+                    ..metadata.clone()
+                });
+            }
             let order_id = wake_up.order_id;
             let state = &wake_up.state;
             appends.add(
@@ -759,7 +788,8 @@ impl CampaignWriter {
             }));
         }
         if !stock_move.is_empty() {
-            self.move_home(&mut stock, &mut appends, stock_move, &saga_metadata)?;
+            let metadata = bucket_metadata.as_ref().unwrap_or(&saga_metadata);
+            self.move_home(&mut stock, &mut appends, stock_move, metadata)?;
             stock.home_sold += stock_move.sold;
         }
         let home_stream = bucket_stream(self.campaign_id, stock.home);

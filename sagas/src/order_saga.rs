@@ -255,10 +255,22 @@ impl OrderSaga {
         self.advance_all(triggers).await.map(|_| ())
     }
 
-    /// The order an event wakes the saga for, with the order whole when the event placed it:
-    /// events that come from outside the saga (a placed or cancelled order, a provider's
-    /// answer). What the saga's own steps append needs no wake-up.
+    /// Whether `event` wakes the saga: events that come from outside the saga (a placed or
+    /// cancelled order, a provider's answer). What the saga's own steps append needs no
+    /// wake-up: it goes on planning after each step.
+    fn wakes(event: &Envelope) -> bool {
+        matches!(
+            (event.category(), event.event_type.as_str()),
+            ("order", "OrderPlaced" | "OrderCancelled")
+                | ("payment", "PaymentSucceeded" | "PaymentFailed")
+        )
+    }
+
+    /// The order an event wakes the saga for, with the order whole when the event placed it.
     fn trigger_of(event: &Envelope) -> Option<Trigger> {
+        if !Self::wakes(event) {
+            return None;
+        }
         let (category, id) = event.stream_id.split_once('-')?;
         let cause = || Metadata {
             causation_id: Some(event.event_id.to_string()),
@@ -307,5 +319,13 @@ impl Handler for OrderSaga {
         }
         self.advance_all(triggers).await?;
         Ok(())
+    }
+
+    fn wants(&self, event: &Envelope) -> bool {
+        Self::wakes(event)
+    }
+
+    fn handles_batches(&self) -> bool {
+        true
     }
 }

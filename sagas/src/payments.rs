@@ -138,6 +138,7 @@ pub async fn settle(
         metadata,
         command_id: crate::order_saga::derived_id(&what),
         idempotency: None,
+        new_stream: false,
     };
     handler
         .execute::<PaymentAggregate>(

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use commands::bus::jetstream::{JetStreamBus, JetStreamSettings};
 use commands::bus::memory::MemoryBus;
-use commands::bus::{header, Bus, BusError, ConsumerOptions, Deliveries, Delivery, Published};
+use commands::bus::{header, Bus, BusError, ConsumerOptions, Deliveries, Letter, Published};
 use commands::log::memory::MemoryEventLog;
 use commands::relay::postgres::PgRelayLeases;
 use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions, RelayStatus};
@@ -163,12 +163,12 @@ impl Rig {
         stats
     }
 
-    /// Publishes a body that is not an event on an event subject.
+    /// Publishes a body that is not an event on the log's subject.
     async fn publish_garbage(&self) {
         match &self.mirror {
-            Mirror::Memory(bus) => bus.publish_raw("campaign", Bytes::from_static(b"{not json")),
+            Mirror::Memory(bus) => bus.publish_raw(Bytes::from_static(b"{not json")),
             Mirror::JetStream(bus, streams) => {
-                let subject = streams.settings.subject("campaign", "campaign-garbage");
+                let subject = streams.settings.log_subject();
                 bus.context()
                     .publish(subject, Bytes::from_static(b"{not json"))
                     .await
@@ -212,6 +212,28 @@ impl Rig {
                     .await
                     .unwrap();
                 stream.get_info().await.unwrap().state.messages
+            }
+        }
+    }
+
+    /// Events in the messages the bus stores for the log (duplicates included).
+    async fn stored_events(&self) -> u64 {
+        match &self.mirror {
+            Mirror::Memory(bus) => bus.events_stored() as u64,
+            Mirror::JetStream(bus, streams) => {
+                let stream = bus
+                    .context()
+                    .get_stream(streams.settings.events_stream())
+                    .await
+                    .unwrap();
+                let last = stream.get_info().await.unwrap().state.last_sequence;
+                let mut events = 0;
+                for sequence in 1..=last {
+                    let message = stream.get_raw_message(sequence).await.unwrap();
+                    let batch: Vec<Envelope> = serde_json::from_slice(&message.payload).unwrap();
+                    events += batch.len() as u64;
+                }
+                events
             }
         }
     }
@@ -430,10 +452,10 @@ impl Bus for KilledAfterPublish {
     async fn dead_letter(
         &self,
         consumer: &str,
-        d: &Delivery,
+        letter: Letter<'_>,
         reason: &str,
     ) -> Result<(), BusError> {
-        self.inner.dead_letter(consumer, d, reason).await
+        self.inner.dead_letter(consumer, letter, reason).await
     }
 
     async fn ping(&self) -> Result<(), BusError> {
@@ -471,11 +493,11 @@ async fn a_relay_killed_between_publish_and_checkpoint_loses_nothing_and_repeats
     )
     .await;
     // Whatever the bus stored more than once was dropped by the consumer's dedupe.
-    let stored = rig.stored_messages().await;
+    let stored = rig.stored_events().await;
     assert_eq!(
         stored - all.len() as u64,
         get(&stats.duplicates),
-        "every repeated message was recognised as a duplicate"
+        "every repeated event was recognised as a duplicate"
     );
     if let Mirror::JetStream(..) = rig.mirror {
         assert!(
@@ -739,7 +761,7 @@ async fn the_relay_and_consumers_resume_after_nats_is_killed_and_restarted() {
 }
 
 #[tokio::test]
-async fn jetstream_messages_carry_the_event_headers() {
+async fn jetstream_messages_carry_batches_of_events_with_their_cursors() {
     let rig = Rig::real(harness::bus::unique_settings(&harness::bus::nats_url())).await;
     let ids = write_concurrently(&rig.log, 1, 1, 3).await;
     // The watermark is server-wide: another test's open transaction may hold it back a while.
@@ -753,8 +775,8 @@ async fn jetstream_messages_carry_the_event_headers() {
         .get_stream(streams.settings.events_stream())
         .await
         .unwrap();
-    let message = stream.get_raw_message(2).await.unwrap();
-    let envelope = &events[1].envelope;
+    assert_eq!(rig.stored_messages().await, 1, "three events, one message");
+    let message = stream.get_raw_message(1).await.unwrap();
     let h = |name: &str| {
         message
             .headers
@@ -763,35 +785,21 @@ async fn jetstream_messages_carry_the_event_headers() {
             .to_string()
     };
     let msg_id = message.headers.get(async_nats::header::NATS_MESSAGE_ID);
-    assert_eq!(msg_id.unwrap().as_str(), ids[1].to_string());
-    assert_eq!(h(header::EVENT_TYPE), "CampaignClosed");
-    assert_eq!(h(header::STREAM), envelope.stream_id);
-    assert_eq!(h(header::STREAM_VERSION), "2");
+    assert_eq!(msg_id.unwrap().as_str(), format!("{}-{}", ids[0], ids[2]));
+    assert_eq!(h(header::EVENTS), "3");
+    let cursor = |c: commands::LogCursor| format!("{}:{}", c.transaction_id, c.global_position);
+    assert_eq!(h(header::FIRST_CURSOR), cursor(events[0].cursor));
+    assert_eq!(h(header::LOG_CURSOR), cursor(events[2].cursor));
+    assert_eq!(message.subject.as_str(), streams.settings.log_subject());
+    let body: Vec<Envelope> = serde_json::from_slice(&message.payload).unwrap();
+    let envelopes: Vec<Envelope> = events.iter().map(|e| e.envelope.clone()).collect();
     assert_eq!(
-        h(header::GLOBAL_POSITION),
-        envelope.global_position.to_string()
+        body, envelopes,
+        "each event whole, with its trace in its metadata"
     );
-    assert_eq!(
-        h(header::TRACE_ID),
-        envelope.metadata.trace_id.clone().unwrap()
-    );
-    assert_eq!(
-        h(header::TRACEPARENT),
-        format!(
-            "00-{}-{}-01",
-            envelope.metadata.trace_id.as_deref().unwrap(),
-            envelope.metadata.span_id.as_deref().unwrap()
-        )
-    );
-    assert_eq!(
-        message.subject.as_str(),
-        streams.settings.subject("campaign", &envelope.stream_id)
-    );
-    let body: Envelope = serde_json::from_slice(&message.payload).unwrap();
-    assert_eq!(&body, envelope);
-    // Published again: JetStream drops the repeats by message id.
+    // Published again: JetStream drops the repeat by message id.
     rig.bus.publish(&events).await.unwrap();
-    assert_eq!(rig.stored_messages().await, 3);
+    assert_eq!(rig.stored_messages().await, 1);
     assert_eq!(
         rig.bus.published().await.unwrap(),
         Published::UpTo(events[2].cursor)
@@ -834,18 +842,25 @@ async fn the_embedded_bus_redelivers_what_a_consumer_sends_back() {
     let bus = MemoryBus::new();
     let log: Arc<dyn EventLog> = Arc::new(MemoryEventLog::new());
     write_concurrently(&log, 1, 1, 2).await;
-    let events = log.read_all(Default::default(), 10).await.unwrap();
-    bus.publish(&events).await.unwrap();
-    bus.publish(&events).await.unwrap();
-    assert_eq!(bus.len(), 2, "the same event ids are stored once");
+    let first_two = log.read_all(Default::default(), 10).await.unwrap();
+    bus.publish(&first_two).await.unwrap();
+    bus.publish(&first_two).await.unwrap();
+    assert_eq!(bus.len(), 1, "the same batch is stored once");
+    write_concurrently(&log, 1, 1, 1).await;
+    let third = log.read_all(first_two[1].cursor, 10).await.unwrap();
+    bus.publish(&third).await.unwrap();
     let mut deliveries = bus.subscribe(&ConsumerOptions::new("c")).await.unwrap();
     let first = deliveries.next().await.unwrap().unwrap();
     assert_eq!(first.delivered, 1);
+    assert_eq!(first.events.as_ref().unwrap().len(), 2);
     first.retry_after(Duration::from_millis(50)).await.unwrap();
     let second = deliveries.next().await.unwrap().unwrap();
-    assert_eq!(second.event.as_ref().unwrap().stream_version, 2);
+    assert_eq!(second.events.as_ref().unwrap().len(), 1);
     let again = deliveries.next().await.unwrap().unwrap();
-    assert_eq!(again.event.as_ref().unwrap().stream_version, 1);
+    assert_eq!(
+        again.events.as_ref().unwrap()[0].event_id,
+        first_two[0].envelope.event_id
+    );
     assert_eq!(again.delivered, 2);
     // A new subscription of the same durable consumer goes on where it stopped.
     drop(deliveries);

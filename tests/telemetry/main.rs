@@ -115,8 +115,10 @@ fn start_collector() -> (String, Received) {
 struct Run {
     /// `metadata` of the order's events, by type.
     order_events: HashMap<String, Value>,
-    /// `metadata` of the campaign's `StockReserved`.
+    /// `metadata` of the customer's `UnitsReserved`.
     reserved: Value,
+    /// `metadata` of the campaign's `StockMoved` that took the order's units.
+    moved: Value,
 }
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -154,7 +156,14 @@ async fn order_with_a_traceparent() -> Run {
     .await
     .unwrap();
     let reserved: Value = sqlx::query_scalar(
-        "SELECT metadata FROM events WHERE stream_id = $1 AND event_type = 'StockReserved'",
+        "SELECT metadata FROM events WHERE stream_id LIKE 'holding-%' AND event_type = 'UnitsReserved'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let moved: Value = sqlx::query_scalar(
+        "SELECT metadata FROM events WHERE stream_id = $1 AND event_type = 'StockMoved' \
+         ORDER BY stream_version LIMIT 1",
     )
     .bind(format!(
         "campaign-{}",
@@ -169,6 +178,7 @@ async fn order_with_a_traceparent() -> Run {
     Run {
         order_events: rows.into_iter().collect(),
         reserved,
+        moved,
     }
 }
 
@@ -241,19 +251,25 @@ fn one_trace_runs_from_the_request_through_the_saga_and_the_read_models() {
         );
     }
 
-    // The saga's steps run inside its handling, and their events name the step.
+    // The saga's steps run inside its handling, and their events name the steps' span: the
+    // wake-up that reserved the units also requested the payment and awaited it.
     let steps: Vec<&Span> = spans.iter().filter(|s| s.name == "saga_step").collect();
     let reserve = steps
         .iter()
         .find(|s| s.attributes.get("step").map(String::as_str) == Some("reserve_stock"))
         .unwrap_or_else(|| panic!("no reserve_stock step in the trace: {steps:#?}"));
+    assert_eq!(
+        reserve.attributes.get("steps").map(String::as_str),
+        Some("reserve_stock,request_payment,await_payment")
+    );
     let reserve_parent = by_id[reserve.parent_span_id.as_str()];
     assert_eq!(reserve_parent.name, "event");
     assert_eq!(run.reserved["trace_id"], TRACE_ID);
     assert_eq!(run.reserved["span_id"], reserve.span_id.as_str());
-    // The campaign read model applied StockReserved as a child of that step.
+    assert_eq!(run.moved["span_id"], reserve.span_id.as_str());
+    // The campaign read model applied the stock's move as a child of that step.
     assert!(
-        handled("projection-campaigns", "StockReserved")
+        handled("projection-campaigns", "StockMoved")
             .iter()
             .any(|s| s.parent_span_id == reserve.span_id),
         "the campaigns read model did not continue the step's span"

@@ -3,8 +3,9 @@
 //! Two streams, both declared here in full so the code is the one place their configuration
 //! lives (see docs/adr/0005-jetstream-mirror.md):
 //!
-//! - `<PREFIX>_EVENTS` holds the mirror of the log on subjects
-//!   `<prefix>.events.<category>.<stream id>`;
+//! - `<PREFIX>_EVENTS` holds the mirror of the log, in batches of consecutive events, on the
+//!   subject `<prefix>.events.log` (messages of earlier versions, one event each, were on
+//!   `<prefix>.events.<category>.<stream id>`; consumers still read them);
 //! - `<PREFIX>_DEAD_LETTERS` holds what consumers gave up on, on
 //!   `<prefix>.dead.<consumer>`.
 //!
@@ -26,8 +27,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::{
-    decode, encode, format_cursor, header, parse_cursor, Acker, Bus, BusError, ConsumerOptions,
-    Deliveries, Delivery, Published,
+    batches, decode, format_cursor, header, parse_cursor, Acker, Bus, BusError, ConsumerOptions,
+    Deliveries, Delivery, Letter, Published,
 };
 use crate::log::RecordedEvent;
 
@@ -82,9 +83,9 @@ impl JetStreamSettings {
         self.stream_name("DEAD_LETTERS")
     }
 
-    /// The subject an event of `stream_id` is published on.
-    pub fn subject(&self, category: &str, stream_id: &str) -> String {
-        format!("{}.events.{category}.{stream_id}", self.prefix)
+    /// The subject batches of the log are published on.
+    pub fn log_subject(&self) -> String {
+        format!("{}.events.log", self.prefix)
     }
 
     /// The subject of a consumer's dead letters.
@@ -193,24 +194,12 @@ impl JetStreamBus {
         Ok(())
     }
 
-    fn headers(event: &RecordedEvent) -> HeaderMap {
-        let envelope = &event.envelope;
+    fn headers(batch: &super::Batch<'_>) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        headers.insert(NATS_MESSAGE_ID, envelope.event_id.to_string());
-        headers.insert(header::EVENT_TYPE, envelope.event_type.as_str());
-        headers.insert(header::STREAM, envelope.stream_id.as_str());
-        headers.insert(header::STREAM_VERSION, envelope.stream_version.to_string());
-        headers.insert(
-            header::GLOBAL_POSITION,
-            envelope.global_position.to_string(),
-        );
-        headers.insert(header::LOG_CURSOR, format_cursor(event.cursor));
-        if let Some(trace_id) = &envelope.metadata.trace_id {
-            headers.insert(header::TRACE_ID, trace_id.as_str());
-        }
-        if let Some(parent) = crate::trace::TraceParent::of(&envelope.metadata) {
-            headers.insert(header::TRACEPARENT, parent.header());
-        }
+        headers.insert(NATS_MESSAGE_ID, batch.id());
+        headers.insert(header::EVENTS, batch.events.len().to_string());
+        headers.insert(header::FIRST_CURSOR, format_cursor(batch.first()));
+        headers.insert(header::LOG_CURSOR, format_cursor(batch.last()));
         headers
     }
 }
@@ -218,20 +207,17 @@ impl JetStreamBus {
 #[async_trait]
 impl Bus for JetStreamBus {
     async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
-        // Send every publish first and collect the acks after, so the whole batch is in
-        // flight at once; JetStream stores them in the order they were sent.
-        let mut acks = Vec::with_capacity(events.len());
-        for event in events {
-            let envelope = &event.envelope;
+        // Send every batch first and collect the acks after, so they are all in flight at
+        // once; JetStream stores them in the order they were sent.
+        let batches = batches(events)?;
+        let mut acks = Vec::with_capacity(batches.len());
+        for batch in &batches {
             let message = PublishMessage::build()
-                .payload(encode(event)?)
-                .headers(Self::headers(event));
-            let subject = self
-                .settings
-                .subject(envelope.category(), &envelope.stream_id);
+                .payload(batch.payload.clone())
+                .headers(Self::headers(batch));
             let ack = self
                 .context
-                .send_publish(subject, message)
+                .send_publish(self.settings.log_subject(), message)
                 .await
                 .map_err(BusError::unavailable)?;
             acks.push(ack);
@@ -269,10 +255,7 @@ impl Bus for JetStreamBus {
             .get_stream(self.settings.events_stream())
             .await
             .map_err(BusError::unavailable)?;
-        let filter_subject = match &options.category {
-            Some(category) => format!("{}.events.{category}.>", self.settings.prefix),
-            None => format!("{}.events.>", self.settings.prefix),
-        };
+        let filter_subject = format!("{}.events.>", self.settings.prefix);
         let config = pull::Config {
             durable_name: Some(options.name.clone()),
             deliver_policy: DeliverPolicy::All,
@@ -303,11 +286,11 @@ impl Bus for JetStreamBus {
     async fn dead_letter(
         &self,
         consumer: &str,
-        delivery: &Delivery,
+        letter: Letter<'_>,
         reason: &str,
     ) -> Result<(), BusError> {
         let mut headers = HeaderMap::new();
-        if let Ok(event) = &delivery.event {
+        if let Some(event) = letter.event {
             // One dead letter per consumer and event, however often it is reported.
             headers.insert(NATS_MESSAGE_ID, format!("{consumer}:{}", event.event_id));
             headers.insert(header::EVENT_TYPE, event.event_type.as_str());
@@ -315,14 +298,14 @@ impl Bus for JetStreamBus {
             headers.insert(header::STREAM_VERSION, event.stream_version.to_string());
         }
         headers.insert(header::DEAD_CONSUMER, consumer);
-        headers.insert(header::DEAD_SUBJECT, delivery.subject.as_str());
+        headers.insert(header::DEAD_SUBJECT, letter.subject);
         // Header values are one line.
         headers.insert(header::DEAD_REASON, reason.replace(['\r', '\n'], " "));
         self.context
             .publish_with_headers(
                 self.settings.dead_letter_subject(consumer),
                 headers,
-                delivery.payload.clone(),
+                letter.payload,
             )
             .await
             .map_err(BusError::unavailable)?
@@ -358,7 +341,7 @@ impl Deliveries for JetStreamDeliveries {
             .unwrap_or(1);
         let (message, acker) = message.split();
         Some(Ok(Delivery {
-            event: decode(&message.payload),
+            events: decode(&message.payload),
             subject: message.subject.to_string(),
             payload: message.payload,
             delivered,

@@ -1,10 +1,10 @@
 //! The embedded bus: messages and consumer positions in process memory, gone with the
 //! process.
 //!
-//! It keeps JetStream's semantics where consumers can tell: messages are deduplicated by
-//! event id, a durable consumer goes on from where it stopped when it subscribes again, a
-//! negatively acknowledged delivery comes back after its delay with its delivery count raised,
-//! and dead letters are kept for inspection.
+//! It keeps JetStream's semantics where consumers can tell: events travel in the same
+//! batches, a batch is not stored twice, a durable consumer goes on from where it stopped when
+//! it subscribes again, a negatively acknowledged delivery comes back after its delay with its
+//! delivery count raised, and dead letters are kept for inspection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,10 +14,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use ulid::Ulid;
 
 use super::{
-    decode, encode, Acker, Bus, BusError, ConsumerOptions, Deliveries, Delivery, Published,
+    batches, decode, Acker, Bus, BusError, ConsumerOptions, Deliveries, Delivery, Letter, Published,
 };
 use crate::log::{LogCursor, RecordedEvent};
 
@@ -37,13 +36,13 @@ struct Shared {
 #[derive(Default)]
 struct Inner {
     messages: Vec<Message>,
-    event_ids: HashSet<Ulid>,
+    /// Message ids stored, as JetStream's duplicate window would hold them (for ever here).
+    message_ids: HashSet<String>,
     consumers: HashMap<String, ConsumerState>,
     dead_letters: Vec<DeadLetter>,
 }
 
 struct Message {
-    category: String,
     subject: String,
     payload: Bytes,
     cursor: Option<LogCursor>,
@@ -120,13 +119,22 @@ impl MemoryBus {
         self.len() == 0
     }
 
-    /// Publishes a raw body on a category's subject, as a foreign or broken publisher
-    /// would; for tests of poison messages.
-    pub fn publish_raw(&self, category: &str, payload: Bytes) {
+    /// Events in the messages stored so far (repeats included); poison messages count none.
+    pub fn events_stored(&self) -> usize {
+        lock(&self.shared.inner)
+            .messages
+            .iter()
+            .filter_map(|m| decode(&m.payload).ok())
+            .map(|events| events.len())
+            .sum()
+    }
+
+    /// Publishes a raw body, as a foreign or broken publisher would; for tests of poison
+    /// messages.
+    pub fn publish_raw(&self, payload: Bytes) {
         let mut inner = lock(&self.shared.inner);
         inner.messages.push(Message {
-            category: category.to_owned(),
-            subject: format!("events.{category}.raw"),
+            subject: "events.raw".into(),
             payload,
             cursor: None,
         });
@@ -138,21 +146,17 @@ impl MemoryBus {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
-        let encoded = events
-            .iter()
-            .map(|event| Ok((event, encode(event)?)))
-            .collect::<Result<Vec<_>, BusError>>()?;
+        let batches = batches(events)?;
         let mut inner = lock(&self.shared.inner);
-        for (event, payload) in encoded {
-            if !inner.event_ids.insert(event.envelope.event_id) {
+        for batch in batches {
+            if !inner.message_ids.insert(batch.id()) {
                 continue;
             }
-            let category = event.envelope.category().to_owned();
+            let cursor = Some(batch.last());
             inner.messages.push(Message {
-                subject: format!("events.{category}.{}", event.envelope.stream_id),
-                category,
-                payload,
-                cursor: Some(event.cursor),
+                subject: "events.log".into(),
+                payload: batch.payload,
+                cursor,
             });
         }
         drop(inner);
@@ -183,13 +187,13 @@ impl Bus for MemoryBus {
     async fn dead_letter(
         &self,
         consumer: &str,
-        delivery: &Delivery,
+        letter: Letter<'_>,
         reason: &str,
     ) -> Result<(), BusError> {
         lock(&self.shared.inner).dead_letters.push(DeadLetter {
             consumer: consumer.to_owned(),
-            subject: delivery.subject.clone(),
-            payload: delivery.payload.clone(),
+            subject: letter.subject.to_owned(),
+            payload: letter.payload,
             reason: reason.to_owned(),
         });
         Ok(())
@@ -227,28 +231,15 @@ impl MemoryDeliveries {
         let (index, delivered) = if let Some(i) = due {
             let (_, index, delivered) = state.redeliver.swap_remove(i);
             (index, delivered + 1)
+        } else if state.next < messages.len() {
+            state.next += 1;
+            (state.next - 1, 1)
         } else {
-            let wanted = |m: &Message| {
-                self.options
-                    .category
-                    .as_deref()
-                    .is_none_or(|c| c == m.category)
-            };
-            match messages[state.next..].iter().position(wanted) {
-                Some(offset) => {
-                    let index = state.next + offset;
-                    state.next = index + 1;
-                    (index, 1)
-                }
-                None => {
-                    state.next = messages.len();
-                    return Err(state.redeliver.iter().map(|(at, _, _)| *at).min());
-                }
-            }
+            return Err(state.redeliver.iter().map(|(at, _, _)| *at).min());
         };
         let message = &messages[index];
         Ok(Delivery {
-            event: decode(&message.payload),
+            events: decode(&message.payload),
             subject: message.subject.clone(),
             payload: message.payload.clone(),
             delivered,

@@ -188,7 +188,7 @@ pub async fn create(
             let render = render(StatusCode::CREATED, Vec::new());
             let stream = stream_id::<CampaignAggregate>(campaign_id);
             let executed = state
-                .execute::<CampaignAggregate>(&stream, &command, meta, key.as_ref(), &render)
+                .create::<CampaignAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await?;
             Ok(render(&executed.state))
         },

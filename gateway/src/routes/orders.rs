@@ -153,7 +153,7 @@ pub async fn place(
             };
             let stream = stream_id::<OrderAggregate>(order_id);
             let executed = state
-                .execute::<OrderAggregate>(&stream, &command, meta, key.as_ref(), &render)
+                .create::<OrderAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await?;
             if executed.appended.is_some() {
                 metrics::counter!("groupbuy_orders_placed_total", "campaign_id" => campaign_id.to_string())

@@ -93,7 +93,7 @@ pub async fn create(
             };
             let stream = stream_id::<StoreAggregate>(store_id);
             let executed = state
-                .execute::<StoreAggregate>(&stream, &command, meta, key.as_ref(), &render)
+                .create::<StoreAggregate>(&stream, &command, meta, key.as_ref(), &render)
                 .await?;
             Ok(render(&executed.state))
         },

@@ -97,7 +97,7 @@ pub async fn create(
             let stored_render = |user: &Option<User>| render(user, TOKEN_PLACEHOLDER);
             let stream = stream_id::<UserAggregate>(user_id);
             let executed = state
-                .execute::<UserAggregate>(&stream, &command, meta, key.as_ref(), &stored_render)
+                .create::<UserAggregate>(&stream, &command, meta, key.as_ref(), &stored_render)
                 .await?;
             Ok(render(&executed.state, &token))
         },
