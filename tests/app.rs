@@ -164,6 +164,27 @@ impl TestApp {
             .await
     }
 
+    /// Polls `path` as `token` until it answers 200 with a body `done` accepts, and returns
+    /// it; panics after 20 s. For reads of what other callers wrote: a query waits only for
+    /// its caller's own writes, so others' show a moment later.
+    pub async fn get_until(&self, path: &str, token: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = self.get(path, token).await;
+            if response.status() == StatusCode::OK {
+                let body: Value = response.json().await.unwrap();
+                if done(&body) {
+                    return body;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} never showed what was expected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls an order until it has `status`, and returns it; panics after 20 s.
     pub async fn wait_for_status(&self, token: &str, order_id: &str, status: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);

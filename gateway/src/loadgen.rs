@@ -61,6 +61,11 @@ pub struct LoadgenArgs {
     /// The deployment's base URL (plain HTTP).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub base_url: reqwest::Url,
+    /// Other instances of the same deployment to place orders on as well (repeat the flag):
+    /// the connections are spread over `--base-url` and these. They must share the token
+    /// secret (`GROUPBUY_TOKEN_SECRET`), so the customers' tokens work on each.
+    #[arg(long = "also-base-url")]
+    pub also_base_urls: Vec<reqwest::Url>,
     /// The operator's bearer token: it sets up the sale and reads every order back.
     #[arg(long, env = "GROUPBUY_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: String,
@@ -79,6 +84,10 @@ pub struct LoadgenArgs {
     /// How long customers have to pay, in the campaign this run creates.
     #[arg(long, default_value_t = 600)]
     pub payment_timeout_seconds: u32,
+    /// How many stock buckets the campaign this run creates spreads its units over: about as
+    /// many as instances that take its orders.
+    #[arg(long, default_value_t = 1)]
+    pub stock_buckets: u32,
     /// Customers to register; orders are spread evenly over them.
     #[arg(long, default_value_t = 200)]
     pub customers: u32,
@@ -111,12 +120,13 @@ pub struct LoadgenArgs {
 impl LoadgenArgs {
     /// Why these flags cannot make a run; `None` when they can.
     fn problem(&self) -> Option<String> {
-        let scheme = self.base_url.scheme();
-        if scheme != "http" {
-            return Some(format!(
-                "--base-url {}: only http URLs are supported, not {scheme}: the load generator is built without TLS",
-                self.base_url
-            ));
+        for url in std::iter::once(&self.base_url).chain(&self.also_base_urls) {
+            let scheme = url.scheme();
+            if scheme != "http" {
+                return Some(format!(
+                    "{url}: only http URLs are supported, not {scheme}: the load generator is built without TLS"
+                ));
+            }
         }
         let ranges: [(&str, u64, u64, u64); 7] = [
             (

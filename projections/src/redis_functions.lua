@@ -148,6 +148,29 @@ redis.register_function('groupbuy_apply', function(_, args)
   return { live or '', applied }
 end)
 
+-- Live events in order, as groupbuy_apply applies each, in one call.
+-- args: base, tick key, then stream, version, position, ops for each event.
+-- Returns {live version or '', applied 0|1 for each event}.
+redis.register_function('groupbuy_apply_all', function(_, args)
+  local base = args[1]
+  local live = redis.call('GET', base .. ':live')
+  local writing = redis.call('SMEMBERS', base .. ':writing')
+  local result = { live or '' }
+  for i = 3, #args, 4 do
+    local applied = 0
+    for _, v in ipairs(writing) do
+      local is_live = (v == live)
+      if apply_change(root(base, v), args[i], args[i + 1], args[i + 2], args[i + 3], not is_live)
+          and is_live then
+        applied = 1
+      end
+    end
+    table.insert(result, applied)
+  end
+  redis.call('INCR', args[2])
+  return result
+end)
+
 -- A dead-lettered event: recorded as done in the live version, with no effect.
 -- args: base, stream, version.
 redis.register_function('groupbuy_skip', function(_, args)

@@ -126,23 +126,6 @@ impl RedisProjections {
         }
     }
 
-    /// Runs a pipeline of calls in one round trip, as [`RedisProjections::query`] runs one.
-    /// The calls must be safe to run again (applies are: they skip what they hold).
-    async fn query_pipe<T: FromRedisValue>(
-        &self,
-        pipe: &::redis::Pipeline,
-    ) -> Result<T, RedisError> {
-        let mut conn = self.conn.clone();
-        match pipe.query_async(&mut conn).await {
-            Err(error) if lost_functions(&error) => {
-                tracing::warn!("redis lost the read-model functions; loading them again");
-                load_functions(&mut conn).await?;
-                pipe.query_async(&mut conn).await
-            }
-            other => other,
-        }
-    }
-
     /// Moves this instance's watch at once: waiters here need not wait for the poller.
     fn changed_here(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -503,28 +486,32 @@ impl ProjectionStore for RedisProjections {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
-        let base = self.base(name);
-        let tick = self.tick_key();
-        let mut pipe = ::redis::pipe();
+        let mut cmd = ::redis::cmd("FCALL");
+        cmd.arg("groupbuy_apply_all")
+            .arg(0)
+            .arg(self.base(name))
+            .arg(self.tick_key());
         for change in changes {
-            pipe.cmd("FCALL")
-                .arg("groupbuy_apply")
-                .arg(0)
-                .arg(&base)
-                .arg(&tick)
-                .arg(&change.stream_id)
+            cmd.arg(&change.stream_id)
                 .arg(change.version)
                 .arg(change.position)
                 .arg(ops_json(&change.ops));
         }
-        let replies: Vec<(String, u8)> = self.query_pipe(&pipe).await.map_err(unavailable)?;
+        let reply: Vec<::redis::Value> = self.query(&cmd).await.map_err(unavailable)?;
         self.changed_here();
-        Ok(replies
+        let mut reply = reply.into_iter();
+        let live: String = match reply.next() {
+            Some(value) => ::redis::from_redis_value(&value).map_err(unavailable)?,
+            None => String::new(),
+        };
+        let live = live.parse().ok();
+        let applied = reply
+            .map(|value| ::redis::from_redis_value::<u8>(&value).map(|a| a == 1))
+            .collect::<Result<Vec<bool>, RedisError>>()
+            .map_err(unavailable)?;
+        Ok(applied
             .into_iter()
-            .map(|(live, applied)| ApplyOutcome {
-                live: live.parse().ok(),
-                applied: applied == 1,
-            })
+            .map(|applied| ApplyOutcome { live, applied })
             .collect())
     }
 

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 use ulid::Ulid;
 
-use crate::order_saga::{derived_id, SagaError};
+use crate::order_saga::SagaError;
 
 /// How campaign writers batch and bound themselves.
 #[derive(Clone, Debug)]
@@ -61,6 +61,10 @@ pub struct WriterOptions {
     pub holdings_cached_max: usize,
     /// A writer with nothing to do for this long stops; the next wake-up starts it again.
     pub idle_stop: Duration,
+    /// The bucket this instance's writers sell from first. `None` (the default) picks one
+    /// per instance and campaign at random, so that the writers of several instances append
+    /// to different buckets.
+    pub home_bucket: Option<u32>,
 }
 
 impl Default for WriterOptions {
@@ -71,6 +75,7 @@ impl Default for WriterOptions {
             conflict_attempts_max: 8,
             holdings_cached_max: 100_000,
             idle_stop: Duration::from_secs(60),
+            home_bucket: None,
         }
     }
 }
@@ -405,9 +410,8 @@ impl Appends {
             let (expected_version, events) = self.streams.remove(&stream_id).expect("listed");
             let events = events
                 .into_iter()
-                .enumerate()
-                .map(|(offset, (event, metadata))| NewEvent {
-                    event_id: event_id_at(&stream_id, expected_version + offset as u64 + 1),
+                .map(|(event, metadata)| NewEvent {
+                    event_id: Ulid::new(),
                     event,
                     metadata,
                 })
@@ -420,12 +424,6 @@ impl Appends {
         }
         request
     }
-}
-
-/// The id of the event at `version` of `stream_id`: the same every time, so an append sent
-/// again (its sender never heard back) is recognised as stored.
-fn event_id_at(stream_id: &str, version: u64) -> Ulid {
-    derived_id(&format!("{stream_id}:{version}"))
 }
 
 /// The stream of bucket `bucket` of a campaign: the campaign's own for bucket 0.
@@ -942,7 +940,10 @@ impl CampaignWriter {
         let campaign = loaded
             .state
             .ok_or(SagaError::Domain(DomainError::CampaignNotFound))?;
-        let home = home_bucket(self.instance, self.campaign_id, campaign.stock_buckets);
+        let home = match self.options.home_bucket {
+            Some(bucket) => bucket.min(campaign.stock_buckets - 1),
+            None => home_bucket(self.instance, self.campaign_id, campaign.stock_buckets),
+        };
         let (home_available, home_sold, home_version) = if home == 0 {
             (
                 campaign.available_units,

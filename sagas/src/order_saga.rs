@@ -128,8 +128,18 @@ impl OrderSaga {
         payments: Arc<dyn PaymentProvider>,
         deadlines: Arc<dyn Deadlines>,
     ) -> Self {
+        Self::with_writers(handler, payments, deadlines, WriterOptions::default())
+    }
+
+    /// A saga whose campaign writers run with `options`.
+    pub fn with_writers(
+        handler: CommandHandler,
+        payments: Arc<dyn PaymentProvider>,
+        deadlines: Arc<dyn Deadlines>,
+        options: WriterOptions,
+    ) -> Self {
         OrderSaga {
-            writers: CampaignWriters::new(handler.clone(), WriterOptions::default()),
+            writers: CampaignWriters::new(handler.clone(), options),
             handler,
             payments,
             deadlines,

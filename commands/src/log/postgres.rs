@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use schemas::{Envelope, Metadata, Registry};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::types::Json;
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
 use ulid::Ulid;
@@ -54,10 +55,12 @@ pub struct PgEventLog {
     appends: watch::Sender<u64>,
 }
 
-/// Inserts the events of a whole group commit. A row that would break a unique constraint
-/// (its stream version or its event id is taken) or whose stream's predecessor version is
-/// missing is skipped rather than failing the statement; the caller finds the requests that
-/// lost a row and takes the rest of their rows out again before committing.
+/// Inserts the events of a whole group commit; a row whose stream's predecessor version is
+/// missing (an expected version ahead of the stream) is filtered out. `{conflicts}` is empty
+/// on the quick path, where any taken stream version or event id fails the statement; on the
+/// careful path it is `ON CONFLICT DO NOTHING`, and such a row is skipped instead. Either
+/// way the caller finds the requests that lost a row and takes the rest of their rows out again
+/// before committing.
 const INSERT_EVENTS: &str = "
 INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata)
 SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.data, e.metadata
@@ -67,19 +70,32 @@ FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jso
 WHERE e.follows_version = 0
    OR EXISTS (SELECT 1 FROM events p WHERE p.stream_id = e.stream_id AND p.stream_version = e.follows_version)
 ORDER BY e.ord
-ON CONFLICT DO NOTHING
+{conflicts}
 RETURNING event_id, global_position, transaction_id::text";
 
-/// Records the Idempotency-Keys of a group commit; a key recorded already (and not expired)
-/// is left alone and not returned.
+/// Records the Idempotency-Keys of a group commit. On the careful path a key recorded already
+/// (and not expired) is left alone and not returned; on the quick path it fails the statement.
 const INSERT_KEYS: &str = "
 INSERT INTO idempotency_keys (scope, key, request_sha256, response_status, response_headers, response_body)
 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[], $6::bytea[])
-ON CONFLICT (scope, key) DO UPDATE SET request_sha256 = EXCLUDED.request_sha256,
+{conflicts}
+RETURNING scope, key";
+
+const KEY_CONFLICTS: &str =
+    "ON CONFLICT (scope, key) DO UPDATE SET request_sha256 = EXCLUDED.request_sha256,
     response_status = EXCLUDED.response_status, response_headers = EXCLUDED.response_headers,
     response_body = EXCLUDED.response_body, created_at = now()
-WHERE idempotency_keys.created_at < now() - make_interval(secs => $7)
-RETURNING scope, key";
+WHERE idempotency_keys.created_at < now() - make_interval(secs => $7::float8)";
+
+/// How a group commit's inserts treat rows that break a unique constraint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Plain inserts: cheaper by a third, and right whenever nothing conflicts (nearly
+    /// always, with one writer per hot stream).
+    Quick,
+    /// `ON CONFLICT` on every row, after the quick path met a conflict.
+    Careful,
+}
 
 const SELECT_KEYS: &str =
     "SELECT scope, key, request_sha256, response_status, response_headers, response_body \
@@ -88,6 +104,9 @@ const SELECT_KEYS: &str =
 
 const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
      schema_version, data, metadata, recorded_at, transaction_id::text AS transaction_id FROM events";
+
+/// Postgres' SQLSTATE for a unique violation.
+const UNIQUE_VIOLATION: &str = "23505";
 
 impl PgEventLog {
     /// Connects a pool to `url`.
@@ -162,66 +181,120 @@ impl PgEventLog {
     /// their other rows taken out again before the commit.
     async fn commit_batch(&self, pending: &mut [Pending]) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query("SAVEPOINT quick").execute(&mut *tx).await?;
+        match Self::insert_all(&mut tx, pending, Path::Quick).await {
+            Ok(()) => {}
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT quick")
+                    .execute(&mut *tx)
+                    .await?;
+                for p in pending.iter_mut() {
+                    p.stored.clear();
+                    (p.key_recorded, p.key_taken) = (false, false);
+                }
+                Self::insert_all(&mut tx, pending, Path::Careful).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        Self::take_out_broken(&mut tx, pending).await?;
+        tx.commit().await?;
+        for p in pending.iter_mut().filter(|p| !p.complete()) {
+            p.stored.clear();
+            p.key_recorded = false;
+        }
+        Ok(())
+    }
+
+    /// Inserts every request's key and events, noting what each stored.
+    async fn insert_all(
+        tx: &mut sqlx::PgConnection,
+        pending: &mut [Pending],
+        path: Path,
+    ) -> Result<(), sqlx::Error> {
+        Self::insert_keys(tx, pending, path).await?;
+        Self::insert_events(tx, pending, path).await
+    }
+
+    async fn insert_keys(
+        tx: &mut sqlx::PgConnection,
+        pending: &mut [Pending],
+        path: Path,
+    ) -> Result<(), sqlx::Error> {
         let keyed: Vec<usize> = (0..pending.len())
             .filter(|&i| pending[i].request.idempotency.is_some())
             .collect();
-        if !keyed.is_empty() {
-            let records: Vec<&IdempotencyRecord> = keyed
-                .iter()
-                .map(|&i| pending[i].request.idempotency.as_ref().expect("keyed"))
-                .collect();
-            let recorded: Vec<(String, String)> = sqlx::query_as(INSERT_KEYS)
-                .bind(
-                    records
-                        .iter()
-                        .map(|r| r.key.scope.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    records
-                        .iter()
-                        .map(|r| r.key.key.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    records
-                        .iter()
-                        .map(|r| r.request_sha256.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    records
-                        .iter()
-                        .map(|r| r.response.status as i16)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    records
-                        .iter()
-                        .map(|r| {
-                            serde_json::to_value(&r.response.headers).expect("headers serialize")
-                        })
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    records
-                        .iter()
-                        .map(|r| r.response.body.clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(IDEMPOTENCY_KEY_TTL_S as f64)
-                .fetch_all(&mut *tx)
-                .await?;
-            for &i in &keyed {
-                let key = &pending[i].request.idempotency.as_ref().expect("keyed").key;
-                let won = recorded
-                    .iter()
-                    .any(|(scope, k)| *scope == key.scope && *k == key.key);
-                pending[i].key_recorded = won;
-                pending[i].key_taken = !won;
-            }
+        if keyed.is_empty() {
+            return Ok(());
         }
+        let records: Vec<&IdempotencyRecord> = keyed
+            .iter()
+            .map(|&i| pending[i].request.idempotency.as_ref().expect("keyed"))
+            .collect();
+        let sql = INSERT_KEYS.replace(
+            "{conflicts}",
+            if path == Path::Careful {
+                KEY_CONFLICTS
+            } else {
+                ""
+            },
+        );
+        let mut query = sqlx::query_as(&sql)
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.key.scope.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.key.key.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.request_sha256.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.response.status as i16)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| Json(&r.response.headers))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.response.body.as_slice())
+                    .collect::<Vec<_>>(),
+            );
+        if path == Path::Careful {
+            query = query.bind(IDEMPOTENCY_KEY_TTL_S as f64);
+        }
+        let recorded: Vec<(String, String)> = query.fetch_all(&mut *tx).await?;
+        for &i in &keyed {
+            let key = &pending[i].request.idempotency.as_ref().expect("keyed").key;
+            let won = recorded
+                .iter()
+                .any(|(scope, k)| *scope == key.scope && *k == key.key);
+            pending[i].key_recorded = won;
+            pending[i].key_taken = !won;
+        }
+        Ok(())
+    }
 
+    async fn insert_events(
+        tx: &mut sqlx::PgConnection,
+        pending: &mut [Pending],
+        path: Path,
+    ) -> Result<(), sqlx::Error> {
         let mut event_ids = Vec::new();
         let mut stream_ids = Vec::new();
         let mut versions = Vec::new();
@@ -246,34 +319,47 @@ impl PgEventLog {
                     types.push(event.event.event_type.as_str());
                     schema_versions.push(event.event.schema_version as i32);
                     data.push(&event.event.data);
-                    metadata
-                        .push(serde_json::to_value(&event.metadata).expect("metadata serializes"));
+                    metadata.push(Json(&event.metadata));
                     follows.push(if offset == 0 { expected } else { 0 });
                 }
             }
         }
-        if !event_ids.is_empty() {
-            let rows = sqlx::query(INSERT_EVENTS)
-                .bind(&event_ids)
-                .bind(&stream_ids)
-                .bind(&versions)
-                .bind(&types)
-                .bind(&schema_versions)
-                .bind(&data)
-                .bind(&metadata)
-                .bind(&follows)
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in &rows {
-                let id: Uuid = row.get(0);
-                let cursor =
-                    cursor_of(row, 1, 2).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                pending[owner[&id]].stored.push((id, cursor));
-            }
+        if event_ids.is_empty() {
+            return Ok(());
         }
+        let sql = INSERT_EVENTS.replace(
+            "{conflicts}",
+            if path == Path::Careful {
+                "ON CONFLICT DO NOTHING"
+            } else {
+                ""
+            },
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&event_ids)
+            .bind(&stream_ids)
+            .bind(&versions)
+            .bind(&types)
+            .bind(&schema_versions)
+            .bind(&data)
+            .bind(&metadata)
+            .bind(&follows)
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &rows {
+            let id: Uuid = row.get(0);
+            let cursor = cursor_of(row, 1, 2).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            pending[owner[&id]].stored.push((id, cursor));
+        }
+        Ok(())
+    }
 
-        // Requests that lost a row, or recorded a key without all their events, are taken
-        // out again: every request is all or nothing.
+    /// Takes out again the rows of requests that lost a row, or recorded a key without all
+    /// their events: every request is all or nothing.
+    async fn take_out_broken(
+        tx: &mut sqlx::PgConnection,
+        pending: &[Pending],
+    ) -> Result<(), sqlx::Error> {
         let broken: Vec<&Pending> = pending
             .iter()
             .filter(|p| !p.complete() && (p.key_recorded || !p.stored.is_empty()))
@@ -301,11 +387,6 @@ impl PgEventLog {
             .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
-        }
-        tx.commit().await?;
-        for p in pending.iter_mut().filter(|p| !p.complete()) {
-            p.stored.clear();
-            p.key_recorded = false;
         }
         Ok(())
     }

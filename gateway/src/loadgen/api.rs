@@ -59,6 +59,21 @@ impl Api {
         self.base.join(path).expect("paths are relative and valid")
     }
 
+    /// The absolute URL of `path` on each instance orders go to: `--base-url` first, then
+    /// every `--also-base-url`.
+    pub fn urls_on_every_instance(args: &LoadgenArgs, path: &str) -> Vec<Url> {
+        std::iter::once(&args.base_url)
+            .chain(&args.also_base_urls)
+            .map(|base| {
+                let mut base = base.clone();
+                if !base.path().ends_with('/') {
+                    base.set_path(&format!("{}/", base.path()));
+                }
+                base.join(path).expect("paths are relative and valid")
+            })
+            .collect()
+    }
+
     /// The client, for the load's own requests.
     pub fn client(&self) -> &reqwest::Client {
         &self.client

@@ -189,7 +189,8 @@ enum Answer {
 /// What every worker reads, and the counters they share.
 struct Shared {
     client: reqwest::Client,
-    url: Url,
+    /// Where orders go: one URL per instance.
+    urls: Vec<Url>,
     /// Each customer's `Authorization` value, in the order orders are spread over them.
     authorizations: Vec<HeaderValue>,
     body: Bytes,
@@ -220,7 +221,7 @@ pub async fn drive(
     let start = Instant::now();
     let shared = Arc::new(Shared {
         client: api.client().clone(),
-        url: api.url("v1/orders"),
+        urls: Api::urls_on_every_instance(args, "v1/orders"),
         authorizations: sale
             .customers
             .iter()
@@ -241,8 +242,8 @@ pub async fn drive(
         failed: AtomicU64::new(0),
     });
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..args.connections {
-        workers.spawn(worker(Arc::clone(&shared)));
+    for index in 0..args.connections as usize {
+        workers.spawn(worker(Arc::clone(&shared), index));
     }
     let bar = load_bar(progress, args.duration);
     let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
@@ -275,7 +276,9 @@ pub async fn drive(
 
 /// One worker: takes the next order number until the time (or [`ORDERS_MAX`]) is up. Returns
 /// its tally, and whether it stopped at the cap.
-async fn worker(shared: Arc<Shared>) -> (Tally, bool) {
+async fn worker(shared: Arc<Shared>, index: usize) -> (Tally, bool) {
+    // Connections are spread over the instances orders go to.
+    let url = &shared.urls[index % shared.urls.len()];
     let mut tally = Tally::new();
     let idempotency_key = HeaderName::from_static("idempotency-key");
     let prefer = HeaderName::from_static("prefer");
@@ -296,7 +299,7 @@ async fn worker(shared: Arc<Shared>) -> (Tally, bool) {
         let authorization = &shared.authorizations[(n % customers) as usize];
         let mut request = shared
             .client
-            .post(shared.url.clone())
+            .post(url.clone())
             .header(AUTHORIZATION, authorization.clone())
             .header(
                 idempotency_key.clone(),

@@ -89,6 +89,7 @@ async fn create_campaign(api: &Api, args: &LoadgenArgs, run_id: Ulid) -> anyhow:
         "price_cents": args.price_cents,
         "quota": args.quota,
         "per_user_limit": args.per_user_limit,
+        "stock_buckets": args.stock_buckets,
         // A minute early: a server whose clock is behind ours would otherwise see a campaign
         // that has not started and reject every order as `campaign_not_open`.
         "starts_at": now - chrono::Duration::minutes(1),
