@@ -105,7 +105,8 @@ pub enum LogError {
     /// Another writer appended to one of the streams since the decision was made.
     #[error("stream {stream_id} is not at the expected version {expected_version}")]
     Conflict {
-        /// One of the streams of the append.
+        /// The first stream of the append (in its order) that was not at its expected version,
+        /// as far as the log can tell; else the append's first stream.
         stream_id: String,
         /// What the append expected.
         expected_version: u64,

@@ -394,8 +394,12 @@ impl Appends {
         self.order.is_empty()
     }
 
-    /// The append, with every order's events before its payment's, its holding's and the
-    /// buckets': within a transaction the order moves before the stock, as between two.
+    /// The append, with the orders' events before their payments', the holdings' and the
+    /// buckets': within a transaction the order moves before the stock, as between two. Within
+    /// each kind, streams go in the order of their ids, so that two writers (of two instances)
+    /// appending to the same streams insert their rows, and wait on each other's, in the same
+    /// order: in opposite orders, each would wait for the other's unique index entries until
+    /// the database broke the deadlock, a second later.
     fn into_request(mut self) -> AppendRequest {
         let rank = |stream: &str| match stream.split_once('-').map(|(c, _)| c) {
             Some("order") => 0,
@@ -404,7 +408,8 @@ impl Appends {
             Some("ordersaga") => 3,
             _ => 4,
         };
-        self.order.sort_by_key(|stream| rank(stream));
+        self.order
+            .sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
         let mut request = AppendRequest::default();
         for stream_id in self.order {
             let (expected_version, events) = self.streams.remove(&stream_id).expect("listed");
@@ -523,9 +528,10 @@ impl CampaignWriter {
         let failed =
             |count: usize, error: SagaError| (0..count).map(|_| Err(error.clone())).collect();
         let attempts = self.options.conflict_attempts_max.max(1);
+        let mut conflicted: Option<String> = None;
         for attempt in 1..=attempts {
-            if attempt > 1 {
-                if let Err(error) = self.reload(wake_ups).await {
+            if let Some(stream_id) = conflicted.take() {
+                if let Err(error) = self.reload(wake_ups, &stream_id).await {
                     return failed(wake_ups.len(), error);
                 }
             }
@@ -554,6 +560,7 @@ impl CampaignWriter {
                 Err(LogError::Conflict { stream_id, .. }) => {
                     tracing::debug!(campaign_id = %self.campaign_id, %stream_id, attempt, "batch conflicted; deciding it again");
                     metrics::counter!("groupbuy_campaign_writer_conflicts_total").increment(1);
+                    conflicted = Some(stream_id);
                 }
                 Err(error) => return failed(wake_ups.len(), error.into()),
             }
@@ -568,19 +575,28 @@ impl CampaignWriter {
         )
     }
 
-    /// Forgets what a conflicting batch decided on and reads it again: the bucket, the
-    /// customers' holdings and the orders.
-    async fn reload(&mut self, wake_ups: &mut [WakeUp]) -> Result<(), SagaError> {
-        self.stock = None;
-        for wake_up in wake_ups.iter() {
-            if let Some(order) = &wake_up.state.order {
-                self.holdings.remove(&order.user_id);
+    /// Forgets what a conflicting batch decided on, as far as the stream that conflicted
+    /// (`stream_id`) tells: a customer's holding (another instance sold to the same customer)
+    /// costs one read of the batch's holdings; a bucket, one of the campaign; an order's
+    /// streams (a customer's cancel, a payment's answer), one of the batch's orders.
+    async fn reload(&mut self, wake_ups: &mut [WakeUp], stream_id: &str) -> Result<(), SagaError> {
+        let category = stream_id.split_once('-').map_or(stream_id, |(c, _)| c);
+        match category {
+            "holding" => {
+                for wake_up in wake_ups.iter() {
+                    if let Some(order) = &wake_up.state.order {
+                        self.holdings.remove(&order.user_id);
+                    }
+                }
             }
-        }
-        let ids: Vec<OrderId> = wake_ups.iter().map(|w| w.order_id).collect();
-        let mut states = load_orders(self.handler.log().as_ref(), &ids).await?;
-        for wake_up in wake_ups.iter_mut() {
-            wake_up.state = states.remove(&wake_up.order_id).unwrap_or_default();
+            "campaign" | "stock" => self.stock = None,
+            _ => {
+                let ids: Vec<OrderId> = wake_ups.iter().map(|w| w.order_id).collect();
+                let mut states = load_orders(self.handler.log().as_ref(), &ids).await?;
+                for wake_up in wake_ups.iter_mut() {
+                    wake_up.state = states.remove(&wake_up.order_id).unwrap_or_default();
+                }
+            }
         }
         Ok(())
     }

@@ -167,11 +167,29 @@ struct Pending {
     key_recorded: bool,
     /// Whether its key was recorded already by another request.
     key_taken: bool,
+    /// The first of its streams that lost a row, with the version it expected.
+    lost: Option<(String, u64)>,
 }
 
 impl Pending {
     fn complete(&self) -> bool {
         self.stored.len() == self.event_ids.len()
+    }
+
+    /// Notes the first stream of this request whose events the insert did not all store.
+    fn note_lost(&mut self) {
+        let stored: std::collections::HashSet<Uuid> =
+            self.stored.iter().map(|(id, _)| *id).collect();
+        self.lost = self
+            .request
+            .streams
+            .iter()
+            .find(|s| {
+                s.events
+                    .iter()
+                    .any(|e| !stored.contains(&Uuid::from(e.event_id)))
+            })
+            .map(|s| (s.stream_id.clone(), s.expected_version));
     }
 }
 
@@ -199,6 +217,7 @@ impl PgEventLog {
         Self::take_out_broken(&mut tx, pending).await?;
         tx.commit().await?;
         for p in pending.iter_mut().filter(|p| !p.complete()) {
+            p.note_lost();
             p.stored.clear();
             p.key_recorded = false;
         }
@@ -428,9 +447,13 @@ impl PgEventLog {
             }),
             _ => {
                 let first = &p.request.streams[0];
+                let (stream_id, expected_version) = p
+                    .lost
+                    .clone()
+                    .unwrap_or_else(|| (first.stream_id.clone(), first.expected_version));
                 Err(LogError::Conflict {
-                    stream_id: first.stream_id.clone(),
-                    expected_version: first.expected_version,
+                    stream_id,
+                    expected_version,
                 })
             }
         }
@@ -479,6 +502,7 @@ impl EventLog for PgEventLog {
                 stored: Vec::new(),
                 key_recorded: false,
                 key_taken: false,
+                lost: None,
             });
         }
         if !pending.is_empty() {

@@ -82,19 +82,22 @@ pub async fn sale(api: &Api, args: &LoadgenArgs, progress: bool) -> anyhow::Resu
 async fn create_campaign(api: &Api, args: &LoadgenArgs, run_id: Ulid) -> anyhow::Result<Campaign> {
     let store_id = api.create_store(&format!("loadgen {run_id}")).await?;
     let now = chrono::Utc::now();
-    let terms = serde_json::json!({
+    let mut terms = serde_json::json!({
         "store_id": store_id,
         "sku": "LOADGEN",
         "title": format!("groupbuy loadgen {run_id}"),
         "price_cents": args.price_cents,
         "quota": args.quota,
         "per_user_limit": args.per_user_limit,
-        "stock_buckets": args.stock_buckets,
         // A minute early: a server whose clock is behind ours would otherwise see a campaign
         // that has not started and reject every order as `campaign_not_open`.
         "starts_at": now - chrono::Duration::minutes(1),
         "ends_at": now + chrono::Duration::days(1),
         "payment_timeout_seconds": args.payment_timeout_seconds,
     });
+    // Only when asked for: a deployment from before stock buckets refuses the field.
+    if args.stock_buckets > 1 {
+        terms["stock_buckets"] = args.stock_buckets.into();
+    }
     api.create_campaign(&terms).await
 }
