@@ -663,6 +663,7 @@ impl CampaignWriter {
         };
         // Other buckets may have units until a look at all of them finds none.
         let mut more_elsewhere = stock.campaign.stock_buckets > 1;
+        let mut donors: HashMap<u32, u32> = HashMap::new();
         let saga_metadata = Metadata {
             actor: Some("saga:order".into()),
             ..Metadata::default()
@@ -712,7 +713,14 @@ impl CampaignWriter {
                     }
                     Wake::NeedsUnits(units) => {
                         let moved = self
-                            .fill_home(&mut stock, &mut appends, units, now, &saga_metadata)
+                            .fill_home(
+                                &mut stock,
+                                &mut appends,
+                                &mut donors,
+                                units,
+                                now,
+                                &saga_metadata,
+                            )
                             .await?;
                         more_elsewhere = moved;
                     }
@@ -851,11 +859,13 @@ impl CampaignWriter {
 
     /// Moves units into the home bucket from the bucket with the most, in the batch's append:
     /// at least `needed`, and half of what that bucket has when that is more. False when no
-    /// other bucket has units left.
+    /// other bucket has units left. `donors` holds what the buckets this batch took units from
+    /// have left, so a later order of the batch can take more from them.
     async fn fill_home(
         &self,
         stock: &mut Stock,
         appends: &mut Appends,
+        donors: &mut HashMap<u32, u32>,
         needed: u32,
         now: Timestamp,
         metadata: &Metadata,
@@ -865,23 +875,24 @@ impl CampaignWriter {
             .collect();
         let streams: Vec<String> = others
             .iter()
+            .filter(|b| !donors.contains_key(b))
             .map(|&b| bucket_stream(self.campaign_id, b))
-            .filter(|s| !appends.streams.contains_key(s))
             .collect();
         let events = read_all_of(self.handler.log().as_ref(), &streams).await?;
         let mut best: Option<(u32, u32, u64)> = None;
         for &b in &others {
             let stream = bucket_stream(self.campaign_id, b);
-            if appends.streams.contains_key(&stream) {
-                // Already gave in this batch; its state here is not current.
-                continue;
-            }
-            let (available, version) = if b == 0 {
-                let (campaign, version) = fold::<CampaignAggregate>(&events, &stream)?;
-                (campaign.map_or(0, |c| c.available_units), version)
-            } else {
-                let (bucket, version) = fold::<StockBucketAggregate>(&events, &stream)?;
-                (bucket.available_units, version)
+            let (available, version) = match donors.get(&b) {
+                // Its expected version was set when it first gave in this batch.
+                Some(&left) => (left, 0),
+                None if b == 0 => {
+                    let (campaign, version) = fold::<CampaignAggregate>(&events, &stream)?;
+                    (campaign.map_or(0, |c| c.available_units), version)
+                }
+                None => {
+                    let (bucket, version) = fold::<StockBucketAggregate>(&events, &stream)?;
+                    (bucket.available_units, version)
+                }
             };
             if available > 0 && best.is_none_or(|(_, most, _)| available > most) {
                 best = Some((b, available, version));
@@ -891,6 +902,7 @@ impl CampaignWriter {
             return Ok(false);
         };
         let units = needed.max(available / 2).min(available);
+        donors.insert(donor, available - units);
         let out = StockBucketCommand::TransferOut {
             to_bucket: stock.home,
             units,

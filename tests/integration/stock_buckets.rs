@@ -23,13 +23,25 @@ use schemas::{Envelope, Metadata};
 use serde_json::{json, Value};
 use ulid::Ulid;
 
-on_both_logs!(writers_of_two_instances_sell_exactly_the_quota_across_buckets);
+on_both_logs!(
+    writers_of_two_instances_sell_exactly_the_quota_across_buckets,
+    one_batch_takes_from_another_bucket_as_often_as_its_orders_need,
+);
 
 const QUOTA: u32 = 50;
 const LIMIT: u32 = 3;
 const BUCKETS: u32 = 4;
 
 async fn create_campaign(handler: &CommandHandler) -> CampaignId {
+    create_campaign_with(handler, QUOTA, LIMIT, BUCKETS).await
+}
+
+async fn create_campaign_with(
+    handler: &CommandHandler,
+    quota: u32,
+    per_user_limit: u32,
+    stock_buckets: u32,
+) -> CampaignId {
     let now = chrono::Utc::now();
     let campaign_id = CampaignId::from_ulid(Ulid::new());
     let create = CampaignCommand::Create(NewCampaign {
@@ -43,12 +55,12 @@ async fn create_campaign(handler: &CommandHandler) -> CampaignId {
         sku: "STOUT".into(),
         title: "Stout".into(),
         price_cents: 700,
-        quota: QUOTA,
-        per_user_limit: LIMIT,
+        quota,
+        per_user_limit,
         starts_at: now - chrono::Duration::minutes(1),
         ends_at: now + chrono::Duration::hours(1),
         payment_timeout_seconds: 600,
-        stock_buckets: BUCKETS,
+        stock_buckets,
         now,
     });
     handler
@@ -60,6 +72,32 @@ async fn create_campaign(handler: &CommandHandler) -> CampaignId {
         .await
         .unwrap();
     campaign_id
+}
+
+/// Places a one-unit order of `user_id` straight into the log; its `OrderPlaced`.
+async fn place(handler: &CommandHandler, campaign_id: CampaignId, user_id: UserId) -> Envelope {
+    let order_id = OrderId::from_ulid(Ulid::new());
+    let place = OrderCommand::Place {
+        order_id,
+        user_id,
+        campaign_id,
+        quantity: 1,
+        unit_price_cents: Cents::new(700),
+        now: chrono::Utc::now(),
+    };
+    let stream = stream_id::<OrderAggregate>(order_id);
+    let mut context = Context::new(Metadata::default());
+    context.new_stream = true;
+    handler
+        .execute::<OrderAggregate>(&stream, &place, &context)
+        .await
+        .unwrap();
+    let log = handler.log();
+    log.read_stream(&stream, 0, 1)
+        .await
+        .unwrap()
+        .remove(0)
+        .envelope
 }
 
 /// A saga of its own instance, whose writers start from bucket `home`.
@@ -84,24 +122,7 @@ async fn writers_of_two_instances_sell_exactly_the_quota_across_buckets(log: Arc
     let mut placed: Vec<Envelope> = Vec::new();
     for _ in 0..4 {
         for user_id in &customers {
-            let order_id = OrderId::from_ulid(Ulid::new());
-            let place = OrderCommand::Place {
-                order_id,
-                user_id: *user_id,
-                campaign_id,
-                quantity: 1,
-                unit_price_cents: Cents::new(700),
-                now: chrono::Utc::now(),
-            };
-            let stream = stream_id::<OrderAggregate>(order_id);
-            let mut context = Context::new(Metadata::default());
-            context.new_stream = true;
-            handler
-                .execute::<OrderAggregate>(&stream, &place, &context)
-                .await
-                .unwrap();
-            let event = log.read_stream(&stream, 0, 1).await.unwrap().remove(0);
-            placed.push(event.envelope);
+            placed.push(place(&handler, campaign_id, *user_id).await);
         }
     }
     // Neither instance's writer starts in bucket 0, where every unit is: both move units in,
@@ -159,18 +180,29 @@ async fn writers_of_two_instances_sell_exactly_the_quota_across_buckets(log: Arc
         (0, QUOTA, 0),
         "{stock:?}"
     );
-    for home in [1, 3] {
-        let bucket = log
-            .read_stream(&format!("stock-{campaign_id}-{home}"), 0, 1_000)
-            .await
-            .unwrap();
-        assert!(
-            bucket
+    // The writers' buckets started empty and bucket 0 sold nothing itself: every unit sold
+    // was moved out of bucket 0 into theirs (and maybe on between them).
+    let moved = |stream: String, event_type: &'static str| {
+        let log = Arc::clone(&log);
+        async move {
+            log.read_stream(&stream, 0, 1_000)
+                .await
+                .unwrap()
                 .iter()
-                .any(|e| e.envelope.event_type == "StockTransferredIn"),
-            "the writer of bucket {home} moved units in"
-        );
-    }
+                .filter(|e| e.envelope.event_type == event_type)
+                .map(|e| e.envelope.data["units"].as_u64().unwrap())
+                .sum::<u64>()
+        }
+    };
+    let out_of_bucket_0 = moved(
+        stream_id::<CampaignAggregate>(campaign_id),
+        "StockTransferredOut",
+    )
+    .await;
+    assert_eq!(out_of_bucket_0, u64::from(QUOTA));
+    let into_homes = moved(format!("stock-{campaign_id}-1"), "StockTransferredIn").await
+        + moved(format!("stock-{campaign_id}-3"), "StockTransferredIn").await;
+    assert!(into_homes >= u64::from(QUOTA), "{into_homes}");
     // Every order was decided: awaiting its payment, or rejected.
     let mut statuses: HashMap<String, u32> = HashMap::new();
     for event in &placed {
@@ -203,6 +235,31 @@ async fn writers_of_two_instances_sell_exactly_the_quota_across_buckets(log: Arc
     .await
     .unwrap();
     assert!(report.ok, "{:?}", report.violations);
+}
+
+async fn one_batch_takes_from_another_bucket_as_often_as_its_orders_need(log: Arc<dyn EventLog>) {
+    let handler = CommandHandler::new(Arc::clone(&log), HandlerOptions::default());
+    let campaign_id = create_campaign_with(&handler, 20, 1, 2).await;
+    let mut placed = Vec::new();
+    for _ in 0..20 {
+        placed.push(place(&handler, campaign_id, UserId::from_ulid(Ulid::new())).await);
+    }
+    // One batch of 20 orders from a writer whose bucket is empty: its first move takes half
+    // of the other bucket's 20 units, and the orders after the tenth need more of them.
+    instance(&log, 1).handle_batch(&placed).await.unwrap();
+    let campaign: Campaign = handler
+        .load::<CampaignAggregate>(&stream_id::<CampaignAggregate>(campaign_id))
+        .await
+        .unwrap()
+        .state
+        .unwrap();
+    let others = other_buckets(log.as_ref(), &campaign).await.unwrap();
+    let stock = campaign.stock(&others);
+    assert_eq!(
+        (stock.available, stock.reserved),
+        (0, 20),
+        "every unit went to an order, none was left behind: {stock:?}"
+    );
 }
 
 /// A second instance of `first`'s deployment: the same database, mirror and read models.
