@@ -29,6 +29,7 @@ use bytes::Bytes;
 use schemas::Envelope;
 
 use crate::log::{LogCursor, RecordedEvent};
+use crate::trace::TraceParent;
 
 /// Most events one message carries.
 pub const BATCH_EVENTS_MAX: usize = 500;
@@ -49,6 +50,12 @@ pub mod header {
     pub const FIRST_CURSOR: &str = "Groupbuy-First-Cursor";
     /// The log cursor of its last event; the relay resumes after it.
     pub const LOG_CURSOR: &str = "Groupbuy-Log-Cursor";
+    /// The trace ids of the message's events (`trace_id` in their metadata), each once, in
+    /// log order, separated by spaces: where to find a request's events on the bus.
+    pub const TRACE_IDS: &str = "Groupbuy-Trace-Ids";
+    /// The W3C trace context of the message's first traced event; on a dead letter, of its
+    /// event.
+    pub const TRACEPARENT: &str = "traceparent";
     /// On a dead letter: the event's type.
     pub const EVENT_TYPE: &str = "Groupbuy-Event-Type";
     /// On a dead letter: the event's stream.
@@ -129,6 +136,24 @@ impl<'a> Batch<'a> {
     /// The last event's cursor.
     pub fn last(&self) -> LogCursor {
         self.events.last().expect("a batch has events").cursor
+    }
+
+    /// The distinct trace ids of its events, in order, and the trace context of the first
+    /// traced one.
+    pub fn traces(&self) -> (Vec<&'a str>, Option<TraceParent>) {
+        let mut ids: Vec<&'a str> = Vec::new();
+        for event in self.events {
+            if let Some(id) = event.envelope.metadata.trace_id.as_deref() {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        let first = self
+            .events
+            .iter()
+            .find_map(|event| TraceParent::of(&event.envelope.metadata));
+        (ids, first)
     }
 }
 

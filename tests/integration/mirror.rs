@@ -18,6 +18,7 @@ use commands::subscription::{
     Dedupe, Handler, HandlerError, MemoryStreamVersions, PgStreamVersions, Subscription,
     SubscriptionOptions, SubscriptionStats,
 };
+use commands::trace::TraceParent;
 use commands::{AppendRequest, EventLog, NewEvent, RecordedEvent, StreamAppend};
 use domain::campaign::CampaignEvent;
 use harness::{TestDb, TestStreams};
@@ -765,7 +766,13 @@ async fn jetstream_messages_carry_batches_of_events_with_their_cursors() {
     let rig = Rig::real(harness::bus::unique_settings(&harness::bus::nats_url())).await;
     let ids = write_concurrently(&rig.log, 1, 1, 3).await;
     // The watermark is server-wide: another test's open transaction may hold it back a while.
-    let events = settled(rig.log.as_ref(), 3).await;
+    let mut events = settled(rig.log.as_ref(), 3).await;
+    // Two requests' traces, the first request's in two events: each trace id once, in order.
+    let first = TraceParent::root();
+    let second = TraceParent::root();
+    first.stamp(&mut events[0].envelope.metadata);
+    second.stamp(&mut events[1].envelope.metadata);
+    first.child().stamp(&mut events[2].envelope.metadata);
     rig.bus.publish(&events).await.unwrap();
     let Mirror::JetStream(bus, streams) = &rig.mirror else {
         unreachable!()
@@ -790,6 +797,11 @@ async fn jetstream_messages_carry_batches_of_events_with_their_cursors() {
     let cursor = |c: commands::LogCursor| format!("{}:{}", c.transaction_id, c.global_position);
     assert_eq!(h(header::FIRST_CURSOR), cursor(events[0].cursor));
     assert_eq!(h(header::LOG_CURSOR), cursor(events[2].cursor));
+    assert_eq!(
+        h(header::TRACE_IDS),
+        format!("{} {}", first.trace_id_hex(), second.trace_id_hex())
+    );
+    assert_eq!(h(header::TRACEPARENT), first.header());
     assert_eq!(message.subject.as_str(), streams.settings.log_subject());
     let body: Vec<Envelope> = serde_json::from_slice(&message.payload).unwrap();
     let envelopes: Vec<Envelope> = events.iter().map(|e| e.envelope.clone()).collect();

@@ -31,6 +31,7 @@ use super::{
     Deliveries, Delivery, Letter, Published,
 };
 use crate::log::RecordedEvent;
+use crate::trace::TraceParent;
 
 /// Where the mirror lives and how it keeps messages.
 #[derive(Clone, Debug)]
@@ -200,6 +201,13 @@ impl JetStreamBus {
         headers.insert(header::EVENTS, batch.events.len().to_string());
         headers.insert(header::FIRST_CURSOR, format_cursor(batch.first()));
         headers.insert(header::LOG_CURSOR, format_cursor(batch.last()));
+        let (trace_ids, first) = batch.traces();
+        if !trace_ids.is_empty() {
+            headers.insert(header::TRACE_IDS, trace_ids.join(" "));
+        }
+        if let Some(trace) = first {
+            headers.insert(header::TRACEPARENT, trace.header());
+        }
         headers
     }
 }
@@ -296,6 +304,9 @@ impl Bus for JetStreamBus {
             headers.insert(header::EVENT_TYPE, event.event_type.as_str());
             headers.insert(header::STREAM, event.stream_id.as_str());
             headers.insert(header::STREAM_VERSION, event.stream_version.to_string());
+            if let Some(trace) = TraceParent::of(&event.metadata) {
+                headers.insert(header::TRACEPARENT, trace.header());
+            }
         }
         headers.insert(header::DEAD_CONSUMER, consumer);
         headers.insert(header::DEAD_SUBJECT, letter.subject);
