@@ -746,3 +746,63 @@ async fn concurrent_appends_share_transactions() {
         assert_eq!(log.read_stream(s, 0, 10).await.unwrap().len(), 1);
     }
 }
+
+/// With several transactions in flight, appends to one stream still commit one after the
+/// other, in the order they were sent: each of a chain sent at once, expecting the version the
+/// previous one leaves, succeeds, while appends to other streams interleave with them.
+async fn chained_appends_to_one_stream_keep_their_order(log: Arc<dyn EventLog>) {
+    let hot = stream();
+    let others: Vec<String> = (0..50).map(|_| stream()).collect();
+    let mut requests = Vec::new();
+    for (i, other) in others.iter().enumerate() {
+        requests.push(append(&hot, i as u64, vec![event(i as i64)]));
+        requests.push(append(other, 0, vec![event(i as i64)]));
+    }
+    // Each append is polled once, in order, so they queue in the order they were sent (a
+    // `join_all` of this many would start them in any order).
+    let mut appends: Vec<_> = requests
+        .into_iter()
+        .map(|r| futures::future::maybe_done(log.append(r)))
+        .collect();
+    for append in appends.iter_mut() {
+        let _ = futures::poll!(append);
+    }
+    let mut appended = Vec::new();
+    for mut append in appends {
+        (&mut append).await;
+        appended.push(std::pin::Pin::new(&mut append).take_output().unwrap());
+    }
+    for (i, outcome) in appended.iter().enumerate() {
+        assert!(outcome.is_ok(), "append {i}: {outcome:?}");
+    }
+    let read = log.read_stream(&hot, 0, 100).await.unwrap();
+    assert_eq!(read.len(), others.len());
+    let hot_positions: Vec<_> = appended
+        .iter()
+        .step_by(2)
+        .map(|a| a.as_ref().unwrap().last)
+        .collect();
+    assert!(
+        hot_positions.windows(2).all(|w| w[0] < w[1]),
+        "the chain committed in the order it was sent"
+    );
+}
+
+#[tokio::test]
+async fn chained_appends_keep_their_order_through_a_group_commit() {
+    let db = TestDb::new().await;
+    for options in [
+        GroupCommitOptions::default(),
+        GroupCommitOptions {
+            transactions_in_flight: 8,
+            batch_requests_max: 4,
+            ..GroupCommitOptions::default()
+        },
+    ] {
+        let memory: Arc<dyn EventLog> = Arc::new(MemoryEventLog::new());
+        for log in [memory, db.log()] {
+            let log: Arc<dyn EventLog> = Arc::new(GroupCommit::new(log, options.clone()));
+            chained_appends_to_one_stream_keep_their_order(log).await;
+        }
+    }
+}
