@@ -204,6 +204,13 @@ pub trait EventLog: Send + Sync + 'static {
         key: &IdempotencyKey,
     ) -> Result<Option<IdempotencyRecord>, LogError>;
 
+    /// Replaces the response recorded under a key by the same request (same
+    /// `request_sha256`): for a request whose answer changed after its append recorded it
+    /// (`Prefer: wait` answers with the order as the saga left it, not as it was placed), so
+    /// that a replay is the first response the client got. Nothing happens when the key is
+    /// not recorded, expired, or recorded by another request.
+    async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError>;
+
     /// A counter that moves whenever this process appends. Readers of the global log wait on
     /// it between polls so that local appends reach them at once; appends by other instances
     /// are found by polling.

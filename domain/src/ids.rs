@@ -12,6 +12,16 @@ use ulid::Ulid;
 #[error("not a valid ULID: {0:?}")]
 pub struct InvalidId(pub String);
 
+/// Parses the canonical text of a ULID: 26 Crockford base-32 characters whose first is 0 to
+/// 7, since 26 characters carry 130 bits for the ULID's 128. Decoders that drop the two extra
+/// bits would read `8…` as `0…`, one id with several spellings.
+fn parse_ulid(s: &str) -> Result<Ulid, InvalidId> {
+    if !s.starts_with(|c: char| ('0'..='7').contains(&c)) {
+        return Err(InvalidId(s.to_owned()));
+    }
+    Ulid::from_string(s).map_err(|_| InvalidId(s.to_owned()))
+}
+
 macro_rules! ulid_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -41,7 +51,7 @@ macro_rules! ulid_id {
             type Err = InvalidId;
 
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                Ulid::from_string(s).map(Self).map_err(|_| InvalidId(s.to_owned()))
+                parse_ulid(s).map(Self)
             }
         }
 
@@ -85,6 +95,18 @@ mod tests {
         let text = "01J9ZQ4Q7Y8M2R0B6WQJ3K5N1T";
         let id: OrderId = text.parse().unwrap();
         assert_eq!(id.to_string(), text);
+    }
+
+    #[test]
+    fn a_ulid_past_128_bits_is_rejected_not_read_as_another() {
+        let largest = "7ZZZZZZZZZZZZZZZZZZZZZZZZZ";
+        assert_eq!(largest.parse::<CampaignId>().unwrap().to_string(), largest);
+        for overflowing in ["80000000000000000000000000", "Z1J9ZQ4Q7Y8M2R0B6WQJ3K5N1T"] {
+            assert_eq!(
+                overflowing.parse::<CampaignId>(),
+                Err(InvalidId(overflowing.to_owned()))
+            );
+        }
     }
 
     #[test]

@@ -48,11 +48,24 @@ pub enum ApiError {
         /// Why.
         detail: String,
     },
+    /// 409 `idempotency_key_in_use`, with `Retry-After`: a request with the same
+    /// Idempotency-Key is still running on this instance.
+    #[error("a request with this Idempotency-Key is still in progress")]
+    KeyInUse {
+        /// Seconds after which a retry may find the first request done.
+        retry_after_s: u32,
+    },
     /// 413: the body is over the limit.
     #[error("request body is larger than {limit_bytes} bytes")]
     PayloadTooLarge {
         /// The limit.
         limit_bytes: usize,
+    },
+    /// 415: a body whose Content-Type says it is not JSON.
+    #[error("request bodies are JSON; Content-Type {content_type:?} is not")]
+    UnsupportedMediaType {
+        /// The Content-Type sent.
+        content_type: String,
     },
     /// 422: well-formed, but not acceptable.
     #[error("{detail}")]
@@ -109,8 +122,9 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::KeyInUse { .. } => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -130,7 +144,9 @@ impl ApiError {
             ApiError::InvalidSignature(_) => "invalid_signature",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::KeyInUse { .. } => "idempotency_key_in_use",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
             ApiError::TooManyRequests { .. } => "rate_limited",
             ApiError::Internal(_) => "internal_error",
         }
@@ -159,7 +175,8 @@ impl ApiError {
         };
         let mut reply = Reply::json_with_type(status, &problem, "application/problem+json");
         if let ApiError::Unavailable { retry_after_s, .. }
-        | ApiError::TooManyRequests { retry_after_s, .. } = self
+        | ApiError::TooManyRequests { retry_after_s, .. }
+        | ApiError::KeyInUse { retry_after_s } = self
         {
             reply
                 .headers
@@ -237,10 +254,7 @@ impl From<LogError> for ApiError {
         match error {
             // Only a request under an Idempotency-Key meets this, and `idempotency` answers
             // it with the recorded response before this error could be sent.
-            LogError::KeyTaken(_) => ApiError::Conflict {
-                code: "idempotency_key_in_use",
-                detail: "another request with this Idempotency-Key was recorded first".into(),
-            },
+            LogError::KeyTaken(_) => ApiError::KeyInUse { retry_after_s: 1 },
             LogError::BatchFailed(_) => ApiError::Unavailable {
                 code: "database_unavailable",
                 detail: "the event log could not store this change, retry shortly".into(),

@@ -11,7 +11,8 @@
 //! that finds the key recorded (a retry, or the same request racing on another instance)
 //! answers with the recorded response instead of its own, and its own events were not stored.
 //! A server error records nothing, so the client's retry runs again; so does a request that
-//! died half-way.
+//! died half-way. A reply made after the append (an order after `Prefer: wait`) replaces the
+//! recorded one, so a replay is always the answer the client got.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -154,6 +155,19 @@ where
     let outcome = work(Some(context.clone())).await;
     let reply = match (context.outcome(), outcome) {
         (KeyOutcome::Taken(record), _) => return answer(state, &context, &record, restore),
+        (KeyOutcome::Recorded, Ok(reply)) if reply.supersedes_recorded => {
+            let record = IdempotencyRecord {
+                key: key.clone(),
+                request_sha256: context.request_sha256().to_owned(),
+                response: reply.to_stored(),
+            };
+            if let Err(error) = state.handler.log().amend_idempotent(record).await {
+                // A replay then answers with the reply the append recorded, which was true
+                // when it was made.
+                tracing::warn!(%error, "superseding idempotent response not recorded");
+            }
+            return reply.into_response();
+        }
         (KeyOutcome::Recorded, Ok(reply)) => return reply.into_response(),
         (_, Err(error)) if error.status().is_server_error() => return error.into_response(),
         (_, Ok(reply)) => reply,
@@ -201,11 +215,11 @@ fn answer(
     }
 }
 
+/// The first request holds no lease that could outlive it: it ends with its own request (a
+/// dropped connection cancels it), usually within milliseconds, so a retry a second later
+/// finds its answer recorded, or nothing, and runs.
 fn in_use() -> ApiError {
-    ApiError::Conflict {
-        code: "idempotency_key_in_use",
-        detail: "a request with this Idempotency-Key is still in progress".into(),
-    }
+    ApiError::KeyInUse { retry_after_s: 1 }
 }
 
 /// Identifies "the same request": the route and the body, with JSON bodies compared by value

@@ -123,6 +123,22 @@ pub struct IdempotencyKey {
     idempotency_key: Option<String>,
 }
 
+/// The `Idempotency-Key` header where it is required (`POST /v1/orders`).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Only describes the header.
+pub struct RequiredIdempotencyKey {
+    /// Required. Same key and same body within 24 h: the first answer is replayed, with
+    /// `Idempotent-Replayed: true`. Scoped per caller.
+    #[param(
+        rename = "Idempotency-Key",
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[!-~]+$"
+    )]
+    idempotency_key: String,
+}
+
 /// Adds what every route shares (see the module's documentation).
 pub struct Conventions;
 
@@ -229,8 +245,20 @@ fn apply(path: &str, operation: &mut Operation) {
         );
     }
     if has_body {
-        add(operation, 400, "The body is not JSON", false);
+        add(
+            operation,
+            400,
+            "The body is not JSON, or names a field twice",
+            false,
+        );
         add(operation, 413, "The body is over the limit (64 KiB)", false);
+        add(
+            operation,
+            415,
+            "The Content-Type is neither `application/json` nor `application/*+json` (none at \
+             all is taken as JSON)",
+            false,
+        );
         add(
             operation,
             422,
@@ -244,8 +272,9 @@ fn apply(path: &str, operation: &mut Operation) {
         add(
             operation,
             409,
-            "A request with this Idempotency-Key is still running (`idempotency_key_in_use`)",
-            false,
+            "A request with this Idempotency-Key is still running (`idempotency_key_in_use`); \
+             retry after `Retry-After` seconds",
+            true,
         );
         add(
             operation,

@@ -17,6 +17,9 @@ pub struct Reply {
     pub content_type: &'static str,
     /// The body.
     pub body: Vec<u8>,
+    /// Whether this reply supersedes the one its append recorded under the request's
+    /// Idempotency-Key, so that a replay answers with it ([`Reply::superseding_recorded`]).
+    pub supersedes_recorded: bool,
 }
 
 impl Reply {
@@ -36,7 +39,16 @@ impl Reply {
             headers: Vec::new(),
             content_type,
             body: serde_json::to_vec(body).expect("response bodies serialize"),
+            supersedes_recorded: false,
         }
+    }
+
+    /// Marks a reply made after the append that recorded the request's first answer (an
+    /// order shown as the saga left it, after `Prefer: wait`): this is what the client gets,
+    /// so it is what a replay must answer.
+    pub fn superseding_recorded(mut self) -> Reply {
+        self.supersedes_recorded = true;
+        self
     }
 
     /// Adds a header.

@@ -9,6 +9,10 @@ on_both_backends!(
     a_body_over_the_limit_is_a_413,
     unknown_routes_and_methods_are_problems_too,
     a_malformed_idempotency_key_is_a_400,
+    a_field_named_twice_is_a_400_and_nothing_is_placed,
+    a_body_that_says_it_is_not_json_is_a_415,
+    an_id_past_128_bits_names_nothing,
+    an_empty_cursor_is_the_first_page,
 );
 
 async fn post_raw(app: &TestApp, path: &str, body: &'static str) -> reqwest::Response {
@@ -105,6 +109,119 @@ async fn a_malformed_idempotency_key_is_a_400(app: TestApp) {
         )
         .await;
     }
+}
+
+async fn a_field_named_twice_is_a_400_and_nothing_is_placed(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 8).await;
+    let id = campaign["campaign_id"].as_str().unwrap();
+    let body = format!(r#"{{"campaign_id": "{id}", "quantity": 1, "quantity": 7}}"#);
+    let response = app
+        .client
+        .post(format!("{}/v1/orders", app.address))
+        .bearer_auth(&ada)
+        .header("Idempotency-Key", "twice")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let problem = expect_problem(response, StatusCode::BAD_REQUEST, "duplicate_field").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("quantity"),
+        "{problem}"
+    );
+    // Nested objects are held to it too.
+    expect_problem(
+        post_raw(&app, "/v1/users", r#"{"name": "a", "x": {"y": 1, "y": 2}}"#).await,
+        StatusCode::BAD_REQUEST,
+        "duplicate_field",
+    )
+    .await;
+    let orders = app.get("/v1/orders", &ada).await;
+    let orders: serde_json::Value = orders.json().await.unwrap();
+    assert_eq!(orders["items"], json!([]));
+}
+
+async fn a_body_that_says_it_is_not_json_is_a_415(app: TestApp) {
+    let send = |content_type: Option<&'static str>| {
+        let mut request = app
+            .client
+            .post(format!("{}/v1/users", app.address))
+            .bearer_auth(OPERATOR_TOKEN)
+            .body(r#"{"name": "Ada"}"#);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send()
+    };
+    for refused in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/jsonx",
+        "multipart/form-data; boundary=x",
+    ] {
+        let problem = expect_problem(
+            send(Some(refused)).await.unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+        assert!(problem["detail"].as_str().unwrap().contains(refused));
+    }
+    for accepted in [
+        None,
+        Some("application/json"),
+        Some("Application/JSON; charset=utf-8"),
+        Some("application/merge-patch+json"),
+    ] {
+        let response = send(accepted).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{accepted:?}");
+    }
+}
+
+async fn an_id_past_128_bits_names_nothing(app: TestApp) {
+    let campaign = app.create_campaign(10, 1).await;
+    let id = campaign["campaign_id"].as_str().unwrap();
+    assert!(id.starts_with('0'), "{id}");
+    // The same 128 bits with one of the two bits a ULID does not have set.
+    let alias = format!("8{}", &id[1..]);
+    expect_problem(
+        app.get(&format!("/v1/campaigns/{alias}"), OPERATOR_TOKEN)
+            .await,
+        StatusCode::NOT_FOUND,
+        "campaign_not_found",
+    )
+    .await;
+    let (_, ada) = app.create_user("Ada").await;
+    expect_problem(
+        app.post(
+            "/v1/orders",
+            &ada,
+            Some("alias"),
+            &json!({"campaign_id": alias, "quantity": 1}),
+        )
+        .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_input",
+    )
+    .await;
+}
+
+async fn an_empty_cursor_is_the_first_page(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let campaign = app.create_campaign(10, 3).await;
+    app.post(
+        "/v1/orders",
+        &ada,
+        Some("one"),
+        &json!({"campaign_id": campaign["campaign_id"], "quantity": 1}),
+    )
+    .await;
+    let first = app.get("/v1/orders?cursor=", &ada).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let first: serde_json::Value = first.json().await.unwrap();
+    assert_eq!(first["items"].as_array().unwrap().len(), 1, "{first}");
 }
 
 #[tokio::test]

@@ -326,6 +326,7 @@ async fn the_same_key_sent_many_times_at_once_places_one_order() {
                     orders.insert(order["order_id"].as_str().unwrap().to_owned());
                 }
                 StatusCode::CONFLICT => {
+                    assert_eq!(answer.headers()["retry-after"], "1");
                     let problem: Value = answer.json().await.unwrap();
                     assert_eq!(problem["code"], "idempotency_key_in_use");
                 }

@@ -98,6 +98,14 @@ generation.dictionaries.string = {{ dictionary = "ids", probability = 0.5 }}
 [dictionaries.ids]
 values = {ids:?}
 
+# Where the answer to well-formed data depends on what is stored, which no schema can say (an
+# id that names nothing, a key used before with another body, `ends_at` before `starts_at`),
+# 422 is a right answer too. Everywhere else, data the document allows must be accepted.
+[[operations]]
+include-path-regex = "^/v1/(users|stores|campaigns|orders)"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+
 # Orders are the customer's.
 [[operations]]
 include-tag = "orders"
@@ -114,7 +122,6 @@ headers = {{ Authorization = "Bearer {customer}" }}
         .arg("run")
         .arg(format!("{}/openapi.json", app.address))
         .args(["--checks", "all"])
-        .args(["--exclude-checks", "positive_data_acceptance"])
         .args(["--max-examples", &EXAMPLES_PER_OPERATION.to_string()])
         .args(["--seed", &SEED.to_string()])
         .args(["--request-timeout", "20"])

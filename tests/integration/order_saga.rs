@@ -330,20 +330,25 @@ async fn prefer_wait_holds_the_answer_until_the_simulated_provider_settled() {
         let campaign = campaign(&app, 10, 3, 600).await;
         let key = Ulid::new().to_string();
         let body = json!({"campaign_id": campaign["campaign_id"], "quantity": 1});
-        let response = app
-            .client
-            .post(format!("{}/v1/orders", app.address))
-            .bearer_auth(&ada)
-            .header("Idempotency-Key", key)
-            .header("Prefer", "wait=10")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let order = expect_json(response, StatusCode::ACCEPTED).await;
+        let send = || {
+            app.client
+                .post(format!("{}/v1/orders", app.address))
+                .bearer_auth(&ada)
+                .header("Idempotency-Key", &key)
+                .header("Prefer", "wait=10")
+                .json(&body)
+                .send()
+        };
+        let order = expect_json(send().await.unwrap(), StatusCode::ACCEPTED).await;
         assert_ne!(order["status"], "pending", "{backend:?}: {order}");
         let id = order["order_id"].as_str().unwrap();
         app.wait_for_status(&ada, id, "confirmed").await;
+        // A replay answers what the first request answered, not the order as it was placed
+        // nor as it is now.
+        let replay = send().await.unwrap();
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        let replayed = expect_json(replay, StatusCode::ACCEPTED).await;
+        assert_eq!(replayed, order, "{backend:?}");
     }
 }
 
@@ -493,6 +498,9 @@ impl EventLog for DyingLog {
         k: &IdempotencyKey,
     ) -> Result<Option<IdempotencyRecord>, LogError> {
         self.inner.find_idempotent(k).await
+    }
+    async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
+        self.inner.amend_idempotent(record).await
     }
     fn appends(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.appends()

@@ -276,6 +276,16 @@ impl EventLog for MemoryEventLog {
             .map(|k| k.record.clone()))
     }
 
+    async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
+        let mut inner = self.lock();
+        if let Some(stored) = inner.keys.get_mut(&record.key).filter(|k| {
+            !k.expired(Instant::now()) && k.record.request_sha256 == record.request_sha256
+        }) {
+            stored.record.response = record.response;
+        }
+        Ok(())
+    }
+
     fn appends(&self) -> watch::Receiver<u64> {
         self.appends.subscribe()
     }

@@ -633,6 +633,24 @@ impl EventLog for PgEventLog {
         Ok(self.records_of(&[key]).await?.into_iter().next())
     }
 
+    async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = $4, response_headers = $5, \
+             response_body = $6 WHERE scope = $1 AND key = $2 AND request_sha256 = $3 \
+             AND created_at >= now() - make_interval(secs => $7)",
+        )
+        .bind(&record.key.scope)
+        .bind(&record.key.key)
+        .bind(&record.request_sha256)
+        .bind(record.response.status as i16)
+        .bind(Json(&record.response.headers))
+        .bind(&record.response.body)
+        .bind(IDEMPOTENCY_KEY_TTL_S as f64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     fn appends(&self) -> watch::Receiver<u64> {
         self.appends.subscribe()
     }

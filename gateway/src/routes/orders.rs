@@ -19,7 +19,7 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
 use crate::idempotency::{as_stored, idempotent};
-use crate::openapi::IdempotencyKey;
+use crate::openapi::{IdempotencyKey, RequiredIdempotencyKey};
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
 use crate::views::{OrderBody, OrderPageBody, OrderStatusBody};
@@ -50,7 +50,8 @@ pub struct ListQuery {
     /// Only orders in this status.
     #[param(inline)]
     status: Option<OrderStatusBody>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (an order id); empty for the first page.
+    #[param(pattern = "^$|^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$")]
     cursor: Option<String>,
     /// Orders per page, 1 to 200; 50 when not given.
     #[param(minimum = 1, maximum = 200)]
@@ -92,7 +93,7 @@ fn not_found() -> ApiError {
     operation_id = "place_order",
     tag = "orders",
     security(("bearer" = [])),
-    params(IdempotencyKey, PreferWait),
+    params(RequiredIdempotencyKey, PreferWait),
     request_body = PlaceOrder,
     responses(
         (status = 202, description = "Placed: `pending`, or, with `Prefer: wait`, as far as the saga got", body = OrderBody,
@@ -165,6 +166,7 @@ pub async fn place(
                         HeaderValue::try_from(format!("/v1/orders/{order_id}")).expect("ascii");
                     Reply::json(StatusCode::ACCEPTED, &OrderBody::from(&view))
                         .with_header(header::LOCATION, location)
+                        .superseding_recorded()
                 }
                 None => render(&executed.state),
             };
@@ -344,9 +346,11 @@ pub async fn list(
             detail: "limit must be between 1 and 200".into(),
         });
     }
+    // An empty `cursor=` is the first page, as no cursor is.
     let after: Option<OrderId> = q
         .cursor
         .as_deref()
+        .filter(|c| !c.is_empty())
         .map(|c| {
             c.parse().map_err(|_| ApiError::BadRequest {
                 code: "invalid_cursor",

@@ -39,7 +39,7 @@ pub struct WebhookBody {
     /// What the provider decided.
     status: WebhookStatus,
     /// The provider's own id for the transaction: 1 to 200 characters.
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     provider_reference: String,
 }
 
@@ -69,7 +69,10 @@ pub struct WebhookReply {
 #[allow(dead_code)] // Only describes the header.
 pub struct Signature {
     /// `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>" under the webhook secret>`.
-    #[param(rename = "X-Groupbuy-Signature")]
+    #[param(
+        rename = "X-Groupbuy-Signature",
+        pattern = "^t=-?[0-9]{1,18},v1=[0-9a-fA-F]{64}$"
+    )]
     signature: String,
 }
 
