@@ -436,7 +436,8 @@ impl Application {
             },
             wait_stop(stopped.clone()),
         ));
-        let served = axum::serve(self.listener, router(self.state, self.limits))
+        let listener = crate::parse_errors::ProblemListener(self.listener);
+        let served = axum::serve(listener, router(self.state, self.limits))
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop.send(true);

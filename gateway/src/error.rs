@@ -113,6 +113,19 @@ pub struct Problem<'a> {
     code: &'a str,
 }
 
+impl<'a> Problem<'a> {
+    /// The problem for `status`, with its stable `code` and a `detail` for a person.
+    pub fn new(status: StatusCode, code: &'a str, detail: String) -> Problem<'a> {
+        Problem {
+            r#type: format!("urn:groupbuy:problem:{code}"),
+            title: status.canonical_reason().unwrap_or("error"),
+            status: status.as_u16(),
+            detail,
+            code,
+        }
+    }
+}
+
 impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
@@ -166,13 +179,7 @@ impl ApiError {
         if let ApiError::Internal(cause) = self {
             tracing::error!(%cause, "request failed");
         }
-        let problem = Problem {
-            r#type: format!("urn:groupbuy:problem:{}", self.code()),
-            title: status.canonical_reason().unwrap_or("error"),
-            status: status.as_u16(),
-            detail: self.to_string(),
-            code: self.code(),
-        };
+        let problem = Problem::new(status, self.code(), self.to_string());
         let mut reply = Reply::json_with_type(status, &problem, "application/problem+json");
         if let ApiError::Unavailable { retry_after_s, .. }
         | ApiError::TooManyRequests { retry_after_s, .. }

@@ -4,7 +4,8 @@
 //!   the saga, and serves [`app::router`] until told to stop.
 //! - [`routes`] implements API.md, one module per resource; [`error::ApiError`] is every
 //!   failure as problem+json; [`auth::Caller`] is who is calling; [`idempotency`] gives every
-//!   POST its Idempotency-Key semantics.
+//!   POST its Idempotency-Key semantics; [`parse_errors`] turns the requests hyper refuses
+//!   before routing into problem+json too.
 //! - [`overload`] and [`rate_limit`] answer 429 and 503 instead of letting latency grow;
 //!   [`metrics`] serves `/metrics`; [`openapi`] serves the OpenAPI document generated from
 //!   the routes, and a browser for it at `/docs`.
@@ -24,6 +25,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod openapi;
 pub mod overload;
+pub mod parse_errors;
 pub mod rate_limit;
 pub mod reply;
 pub mod routes;

@@ -13,6 +13,7 @@ on_both_backends!(
     a_body_that_says_it_is_not_json_is_a_415,
     an_id_past_128_bits_names_nothing,
     an_empty_cursor_is_the_first_page,
+    requests_hyper_refuses_before_routing_are_problems_too,
 );
 
 async fn post_raw(app: &TestApp, path: &str, body: &'static str) -> reqwest::Response {
@@ -222,6 +223,67 @@ async fn an_empty_cursor_is_the_first_page(app: TestApp) {
     assert_eq!(first.status(), StatusCode::OK);
     let first: serde_json::Value = first.json().await.unwrap();
     assert_eq!(first["items"].as_array().unwrap().len(), 1, "{first}");
+}
+
+/// Sends `request` as raw bytes and reads the answer until the server closes.
+async fn raw_exchange(app: &TestApp, request: &[u8]) -> (String, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = app.address.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    // The server closes after a refusal; one that answered and kept the connection is a fail.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the connection stayed open: {answer:?}"))
+    .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole response");
+    let body = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer:?}"));
+    (head.to_owned(), body)
+}
+
+async fn requests_hyper_refuses_before_routing_are_problems_too(app: TestApp) {
+    let many_headers: Vec<u8> = (0..200)
+        .flat_map(|i| format!("x-{i}: a\r\n").into_bytes())
+        .collect();
+    // (Headers too large in bytes are refused or not depending on how the reads fall, so
+    // they are left to the unit tests of `parse_errors`.)
+    let cases: [(Vec<u8>, u16, &str); 3] = [
+        (
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: a\x00b\r\n\r\n".to_vec(),
+            400,
+            "malformed_request",
+        ),
+        (
+            [
+                &b"GET /healthz HTTP/1.1\r\nhost: x\r\n"[..],
+                &many_headers,
+                b"\r\n",
+            ]
+            .concat(),
+            431,
+            "headers_too_large",
+        ),
+        (
+            b"NOT HTTP AT ALL\r\n\r\n".to_vec(),
+            400,
+            "malformed_request",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let (head, problem) = raw_exchange(&app, &request).await;
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(
+            head.contains("content-type: application/problem+json"),
+            "{head}"
+        );
+        assert_eq!(problem["status"], status);
+        assert_eq!(problem["code"], code, "{problem}");
+    }
 }
 
 #[tokio::test]
