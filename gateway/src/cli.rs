@@ -140,6 +140,10 @@ pub struct AuditArgs {
     /// Seconds an order may sit between saga steps before it counts as inconsistent.
     #[arg(long, default_value_t = 120)]
     pub settle_seconds: u64,
+    /// Seconds an order may stay pending, or awaiting payment past its deadline, before it
+    /// counts as stuck.
+    #[arg(long, default_value_t = 300)]
+    pub stuck_after_seconds: u64,
 }
 
 /// Flags of `groupbuy serve`.
@@ -535,6 +539,7 @@ pub async fn audit(args: AuditArgs) -> Result<bool, OperatorError> {
         store.as_ref().map(|s| s as &dyn projections::ReadModel),
         &projections::audit::AuditOptions {
             settle: Duration::from_secs(args.settle_seconds),
+            stuck_after: Duration::from_secs(args.stuck_after_seconds),
             ..Default::default()
         },
         &|read| bar.set_position(read),

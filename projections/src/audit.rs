@@ -20,6 +20,10 @@
 //!   success that came after the order was cancelled; a success on a cancelled order must be
 //!   refunded. States that a running saga passes through (cancelled, release still to come)
 //!   count only once they are older than [`AuditOptions::settle`].
+//! - `order_stuck`: an order that nothing moves on: `pending` (its stock never decided) for
+//!   longer than [`AuditOptions::stuck_after`], or `awaiting_payment` that long past its
+//!   payment deadline (which should have cancelled it). Such an order passes every other check,
+//!   and waits for somebody to notice.
 //! - `undecodable`: an event whose payload does not decode as its type.
 //! - `read_model_mismatch`: a live view differs from the fresh fold, or is missing, or is
 //!   extra. Views whose streams the live read model has applied to another version than the
@@ -51,6 +55,9 @@ pub struct AuditOptions {
     /// How long an order may sit in a state a saga is still working on before the audit
     /// counts it as inconsistent.
     pub settle: Duration,
+    /// How long an order may stay `pending`, or `awaiting_payment` past its deadline, before
+    /// the audit counts it as stuck.
+    pub stuck_after: Duration,
     /// Most violations reported (the count of events and streams is always complete).
     pub violations_max: usize,
 }
@@ -60,6 +67,7 @@ impl Default for AuditOptions {
         AuditOptions {
             batch: 5_000,
             settle: Duration::from_secs(120),
+            stuck_after: Duration::from_secs(300),
             violations_max: 1_000,
         }
     }
@@ -69,7 +77,7 @@ impl Default for AuditOptions {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Violation {
     /// What kind: `version_gap`, `stock_invariant`, `per_user_limit`, `order_inconsistent`,
-    /// `undecodable` or `read_model_mismatch`.
+    /// `order_stuck`, `undecodable` or `read_model_mismatch`.
     pub kind: String,
     /// The stream it was found in.
     pub stream_id: String,
@@ -141,6 +149,7 @@ pub async fn audit(
     replay.transaction_ended();
     let now = Utc::now();
     replay.settled(now, options.settle);
+    replay.stuck(now, options.stuck_after);
     let mut views_in_flight = 0;
     if let Some(live) = read_model {
         views_in_flight = compare(&fold, live, &mut replay).await?;
@@ -210,6 +219,8 @@ struct OrderFacts {
     status: OrderStatus,
     since: Timestamp,
     payment_id: Option<PaymentId>,
+    /// When its payment times out, once it awaits one.
+    deadline: Option<Timestamp>,
 }
 
 #[derive(Default)]
@@ -554,10 +565,16 @@ impl Replay {
     }
 
     fn order(&mut self, stream: &str, id: OrderId, event: OrderEvent, recorded_at: Timestamp) {
+        let mut deadline = None;
         let (status, payment_id) = match event {
             OrderEvent::OrderPlaced { .. } => (OrderStatus::Pending, None),
             OrderEvent::OrderRejected { .. } => (OrderStatus::Rejected, None),
-            OrderEvent::OrderAwaitingPayment { payment_id, .. } => {
+            OrderEvent::OrderAwaitingPayment {
+                payment_id,
+                deadline: due,
+                ..
+            } => {
+                deadline = Some(due);
                 (OrderStatus::AwaitingPayment, Some(payment_id))
             }
             OrderEvent::OrderConfirmed { payment_id, .. } => {
@@ -601,6 +618,7 @@ impl Replay {
                 status,
                 since: recorded_at,
                 payment_id,
+                deadline,
             },
         );
     }
@@ -679,6 +697,34 @@ impl Replay {
         found.sort();
         for (stream, detail) in found {
             self.violation("order_inconsistent", &stream, detail);
+        }
+    }
+}
+
+impl Replay {
+    /// Orders that nothing moves on any more.
+    fn stuck(&mut self, now: Timestamp, stuck_after: Duration) {
+        let bound = chrono::Duration::from_std(stuck_after).unwrap_or(chrono::Duration::MAX);
+        let mut found = Vec::new();
+        for (order_id, order) in &self.orders {
+            let detail = match (order.status, order.deadline) {
+                (OrderStatus::Pending, _) if now - order.since >= bound => format!(
+                    "pending for {} s: its stock was never decided",
+                    (now - order.since).num_seconds()
+                ),
+                (OrderStatus::AwaitingPayment, Some(deadline)) if now - deadline >= bound => {
+                    format!(
+                        "awaiting payment {} s past its deadline: it was never cancelled",
+                        (now - deadline).num_seconds()
+                    )
+                }
+                _ => continue,
+            };
+            found.push((format!("order-{order_id}"), detail));
+        }
+        found.sort();
+        for (stream, detail) in found {
+            self.violation("order_stuck", &stream, detail);
         }
     }
 }
@@ -823,4 +869,97 @@ async fn in_motion(
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use commands::log::memory::MemoryEventLog;
+    use commands::{AppendRequest, NewEvent, StreamAppend};
+    use domain::Cents;
+    use ulid::Ulid;
+
+    use super::*;
+
+    async fn append(log: &MemoryEventLog, stream_id: &str, after: u64, event: &OrderEvent) {
+        log.append(AppendRequest {
+            streams: vec![StreamAppend {
+                stream_id: stream_id.to_owned(),
+                expected_version: after,
+                events: vec![NewEvent {
+                    event_id: Ulid::new(),
+                    event: schemas::encode(event).unwrap(),
+                    metadata: Default::default(),
+                }],
+            }],
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    }
+
+    /// An order placed, and left `pending` or, with a deadline, `awaiting_payment`.
+    async fn order(log: &MemoryEventLog, deadline: Option<Timestamp>) -> String {
+        let order_id = OrderId::from_ulid(Ulid::new());
+        let stream = format!("order-{order_id}");
+        let now = Utc::now();
+        let placed = OrderEvent::OrderPlaced {
+            order_id,
+            user_id: UserId::from_ulid(Ulid::new()),
+            campaign_id: CampaignId::from_ulid(Ulid::new()),
+            quantity: 1,
+            unit_price_cents: Cents::new(100),
+            amount_cents: Cents::new(100),
+            placed_at: now,
+        };
+        append(log, &stream, 0, &placed).await;
+        if let Some(deadline) = deadline {
+            let awaiting = OrderEvent::OrderAwaitingPayment {
+                payment_id: PaymentId::from_ulid(order_id.ulid()),
+                deadline,
+                at: now,
+            };
+            append(log, &stream, 1, &awaiting).await;
+        }
+        stream
+    }
+
+    async fn stuck(log: &MemoryEventLog, stuck_after: Duration) -> Vec<(String, String)> {
+        let options = AuditOptions {
+            stuck_after,
+            ..Default::default()
+        };
+        let report = audit(log, None, &options, &|_| {}).await.unwrap();
+        let mut found: Vec<_> = report
+            .violations
+            .into_iter()
+            .filter(|v| v.kind == "order_stuck")
+            .map(|v| (v.stream_id, v.detail))
+            .collect();
+        found.sort();
+        found
+    }
+
+    #[tokio::test]
+    async fn orders_that_nothing_moves_on_are_reported_once_past_the_bound() {
+        let log = MemoryEventLog::new();
+        let pending = order(&log, None).await;
+        let overdue = order(&log, Some(Utc::now() - chrono::Duration::hours(1))).await;
+        let not_yet_due = order(&log, Some(Utc::now() + chrono::Duration::hours(1))).await;
+
+        // Within the bound, nothing is stuck yet.
+        assert_eq!(stuck(&log, Duration::from_secs(300)).await.len(), 1);
+        let found = stuck(&log, Duration::ZERO).await;
+        let streams: Vec<&str> = found.iter().map(|(s, _)| s.as_str()).collect();
+        let mut expected = vec![pending.as_str(), overdue.as_str()];
+        expected.sort();
+        assert_eq!(streams, expected, "{found:?}");
+        assert!(!streams.contains(&not_yet_due.as_str()));
+        for (stream, detail) in &found {
+            if *stream == pending {
+                assert!(detail.contains("pending"), "{detail}");
+            } else {
+                assert!(detail.contains("past its deadline"), "{detail}");
+            }
+        }
+    }
 }

@@ -367,6 +367,24 @@ async fn the_audit_passes_on_a_consistent_log(app: TestApp) {
     assert!(report["events_read"].as_u64().unwrap() >= 20, "{report}");
     assert!(report["streams_read"].as_u64().unwrap() >= 8, "{report}");
     assert!(report["checked_at"].is_string());
+    // Every order is final: none is stuck, however short the bound.
+    let report = expect_json(
+        app.get("/v1/admin/audit?stuck_after_seconds=0", OPERATOR_TOKEN)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(report["violations"], json!([]), "{report}");
+    expect_problem(
+        app.get(
+            "/v1/admin/audit?stuck_after_seconds=9999999999",
+            OPERATOR_TOKEN,
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
     expect_problem(
         app.get("/v1/admin/audit", &ada).await,
         StatusCode::FORBIDDEN,
@@ -737,6 +755,7 @@ async fn the_audit_reports_each_kind_of_violation_planted_in_the_log() {
         redis_prefix: redis.prefix.clone(),
         json: true,
         settle_seconds: 120,
+        stuck_after_seconds: 300,
     })
     .await
     .unwrap();

@@ -2,16 +2,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::Json;
 use projections::audit::{AuditOptions, AuditReport};
 use projections::{ProjectionName, ProjectionStore, RebuildError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::extract::query;
 use crate::state::AppState;
 
 /// One version of one read model.
@@ -185,6 +188,24 @@ pub async fn rebuild(
     ))
 }
 
+/// The longest bound the audit takes, in seconds: 30 days.
+const AUDIT_BOUND_S_MAX: u64 = 30 * 24 * 60 * 60;
+
+/// How patient the audit is with orders still on their way.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Seconds an order may sit between saga steps before it counts as inconsistent; 120
+    /// when not given.
+    #[param(minimum = 0, maximum = 2_592_000)]
+    settle_seconds: Option<u64>,
+    /// Seconds an order may stay `pending`, or `awaiting_payment` past its deadline, before it
+    /// counts as stuck (`order_stuck`); 300 when not given.
+    #[param(minimum = 0, maximum = 2_592_000)]
+    stuck_after_seconds: Option<u64>,
+}
+
 /// `GET /v1/admin/audit`: replays the whole log against the invariants and compares the
 /// read models with a fresh fold. One audit runs at a time.
 #[utoipa::path(
@@ -193,8 +214,10 @@ pub async fn rebuild(
     operation_id = "audit",
     tag = "operations",
     security(("bearer" = [])),
+    params(AuditQuery),
     responses(
         (status = 200, description = "The report; `ok` is true exactly when `violations` is empty", body = AuditReport),
+        (status = 400, description = "An unknown query parameter, or a bound out of range (`invalid_query`)"),
         (status = 403, description = "Only the operator audits"),
         (status = 409, description = "An audit is running on this instance (`audit_in_progress`)"),
     )
@@ -202,8 +225,24 @@ pub async fn rebuild(
 pub async fn audit(
     State(state): State<AppState>,
     caller: Caller,
+    RawQuery(raw): RawQuery,
 ) -> Result<Json<AuditReport>, ApiError> {
     caller.require_operator()?;
+    let q: AuditQuery = query(raw.as_deref())?;
+    let defaults = AuditOptions::default();
+    let bound = |given: Option<u64>, default: Duration| match given {
+        None => Ok(default),
+        Some(s) if s <= AUDIT_BOUND_S_MAX => Ok(Duration::from_secs(s)),
+        Some(_) => Err(ApiError::BadRequest {
+            code: "invalid_query",
+            detail: format!("bounds are at most {AUDIT_BOUND_S_MAX} seconds"),
+        }),
+    };
+    let options = AuditOptions {
+        settle: bound(q.settle_seconds, defaults.settle)?,
+        stuck_after: bound(q.stuck_after_seconds, defaults.stuck_after)?,
+        ..defaults
+    };
     let Ok(_running) = Arc::clone(&state.audits).try_acquire_owned() else {
         return Err(ApiError::Conflict {
             code: "audit_in_progress",
@@ -213,7 +252,7 @@ pub async fn audit(
     let report = projections::audit::audit(
         state.handler.log().as_ref(),
         Some(state.read_model.as_ref()),
-        &AuditOptions::default(),
+        &options,
         &|_| {},
     )
     .await
