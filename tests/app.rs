@@ -104,6 +104,7 @@ pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings))
         mirror,
         read_models,
         rebuild: Default::default(),
+        heal_read_models_every: None,
         payments: Payments::External,
         webhook_secret: WEBHOOK_SECRET.to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),

@@ -108,6 +108,10 @@ pub struct Settings {
     pub read_models: ReadModels,
     /// How operator rebuilds of read models run.
     pub rebuild: RebuildOptions,
+    /// How often the instance looks for read models with no live version (a flushed or
+    /// restarted Redis) and rebuilds them itself, one instance at a time under the rebuild's
+    /// lease; `None`: only at start-up, and then by the operator.
+    pub heal_read_models_every: Option<Duration>,
     /// The payment provider.
     pub payments: Payments,
     /// The key payment webhooks are signed with.
@@ -187,6 +191,8 @@ pub struct Application {
     deadlines: Arc<dyn Deadlines>,
     order_saga: Arc<OrderSaga>,
     limits: Limits,
+    heal_read_models_every: Option<Duration>,
+    rebuild: RebuildOptions,
 }
 
 /// The event log and the stores that live beside it.
@@ -297,6 +303,30 @@ async fn build_missing(
     Ok(())
 }
 
+/// Every `every`, until `stop`, builds the read models that lost their live version while the
+/// instance served (Redis flushed, or restarted with nothing on disk), as at start-up: queries
+/// answer 503 meanwhile, and the rebuild's lease keeps it to one instance at a time.
+async fn heal_read_models(
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn ProjectionStore>,
+    options: RebuildOptions,
+    every: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = ticks.tick() => {}
+        }
+        if let Err(error) = build_missing(&log, &store, &options).await {
+            tracing::warn!(%error, "cannot tell whether the read models need a rebuild");
+        }
+    }
+}
+
 /// Connects the configured mirror.
 pub async fn open_bus(mirror: &Mirror) -> Result<Arc<dyn Bus>, StartupError> {
     Ok(match mirror {
@@ -388,6 +418,8 @@ impl Application {
             deadlines,
             order_saga,
             limits: settings.limits,
+            heal_read_models_every: settings.heal_read_models_every,
+            rebuild: settings.rebuild,
         })
     }
 
@@ -436,6 +468,15 @@ impl Application {
             },
             wait_stop(stopped.clone()),
         ));
+        let healer = self.heal_read_models_every.map(|every| {
+            tokio::spawn(heal_read_models(
+                Arc::clone(self.state.handler.log()),
+                Arc::clone(&self.state.read_model),
+                self.rebuild.clone(),
+                every,
+                wait_stop(stopped.clone()),
+            ))
+        });
         let listener = crate::parse_errors::ProblemListener(self.listener);
         let served = axum::serve(listener, router(self.state, self.limits))
             .with_graceful_shutdown(shutdown)
@@ -443,6 +484,9 @@ impl Application {
         let _ = stop.send(true);
         for projector in projectors {
             let _ = projector.await;
+        }
+        if let Some(healer) = healer {
+            let _ = healer.await;
         }
         let _ = relay.await;
         let _ = saga.await;

@@ -298,6 +298,7 @@ impl ServeArgs {
             mirror,
             read_models,
             rebuild: Default::default(),
+            heal_read_models_every: Some(Duration::from_secs(5)),
             payments: match self.payment_provider {
                 PaymentProviderArg::Simulated => Payments::Simulated {
                     delay: Duration::from_millis(self.simulated_payment_delay_ms),

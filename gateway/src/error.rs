@@ -279,10 +279,19 @@ impl From<LogError> for ApiError {
 
 impl From<projections::read_model::ReadModelError> for ApiError {
     fn from(error: projections::read_model::ReadModelError) -> Self {
-        ApiError::Unavailable {
-            code: "read_model_unavailable",
-            detail: error.to_string(),
-            retry_after_s: 1,
+        use projections::read_model::ReadModelError;
+        match error {
+            // Never a 404: what the read model lacks may well exist.
+            ReadModelError::Missing(_) => ApiError::Unavailable {
+                code: "read_model_rebuilding",
+                detail: error.to_string(),
+                retry_after_s: 5,
+            },
+            ReadModelError::Unavailable(_) => ApiError::Unavailable {
+                code: "read_model_unavailable",
+                detail: error.to_string(),
+                retry_after_s: 1,
+            },
         }
     }
 }

@@ -352,13 +352,17 @@ impl MemoryProjections {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Runs `f` on the live views of `name`, or on empty ones when it has none.
-    fn live<T>(&self, name: ProjectionName, f: impl FnOnce(&Views) -> T) -> T {
+    /// Runs `f` on the live views of `name`; [`ReadModelError::Missing`] when it has none.
+    fn live<T>(
+        &self,
+        name: ProjectionName,
+        f: impl FnOnce(&Views) -> T,
+    ) -> Result<T, ReadModelError> {
         let slots = self.read();
         let slot = &slots[name.index()];
         match slot.live.and_then(|v| slot.versions.get(&v)) {
-            Some(keyspace) => f(&keyspace.views),
-            None => f(&Views::default()),
+            Some(keyspace) => Ok(f(&keyspace.views)),
+            None => Err(ReadModelError::Missing(name)),
         }
     }
 }
@@ -372,7 +376,7 @@ impl Default for MemoryProjections {
 #[async_trait]
 impl ReadModel for MemoryProjections {
     async fn campaign(&self, id: CampaignId) -> Result<Option<CampaignView>, ReadModelError> {
-        Ok(self.live(ProjectionName::Campaigns, |v| v.campaigns.get(&id).cloned()))
+        self.live(ProjectionName::Campaigns, |v| v.campaigns.get(&id).cloned())
     }
 
     async fn campaigns(
@@ -381,7 +385,7 @@ impl ReadModel for MemoryProjections {
         status: Option<CampaignStatus>,
         now: Timestamp,
     ) -> Result<Vec<CampaignView>, ReadModelError> {
-        Ok(self.live(ProjectionName::Campaigns, |views| {
+        self.live(ProjectionName::Campaigns, |views| {
             views
                 .campaigns
                 .values()
@@ -390,11 +394,11 @@ impl ReadModel for MemoryProjections {
                 .take(CAMPAIGNS_LIST_MAX)
                 .cloned()
                 .collect()
-        }))
+        })
     }
 
     async fn order(&self, id: OrderId) -> Result<Option<OrderView>, ReadModelError> {
-        Ok(self.live(ProjectionName::Orders, |v| v.order(id)))
+        self.live(ProjectionName::Orders, |v| v.order(id))
     }
 
     async fn orders(
@@ -404,7 +408,7 @@ impl ReadModel for MemoryProjections {
         limit: usize,
     ) -> Result<OrderPage, ReadModelError> {
         let limit = limit.clamp(1, ORDERS_PAGE_MAX);
-        Ok(self.live(ProjectionName::Orders, |views| {
+        self.live(ProjectionName::Orders, |views| {
             let empty = BTreeSet::new();
             // Walk the narrowest index the filter allows, newest first.
             let ids: Box<dyn Iterator<Item = &OrderId>> = match (filter.user_id, filter.campaign_id)
@@ -442,7 +446,7 @@ impl ReadModel for MemoryProjections {
                 None
             };
             OrderPage { items, next }
-        }))
+        })
     }
 
     async fn applied_version(&self, stream_id: &str) -> Result<u64, ReadModelError> {

@@ -152,6 +152,10 @@ pub enum ReadModelError {
     /// Its store failed.
     #[error("read model unavailable: {0}")]
     Unavailable(String),
+    /// No version of it is live (a new deployment, a flushed or restarted store): it answers
+    /// nothing until a rebuild makes one live.
+    #[error("the {0} read model has no live version; it is being rebuilt from the log")]
+    Missing(crate::ops::ProjectionName),
 }
 
 /// The queries of the HTTP API.

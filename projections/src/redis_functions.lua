@@ -282,7 +282,19 @@ local function live_root(base)
   return nil
 end
 
--- args: base, stream ids. Returns the last version of each stream the live version applied.
+-- The live root for a query, or an error a client can tell apart: no version is live (a new
+-- deployment, a flushed or restarted Redis), so there is nothing to answer from.
+local function query_root(base)
+  local r = live_root(base)
+  if not r then
+    error({ err = 'NOLIVE ' .. base .. ' has no live version' })
+  end
+  return r
+end
+
+-- args: base, stream ids. Returns the last version of each stream the live version applied,
+-- 0 when none is live: consumers go on (live events reach a version being built), and the
+-- rebuild's switch makes what they applied count.
 redis.register_function{
   function_name = 'groupbuy_applied',
   flags = { 'no-writes' },
@@ -305,10 +317,7 @@ redis.register_function{
   function_name = 'groupbuy_campaign',
   flags = { 'no-writes' },
   callback = function(_, args)
-    local r = live_root(args[1])
-    if not r then
-      return {}
-    end
+    local r = query_root(args[1])
     return redis.call('HGETALL', r .. ':c:' .. args[2])
   end,
 }
@@ -319,10 +328,7 @@ redis.register_function{
   function_name = 'groupbuy_campaigns',
   flags = { 'no-writes' },
   callback = function(_, args)
-    local r = live_root(args[1])
-    if not r then
-      return {}
-    end
+    local r = query_root(args[1])
     local result = {}
     for _, id in ipairs(redis.call('ZRANGE', r .. ':' .. args[2], 0, tonumber(args[3]) - 1)) do
       table.insert(result, { id, redis.call('HGETALL', r .. ':c:' .. id) })
@@ -349,10 +355,7 @@ redis.register_function{
   function_name = 'groupbuy_order',
   flags = { 'no-writes' },
   callback = function(_, args)
-    local r = live_root(args[1])
-    if not r then
-      return false
-    end
+    local r = query_root(args[1])
     return order_of(r, args[2]) or false
   end,
 }
@@ -364,10 +367,7 @@ redis.register_function{
   function_name = 'groupbuy_orders',
   flags = { 'no-writes' },
   callback = function(_, args)
-    local r = live_root(args[1])
-    if not r then
-      return { {}, 0 }
-    end
+    local r = query_root(args[1])
     local index, limit, campaign = r .. ':' .. args[2], tonumber(args[4]), args[5]
     local max = '+'
     if args[3] ~= '' then

@@ -46,6 +46,17 @@ fn unavailable(error: RedisError) -> ReadModelError {
     ReadModelError::Unavailable(format!("redis: {error}"))
 }
 
+/// [`unavailable`], or, for a query that found no live version, [`ReadModelError::Missing`].
+fn unanswered(name: ProjectionName) -> impl FnOnce(RedisError) -> ReadModelError {
+    move |error| {
+        if error.code() == Some("NOLIVE") {
+            ReadModelError::Missing(name)
+        } else {
+            unavailable(error)
+        }
+    }
+}
+
 fn corrupt(what: &str, id: &str) -> ReadModelError {
     ReadModelError::Unavailable(format!("redis holds a {what} {id} that does not read back"))
 }
@@ -314,7 +325,7 @@ impl ReadModel for RedisProjections {
                 (self.base(ProjectionName::Campaigns), &id),
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unanswered(ProjectionName::Campaigns))?;
         campaign_view(&id, flat)
     }
 
@@ -336,7 +347,7 @@ impl ReadModel for RedisProjections {
                 ),
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unanswered(ProjectionName::Campaigns))?;
         let mut views = Vec::new();
         for (id, flat) in found {
             if let Some(view) = campaign_view(&id, flat)? {
@@ -359,7 +370,7 @@ impl ReadModel for RedisProjections {
                 (self.base(ProjectionName::Orders), id.to_string()),
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unanswered(ProjectionName::Orders))?;
         reply.map(order_of).transpose()
     }
 
@@ -384,7 +395,7 @@ impl ReadModel for RedisProjections {
                 ),
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(unanswered(ProjectionName::Orders))?;
         let items = found
             .into_iter()
             .map(order_of)

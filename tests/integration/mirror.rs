@@ -898,6 +898,7 @@ async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
         mirror: AppMirror::JetStream(harness::bus::unique_settings(&nats.url())),
         read_models: gateway::app::ReadModels::Embedded,
         rebuild: Default::default(),
+        heal_read_models_every: None,
         payments: Payments::External,
         webhook_secret: b"webhook".to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),
