@@ -326,6 +326,14 @@ impl Bus for JetStreamBus {
     }
 
     async fn ping(&self) -> Result<(), BusError> {
+        // Known down: say so at once, rather than wait for a flush that waits for a
+        // reconnection (probes would take their whole timeout through a NATS outage).
+        let state = self.client.connection_state();
+        if state != async_nats::connection::State::Connected {
+            return Err(BusError::unavailable(format!(
+                "not connected to NATS ({state:?}); reconnecting"
+            )));
+        }
         self.client.flush().await.map_err(BusError::unavailable)?;
         self.context
             .get_stream(self.settings.events_stream())
