@@ -68,6 +68,9 @@ pub mod header {
     pub const DEAD_REASON: &str = "Groupbuy-Dead-Reason";
     /// On a dead letter: the subject the event was delivered on.
     pub const DEAD_SUBJECT: &str = "Groupbuy-Dead-Subject";
+    /// The identity of the log the message's events come from
+    /// ([`crate::EventLog::identity`]).
+    pub const LOG_ID: &str = "Groupbuy-Log-Id";
 }
 
 /// The events of the log in messages: consecutive events, at most [`BATCH_EVENTS_MAX`] and
@@ -205,6 +208,20 @@ pub enum BusError {
     /// An event could not be turned into a message.
     #[error("cannot encode event: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The bus already mirrors another log: two deployments share it by mistake.
+    #[error(
+        "{stream} holds the events of event log {theirs}, not of this deployment's log {ours}: \
+         two deployments share one NATS server and stream prefix; give each its own \
+         GROUPBUY_NATS_PREFIX (or NATS server)"
+    )]
+    ForeignLog {
+        /// The stream.
+        stream: String,
+        /// The log it mirrors.
+        theirs: String,
+        /// This deployment's log.
+        ours: String,
+    },
 }
 
 impl BusError {
@@ -337,6 +354,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// How far the bus holds the log, so a relay can republish what the bus lost.
     async fn published(&self) -> Result<Published, BusError>;
+
+    /// Binds the bus to the log `log_id`: messages published from now on carry it, and a
+    /// message of any other log is delivered as one no consumer can read. Refused with
+    /// [`BusError::ForeignLog`] when the bus already mirrors another log.
+    async fn bind_log(&self, log_id: &str) -> Result<(), BusError>;
 
     /// Opens (creating it on first use) the durable consumer `options.name`.
     async fn subscribe(&self, options: &ConsumerOptions) -> Result<Box<dyn Deliveries>, BusError>;

@@ -302,6 +302,10 @@ impl EventLog for GroupCommit {
         self.inner.find_idempotent(key).await
     }
 
+    async fn identity(&self) -> Result<String, LogError> {
+        self.inner.identity().await
+    }
+
     async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
         self.inner.amend_idempotent(record).await
     }

@@ -223,6 +223,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// behind a reader of those categories is that got to `after`.
     async fn count_after(&self, after: u64, categories: &[&str]) -> Result<u64, LogError>;
 
+    /// The log's identity, made once when it was created: what the mirror stamps on its
+    /// messages, so a deployment can tell its own log's events from another's.
+    async fn identity(&self) -> Result<String, LogError>;
+
     /// Checks the log's storage answers, for readiness probes.
     async fn ping(&self) -> Result<(), LogError> {
         Ok(())

@@ -344,6 +344,8 @@ impl Application {
             deadlines,
         } = open_log(&settings.storage).await?;
         let bus = open_bus(&settings.mirror).await?;
+        // Refuses a mirror that holds another deployment's log, before anything is consumed.
+        bus.bind_log(&log.identity().await?).await?;
         let relay = Relay::new(
             Arc::clone(&log),
             Arc::clone(&bus),

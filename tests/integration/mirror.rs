@@ -446,6 +446,10 @@ impl Bus for KilledAfterPublish {
         self.inner.published().await
     }
 
+    async fn bind_log(&self, log_id: &str) -> Result<(), BusError> {
+        self.inner.bind_log(log_id).await
+    }
+
     async fn subscribe(&self, options: &ConsumerOptions) -> Result<Box<dyn Deliveries>, BusError> {
         self.inner.subscribe(options).await
     }
@@ -928,4 +932,110 @@ async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
     }
     let _ = stop.send(());
     let _ = served.await;
+}
+
+#[tokio::test]
+async fn a_bus_bound_to_one_log_refuses_another_and_hands_over_its_messages_as_unreadable() {
+    let streams = TestStreams::new();
+    let first = streams.connect().await;
+    first.bind_log("log-a").await.unwrap();
+    let log = MemoryEventLog::new();
+    log.append(AppendRequest {
+        streams: vec![StreamAppend {
+            stream_id: format!("campaign-{}", Ulid::new()),
+            expected_version: 0,
+            events: vec![event(1)],
+        }],
+        idempotency: None,
+    })
+    .await
+    .unwrap();
+    let events = settled(&log, 1).await;
+    first.publish(&events).await.unwrap();
+    let stream = first
+        .context()
+        .get_stream(streams.settings.events_stream())
+        .await
+        .unwrap();
+    let message = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(
+        message.headers.get(header::LOG_ID).unwrap().as_str(),
+        "log-a"
+    );
+
+    // Another deployment on the same streams is refused, naming both logs.
+    let second = streams.connect().await;
+    let refused = second.bind_log("log-b").await.unwrap_err();
+    assert!(
+        matches!(&refused, BusError::ForeignLog { theirs, ours, .. } if theirs == "log-a" && ours == "log-b"),
+        "{refused}"
+    );
+    // Connecting again keeps the stream's identity; the same log binds again.
+    let again = streams.connect().await;
+    again.bind_log("log-a").await.unwrap();
+
+    // A message of another log that got in anyway reaches consumers as one nobody can read,
+    // which the subscription runtime dead-letters.
+    let mut foreign = async_nats::HeaderMap::new();
+    foreign.insert(header::LOG_ID, "log-b");
+    foreign.insert(async_nats::header::NATS_MESSAGE_ID, "foreign-1");
+    let body = serde_json::to_vec(&[events[0].envelope.clone()]).unwrap();
+    again
+        .context()
+        .publish_with_headers(streams.settings.log_subject(), foreign, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut deliveries = again.subscribe(&ConsumerOptions::new("c")).await.unwrap();
+    let own = deliveries.next().await.unwrap().unwrap();
+    assert_eq!(own.events.unwrap().len(), 1);
+    let other = deliveries.next().await.unwrap().unwrap();
+    let reason = other.events.unwrap_err();
+    assert!(
+        reason.contains("log-b") && reason.contains("log-a"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_deployment_on_the_same_nats_prefix_refuses_to_start() {
+    use gateway::app::{Application, Mirror as AppMirror, Payments, Settings, Storage};
+    let first = harness::spawn_app(harness::Backend::Postgres).await;
+    first.create_user("Ada").await;
+    let shared = first.streams.as_ref().unwrap().settings.clone();
+    let other = TestDb::new().await;
+    let settings = Settings {
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        operator_token: "operator".into(),
+        token_secret: b"secret".to_vec(),
+        storage: Storage::Postgres {
+            url: other.url.clone(),
+            options: Default::default(),
+        },
+        mirror: AppMirror::JetStream(shared),
+        read_models: gateway::app::ReadModels::Embedded,
+        rebuild: Default::default(),
+        heal_read_models_every: None,
+        payments: Payments::External,
+        webhook_secret: b"webhook".to_vec(),
+        read_your_writes_timeout: Duration::from_secs(2),
+        limits: Default::default(),
+    };
+    let Err(refused) = Application::build(settings).await else {
+        panic!("a second deployment started on the first one's streams");
+    };
+    let theirs = first.db.as_ref().unwrap().log().identity().await.unwrap();
+    let ours = other.log().identity().await.unwrap();
+    assert_ne!(theirs, ours);
+    let message = refused.to_string();
+    assert!(
+        message.contains(&theirs)
+            && message.contains(&ours)
+            && message.contains("GROUPBUY_NATS_PREFIX"),
+        "{message}"
+    );
+    // The first deployment goes on.
+    let (_, bob) = first.create_user("Bob").await;
+    assert!(!bob.is_empty());
 }

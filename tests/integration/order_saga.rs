@@ -499,6 +499,9 @@ impl EventLog for DyingLog {
     ) -> Result<Option<IdempotencyRecord>, LogError> {
         self.inner.find_idempotent(k).await
     }
+    async fn identity(&self) -> Result<String, LogError> {
+        self.inner.identity().await
+    }
     async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
         self.inner.amend_idempotent(record).await
     }

@@ -15,6 +15,7 @@
 //! that when it takes over: when the stream ends before the relay's checkpoint it publishes
 //! again from where the stream ends ([`Bus::published`]).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
@@ -98,7 +99,7 @@ impl JetStreamSettings {
     pub fn events_config(&self) -> stream::Config {
         stream::Config {
             name: self.events_stream(),
-            description: Some("groupbuy: mirror of the Postgres event log".into()),
+            description: Some(EVENTS_DESCRIPTION.into()),
             subjects: vec![format!("{}.events.>", self.prefix)],
             storage: StorageType::File,
             num_replicas: 1,
@@ -129,12 +130,30 @@ impl JetStreamSettings {
     }
 }
 
+/// The events stream's description before a log is bound to it.
+const EVENTS_DESCRIPTION: &str = "groupbuy: mirror of the event log";
+
+/// The events stream's description once log `log_id` is bound to it.
+fn bound_description(log_id: &str) -> String {
+    format!("{EVENTS_DESCRIPTION} {log_id}")
+}
+
+/// The log a description names, if any.
+fn log_of_description(description: &str) -> Option<&str> {
+    description
+        .strip_prefix(EVENTS_DESCRIPTION)?
+        .strip_prefix(' ')
+        .filter(|id| !id.is_empty())
+}
+
 /// The log's mirror in JetStream.
 #[derive(Clone)]
 pub struct JetStreamBus {
     client: async_nats::Client,
     context: Context,
     settings: JetStreamSettings,
+    /// The log it mirrors, once bound ([`Bus::bind_log`]).
+    log_id: Arc<OnceLock<String>>,
 }
 
 impl JetStreamBus {
@@ -152,16 +171,24 @@ impl JetStreamBus {
             context: js::new(client.clone()),
             client,
             settings,
+            log_id: Arc::default(),
         };
         bus.ensure_streams().await?;
         Ok(bus)
     }
 
     async fn ensure_streams(&self) -> Result<(), BusError> {
-        for config in [
+        for mut config in [
             self.settings.events_config(),
             self.settings.dead_letter_config(),
         ] {
+            // The description names the log a stream mirrors: keep it.
+            if let Ok(mut existing) = self.context.get_stream(&config.name).await {
+                let info = existing.info().await.map_err(BusError::unavailable)?;
+                if info.config.description.is_some() {
+                    config.description = info.config.description.clone();
+                }
+            }
             self.context
                 .create_or_update_stream(config)
                 .await
@@ -195,9 +222,12 @@ impl JetStreamBus {
         Ok(())
     }
 
-    fn headers(batch: &super::Batch<'_>) -> HeaderMap {
+    fn headers(&self, batch: &super::Batch<'_>) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_MESSAGE_ID, batch.id());
+        if let Some(log_id) = self.log_id.get() {
+            headers.insert(header::LOG_ID, log_id.as_str());
+        }
         headers.insert(header::EVENTS, batch.events.len().to_string());
         headers.insert(header::FIRST_CURSOR, format_cursor(batch.first()));
         headers.insert(header::LOG_CURSOR, format_cursor(batch.last()));
@@ -222,7 +252,7 @@ impl Bus for JetStreamBus {
         for batch in &batches {
             let message = PublishMessage::build()
                 .payload(batch.payload.clone())
-                .headers(Self::headers(batch));
+                .headers(self.headers(batch));
             let ack = self
                 .context
                 .send_publish(self.settings.log_subject(), message)
@@ -257,6 +287,57 @@ impl Bus for JetStreamBus {
             .map_or(Published::Unknown, Published::UpTo))
     }
 
+    async fn bind_log(&self, log_id: &str) -> Result<(), BusError> {
+        let name = self.settings.events_stream();
+        let mut stream = self
+            .context
+            .get_stream(&name)
+            .await
+            .map_err(BusError::unavailable)?;
+        let info = stream.info().await.map_err(BusError::unavailable)?.clone();
+        let described = info
+            .config
+            .description
+            .as_deref()
+            .and_then(log_of_description)
+            .map(str::to_owned);
+        // A stream from before logs had identities: its newest message may still tell.
+        let theirs = match described.clone() {
+            Some(theirs) => Some(theirs),
+            None if info.state.last_sequence > 0 => stream
+                .get_raw_message(info.state.last_sequence)
+                .await
+                .ok()
+                .and_then(|m| m.headers.get(header::LOG_ID).map(|v| v.as_str().to_owned())),
+            None => None,
+        };
+        if let Some(theirs) = theirs.filter(|theirs| theirs != log_id) {
+            return Err(BusError::ForeignLog {
+                stream: name,
+                theirs,
+                ours: log_id.to_owned(),
+            });
+        }
+        if described.is_none() {
+            let mut config = info.config;
+            config.description = Some(bound_description(log_id));
+            self.context
+                .update_stream(config)
+                .await
+                .map_err(BusError::unavailable)?;
+        }
+        if self.log_id.set(log_id.to_owned()).is_err()
+            && self.log_id.get().map(String::as_str) != Some(log_id)
+        {
+            return Err(BusError::ForeignLog {
+                stream: name,
+                theirs: self.log_id.get().cloned().unwrap_or_default(),
+                ours: log_id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     async fn subscribe(&self, options: &ConsumerOptions) -> Result<Box<dyn Deliveries>, BusError> {
         let stream = self
             .context
@@ -288,7 +369,10 @@ impl Bus for JetStreamBus {
             .messages()
             .await
             .map_err(BusError::unavailable)?;
-        Ok(Box::new(JetStreamDeliveries { messages }))
+        Ok(Box::new(JetStreamDeliveries {
+            messages,
+            log_id: Arc::clone(&self.log_id),
+        }))
     }
 
     async fn dead_letter(
@@ -345,6 +429,7 @@ impl Bus for JetStreamBus {
 
 struct JetStreamDeliveries {
     messages: pull::Stream,
+    log_id: Arc<OnceLock<String>>,
 }
 
 #[async_trait]
@@ -359,8 +444,28 @@ impl Deliveries for JetStreamDeliveries {
             .map(|info| u64::try_from(info.delivered).unwrap_or(1))
             .unwrap_or(1);
         let (message, acker) = message.split();
+        let theirs = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(header::LOG_ID))
+            .map(|v| v.as_str());
+        let events = match (theirs, self.log_id.get()) {
+            // Another deployment's event: delivered as a message nobody can read, so the
+            // consumer dead-letters it instead of applying it.
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                tracing::error!(
+                    subject = %message.subject, theirs, ours,
+                    "a message of another event log reached this deployment: two deployments \
+                     share one NATS server and stream prefix"
+                );
+                Err(format!(
+                    "a message of event log {theirs}, not of this deployment's log {ours}"
+                ))
+            }
+            _ => decode(&message.payload),
+        };
         Some(Ok(Delivery {
-            events: decode(&message.payload),
+            events,
             subject: message.subject.to_string(),
             payload: message.payload,
             delivered,

@@ -164,6 +164,11 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn bind_log(&self, _log_id: &str) -> Result<(), BusError> {
+        // In memory, the bus is the process's own: it never holds another log's events.
+        Ok(())
+    }
+
     async fn published(&self) -> Result<Published, BusError> {
         let inner = lock(&self.shared.inner);
         Ok(match inner.messages.iter().rev().find_map(|m| m.cursor) {

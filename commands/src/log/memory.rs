@@ -22,6 +22,7 @@ use crate::idempotency::{IdempotencyKey, IdempotencyRecord, IDEMPOTENCY_KEY_TTL_
 pub struct MemoryEventLog {
     inner: Mutex<Inner>,
     appends: watch::Sender<u64>,
+    identity: Ulid,
 }
 
 #[derive(Default)]
@@ -59,6 +60,7 @@ impl MemoryEventLog {
         MemoryEventLog {
             inner: Mutex::new(Inner::default()),
             appends: watch::channel(0).0,
+            identity: Ulid::new(),
         }
     }
 
@@ -274,6 +276,10 @@ impl EventLog for MemoryEventLog {
             .get(key)
             .filter(|k| !k.expired(Instant::now()))
             .map(|k| k.record.clone()))
+    }
+
+    async fn identity(&self) -> Result<String, LogError> {
+        Ok(self.identity.to_string())
     }
 
     async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {

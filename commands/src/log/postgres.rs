@@ -633,6 +633,12 @@ impl EventLog for PgEventLog {
         Ok(self.records_of(&[key]).await?.into_iter().next())
     }
 
+    async fn identity(&self) -> Result<String, LogError> {
+        Ok(sqlx::query_scalar("SELECT log_id FROM log_identity")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
         sqlx::query(
             "UPDATE idempotency_keys SET response_status = $4, response_headers = $5, \
