@@ -212,7 +212,8 @@ pub enum BusError {
     #[error(
         "{stream} holds the events of event log {theirs}, not of this deployment's log {ours}: \
          two deployments share one NATS server and stream prefix; give each its own \
-         GROUPBUY_NATS_PREFIX (or NATS server)"
+         GROUPBUY_NATS_PREFIX (or NATS server), or, if the deployment of log {theirs} is gone \
+         for good, delete its streams (nats stream rm {stream}) and this one recreates them"
     )]
     ForeignLog {
         /// The stream.
