@@ -462,6 +462,24 @@ impl ReadModel for MemoryProjections {
             .unwrap_or(0))
     }
 
+    async fn applied_versions(&self, stream_ids: &[String]) -> Result<Vec<u64>, ReadModelError> {
+        let slots = self.read();
+        stream_ids
+            .iter()
+            .map(|stream_id| {
+                let Some(name) = ProjectionName::of_stream(stream_id) else {
+                    return Ok(0);
+                };
+                let slot = &slots[name.index()];
+                let live = slot
+                    .live
+                    .and_then(|v| slot.versions.get(&v))
+                    .ok_or(ReadModelError::Missing(name))?;
+                Ok(live.applied.get(stream_id).copied().unwrap_or(0))
+            })
+            .collect()
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }

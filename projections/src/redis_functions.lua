@@ -312,6 +312,21 @@ redis.register_function{
   end,
 }
 
+-- groupbuy_applied for a reader waiting to see its writes: NOLIVE when no version is live,
+-- since none will show them until a rebuild makes one live.
+redis.register_function{
+  function_name = 'groupbuy_shown',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local r = query_root(args[1])
+    local result = {}
+    for i = 2, #args do
+      result[i - 1] = tonumber(redis.call('HGET', r .. ':sv', args[i]) or '0')
+    end
+    return result
+  end,
+}
+
 -- args: base, campaign id. Returns the campaign's fields, flat.
 redis.register_function{
   function_name = 'groupbuy_campaign',

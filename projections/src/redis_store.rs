@@ -314,6 +314,37 @@ fn order_index(filter: &OrderFilter) -> (String, Option<CampaignId>) {
     }
 }
 
+impl RedisProjections {
+    /// The last version of each of `stream_ids` the live version applied, read by the Redis
+    /// `function` (`groupbuy_applied` answers 0 when no version is live, `groupbuy_shown`
+    /// fails with [`ReadModelError::Missing`]).
+    async fn versions_in_live(
+        &self,
+        stream_ids: &[String],
+        function: &str,
+    ) -> Result<Vec<u64>, ReadModelError> {
+        let mut versions = vec![0; stream_ids.len()];
+        for name in ProjectionName::ALL {
+            let (at, streams): (Vec<usize>, Vec<&String>) = stream_ids
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| name.reads(s))
+                .unzip();
+            if streams.is_empty() {
+                continue;
+            }
+            let found: Vec<u64> = self
+                .call(function, true, (self.base(name), streams))
+                .await
+                .map_err(unanswered(name))?;
+            for (i, version) in at.into_iter().zip(found) {
+                versions[i] = version;
+            }
+        }
+        Ok(versions)
+    }
+}
+
 #[async_trait]
 impl ReadModel for RedisProjections {
     async fn campaign(&self, id: CampaignId) -> Result<Option<CampaignView>, ReadModelError> {
@@ -409,30 +440,14 @@ impl ReadModel for RedisProjections {
     }
 
     async fn applied_version(&self, stream_id: &str) -> Result<u64, ReadModelError> {
-        let versions = self.applied_versions(&[stream_id.to_owned()]).await?;
+        let versions = self
+            .versions_in_live(&[stream_id.to_owned()], "groupbuy_applied")
+            .await?;
         Ok(versions.first().copied().unwrap_or(0))
     }
 
     async fn applied_versions(&self, stream_ids: &[String]) -> Result<Vec<u64>, ReadModelError> {
-        let mut versions = vec![0; stream_ids.len()];
-        for name in ProjectionName::ALL {
-            let (at, streams): (Vec<usize>, Vec<&String>) = stream_ids
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| name.reads(s))
-                .unzip();
-            if streams.is_empty() {
-                continue;
-            }
-            let found: Vec<u64> = self
-                .call("groupbuy_applied", true, (self.base(name), streams))
-                .await
-                .map_err(unavailable)?;
-            for (i, version) in at.into_iter().zip(found) {
-                versions[i] = version;
-            }
-        }
-        Ok(versions)
+        self.versions_in_live(stream_ids, "groupbuy_shown").await
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

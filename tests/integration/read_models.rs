@@ -40,9 +40,46 @@ on_both_stores!(
     a_redelivered_event_changes_nothing,
     a_rebuild_takes_live_events_in_order_and_switches_at_once,
     a_rebuild_that_stops_renewing_its_lease_is_replaced,
+    a_reader_waiting_for_its_writes_hears_at_once_that_no_version_is_live,
 );
 
 const LEASE: Duration = Duration::from_secs(30);
+
+async fn a_reader_waiting_for_its_writes_hears_at_once_that_no_version_is_live(
+    store: Arc<dyn ProjectionStore>,
+) {
+    let order = format!("order-{}", Ulid::new());
+    // No version will show the write until a rebuild makes one live: waiting the whole
+    // timeout (a minute here) would only delay the 503.
+    let waited = projections::read_model::wait_for_all(
+        store.as_ref(),
+        vec![(order.clone(), 1)],
+        Duration::from_secs(60),
+    );
+    let waited = tokio::time::timeout(Duration::from_secs(30), waited)
+        .await
+        .expect("told before the timeout");
+    assert!(
+        matches!(
+            waited,
+            Err(projections::read_model::ReadModelError::Missing(
+                ProjectionName::Orders
+            ))
+        ),
+        "{waited:?}"
+    );
+    // A consumer's dedupe still reads version 0 and goes on.
+    assert_eq!(store.applied_version(&order).await.unwrap(), 0);
+    live(store.as_ref()).await;
+    let shown = projections::read_model::wait_for_all(
+        store.as_ref(),
+        vec![(order.clone(), 0)],
+        Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    assert!(shown.is_empty());
+}
 
 /// Gives the store an empty live version of every projection.
 async fn live(store: &dyn ProjectionStore) {
