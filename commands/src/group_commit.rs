@@ -302,6 +302,14 @@ impl EventLog for GroupCommit {
         self.inner.find_idempotent(key).await
     }
 
+    async fn expire_idempotency_keys(
+        &self,
+        older_than: std::time::Duration,
+        limit: usize,
+    ) -> Result<u64, LogError> {
+        self.inner.expire_idempotency_keys(older_than, limit).await
+    }
+
     async fn identity(&self) -> Result<String, LogError> {
         self.inner.identity().await
     }

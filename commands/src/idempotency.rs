@@ -62,3 +62,63 @@ pub enum Prior {
     /// Another request used the key.
     Different,
 }
+
+/// How the expiry sweep of Idempotency-Keys runs.
+#[derive(Clone, Debug)]
+pub struct KeySweep {
+    /// How often it looks for expired keys.
+    pub every: std::time::Duration,
+    /// Most keys removed by one statement.
+    pub batch: usize,
+    /// Pause between two full batches, so a large backlog is removed without hogging the
+    /// database.
+    pub pause: std::time::Duration,
+}
+
+impl Default for KeySweep {
+    fn default() -> Self {
+        KeySweep {
+            every: std::time::Duration::from_secs(60),
+            batch: 1_000,
+            pause: std::time::Duration::from_millis(100),
+        }
+    }
+}
+
+/// Until `stop`, removes the Idempotency-Keys older than [`IDEMPOTENCY_KEY_TTL_S`] from `log`,
+/// in batches of `sweep.batch`, counting them in `groupbuy_idempotency_keys_expired_total`.
+/// Any number of instances may run it: each statement removes what it finds.
+pub async fn sweep_expired(
+    log: std::sync::Arc<dyn crate::EventLog>,
+    sweep: KeySweep,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let ttl = std::time::Duration::from_secs(IDEMPOTENCY_KEY_TTL_S);
+    let mut ticks = tokio::time::interval(sweep.every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = ticks.tick() => {}
+        }
+        loop {
+            match log.expire_idempotency_keys(ttl, sweep.batch).await {
+                Ok(removed) => {
+                    metrics::counter!("groupbuy_idempotency_keys_expired_total").increment(removed);
+                    if removed < sweep.batch as u64 {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot remove expired Idempotency-Keys; trying later");
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(sweep.pause) => {}
+            }
+        }
+    }
+}

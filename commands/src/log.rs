@@ -223,6 +223,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// behind a reader of those categories is that got to `after`.
     async fn count_after(&self, after: u64, categories: &[&str]) -> Result<u64, LogError>;
 
+    /// Removes at most `limit` Idempotency-Key records made more than `older_than` ago, oldest
+    /// first, and returns how many went. Keys are answered only for
+    /// [`crate::idempotency::IDEMPOTENCY_KEY_TTL_S`]; past that they are dead weight.
+    async fn expire_idempotency_keys(
+        &self,
+        older_than: std::time::Duration,
+        limit: usize,
+    ) -> Result<u64, LogError>;
+
     /// The log's identity, made once when it was created: what the mirror stamps on its
     /// messages, so a deployment can tell its own log's events from another's.
     async fn identity(&self) -> Result<String, LogError>;

@@ -479,6 +479,11 @@ impl Application {
                 wait_stop(stopped.clone()),
             ))
         });
+        let key_sweep = tokio::spawn(commands::idempotency::sweep_expired(
+            Arc::clone(self.state.handler.log()),
+            Default::default(),
+            wait_stop(stopped.clone()),
+        ));
         let listener = crate::parse_errors::ProblemListener(self.listener);
         let served = axum::serve(listener, router(self.state, self.limits))
             .with_graceful_shutdown(shutdown)
@@ -490,6 +495,7 @@ impl Application {
         if let Some(healer) = healer {
             let _ = healer.await;
         }
+        let _ = key_sweep.await;
         let _ = relay.await;
         let _ = saga.await;
         let _ = deadlines.await;

@@ -59,6 +59,7 @@ on_every_log!(
     the_global_log_is_read_in_pages_without_gaps_or_repeats,
     a_snapshot_is_replaced_only_by_a_newer_one,
     an_idempotency_key_is_recorded_once_and_found_again,
+    expired_idempotency_keys_are_swept_oldest_first_within_the_limit,
     an_append_records_its_idempotency_key_atomically,
     a_batch_gives_each_append_its_own_outcome,
     many_concurrent_appends_each_get_their_own_outcome,
@@ -306,6 +307,32 @@ fn taken(outcome: Result<commands::Appended, LogError>) -> IdempotencyRecord {
         Err(LogError::KeyTaken(record)) => *record,
         other => panic!("expected the key to be taken, got {other:?}"),
     }
+}
+
+async fn expired_idempotency_keys_are_swept_oldest_first_within_the_limit(log: Arc<dyn EventLog>) {
+    let keys: Vec<IdempotencyKey> = (0..3).map(|i| key(&format!("sweep-{i}"))).collect();
+    for k in &keys {
+        log.append(key_only(record(k, "hash-a", 201)))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let hour = std::time::Duration::from_secs(3_600);
+    assert_eq!(log.expire_idempotency_keys(hour, 10).await.unwrap(), 0);
+    // Older than nothing, all are expired: the oldest two go first.
+    let zero = std::time::Duration::ZERO;
+    assert_eq!(log.expire_idempotency_keys(zero, 2).await.unwrap(), 2);
+    assert_eq!(log.find_idempotent(&keys[0]).await.unwrap(), None);
+    assert_eq!(log.find_idempotent(&keys[1]).await.unwrap(), None);
+    assert!(log.find_idempotent(&keys[2]).await.unwrap().is_some());
+    // A swept key is free for a new request.
+    log.append(key_only(record(&keys[0], "hash-b", 201)))
+        .await
+        .unwrap();
+    assert_eq!(
+        log.find_idempotent(&keys[0]).await.unwrap(),
+        Some(record(&keys[0], "hash-b", 201))
+    );
 }
 
 async fn an_idempotency_key_is_recorded_once_and_found_again(log: Arc<dyn EventLog>) {

@@ -499,6 +499,13 @@ impl EventLog for DyingLog {
     ) -> Result<Option<IdempotencyRecord>, LogError> {
         self.inner.find_idempotent(k).await
     }
+    async fn expire_idempotency_keys(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<u64, LogError> {
+        self.inner.expire_idempotency_keys(older_than, limit).await
+    }
     async fn identity(&self) -> Result<String, LogError> {
         self.inner.identity().await
     }

@@ -278,6 +278,27 @@ impl EventLog for MemoryEventLog {
             .map(|k| k.record.clone()))
     }
 
+    async fn expire_idempotency_keys(
+        &self,
+        older_than: std::time::Duration,
+        limit: usize,
+    ) -> Result<u64, LogError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut expired: Vec<(Instant, IdempotencyKey)> = inner
+            .keys
+            .iter()
+            .filter(|(_, k)| now.duration_since(k.created_at) > older_than)
+            .map(|(key, k)| (k.created_at, key.clone()))
+            .collect();
+        expired.sort_by_key(|(created_at, _)| *created_at);
+        expired.truncate(limit);
+        for (_, key) in &expired {
+            inner.keys.remove(key);
+        }
+        Ok(expired.len() as u64)
+    }
+
     async fn identity(&self) -> Result<String, LogError> {
         Ok(self.identity.to_string())
     }

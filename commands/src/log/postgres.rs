@@ -633,6 +633,24 @@ impl EventLog for PgEventLog {
         Ok(self.records_of(&[key]).await?.into_iter().next())
     }
 
+    async fn expire_idempotency_keys(
+        &self,
+        older_than: std::time::Duration,
+        limit: usize,
+    ) -> Result<u64, LogError> {
+        let removed = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE (scope, key) IN (\
+             SELECT scope, key FROM idempotency_keys \
+             WHERE created_at < now() - make_interval(secs => $1) \
+             ORDER BY created_at LIMIT $2)",
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await?;
+        Ok(removed.rows_affected())
+    }
+
     async fn identity(&self) -> Result<String, LogError> {
         Ok(sqlx::query_scalar("SELECT log_id FROM log_identity")
             .fetch_one(&self.pool)
