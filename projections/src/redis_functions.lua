@@ -292,6 +292,17 @@ local function query_root(base)
   return r
 end
 
+-- The last version of each stream of args[2..] that version root r applied; 0 for each when r
+-- is nil.
+local function applied_in(r, args)
+  local result = {}
+  for i = 2, #args do
+    local done = r and redis.call('HGET', r .. ':sv', args[i])
+    result[i - 1] = tonumber(done or '0')
+  end
+  return result
+end
+
 -- args: base, stream ids. Returns the last version of each stream the live version applied,
 -- 0 when none is live: consumers go on (live events reach a version being built), and the
 -- rebuild's switch makes what they applied count.
@@ -299,16 +310,7 @@ redis.register_function{
   function_name = 'groupbuy_applied',
   flags = { 'no-writes' },
   callback = function(_, args)
-    local r = live_root(args[1])
-    local result = {}
-    for i = 2, #args do
-      local done = false
-      if r then
-        done = redis.call('HGET', r .. ':sv', args[i])
-      end
-      result[i - 1] = tonumber(done or '0')
-    end
-    return result
+    return applied_in(live_root(args[1]), args)
   end,
 }
 
@@ -318,12 +320,7 @@ redis.register_function{
   function_name = 'groupbuy_shown',
   flags = { 'no-writes' },
   callback = function(_, args)
-    local r = query_root(args[1])
-    local result = {}
-    for i = 2, #args do
-      result[i - 1] = tonumber(redis.call('HGET', r .. ':sv', args[i]) or '0')
-    end
-    return result
+    return applied_in(query_root(args[1]), args)
   end,
 }
 
