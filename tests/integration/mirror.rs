@@ -886,12 +886,10 @@ async fn the_embedded_bus_redelivers_what_a_consumer_sends_back() {
     assert!(nothing.is_err(), "a durable consumer does not start over");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
-    use gateway::app::{Application, Mirror as AppMirror, Payments, Settings, Storage};
-    let mut nats = OwnNats::start().await;
-    let db = TestDb::new().await;
-    let settings = Settings {
+/// A whole application on `db`, mirrored to `mirror`, with in-memory read models.
+fn app_settings(db: &TestDb, mirror: JetStreamSettings) -> gateway::app::Settings {
+    use gateway::app::{Mirror, Payments, ReadModels, Settings, Storage};
+    Settings {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: "operator".into(),
         token_secret: b"secret".to_vec(),
@@ -899,15 +897,23 @@ async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
             url: db.url.clone(),
             options: Default::default(),
         },
-        mirror: AppMirror::JetStream(harness::bus::unique_settings(&nats.url())),
-        read_models: gateway::app::ReadModels::Embedded,
+        mirror: Mirror::JetStream(mirror),
+        read_models: ReadModels::Embedded,
         rebuild: Default::default(),
         heal_read_models_every: None,
         payments: Payments::External,
         webhook_secret: b"webhook".to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),
         limits: Default::default(),
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
+    use gateway::app::Application;
+    let mut nats = OwnNats::start().await;
+    let db = TestDb::new().await;
+    let settings = app_settings(&db, harness::bus::unique_settings(&nats.url()));
     let app = Application::build(settings).await.unwrap();
     let url = format!("http://{}/readyz", app.local_addr());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1000,28 +1006,12 @@ async fn a_bus_bound_to_one_log_refuses_another_and_hands_over_its_messages_as_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_deployment_on_the_same_nats_prefix_refuses_to_start() {
-    use gateway::app::{Application, Mirror as AppMirror, Payments, Settings, Storage};
+    use gateway::app::Application;
     let first = harness::spawn_app(harness::Backend::Postgres).await;
     first.create_user("Ada").await;
     let shared = first.streams.as_ref().unwrap().settings.clone();
     let other = TestDb::new().await;
-    let settings = Settings {
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        operator_token: "operator".into(),
-        token_secret: b"secret".to_vec(),
-        storage: Storage::Postgres {
-            url: other.url.clone(),
-            options: Default::default(),
-        },
-        mirror: AppMirror::JetStream(shared),
-        read_models: gateway::app::ReadModels::Embedded,
-        rebuild: Default::default(),
-        heal_read_models_every: None,
-        payments: Payments::External,
-        webhook_secret: b"webhook".to_vec(),
-        read_your_writes_timeout: Duration::from_secs(2),
-        limits: Default::default(),
-    };
+    let settings = app_settings(&other, shared);
     let Err(refused) = Application::build(settings).await else {
         panic!("a second deployment started on the first one's streams");
     };

@@ -14,12 +14,12 @@ use commands::{
     stream_id, AppendRequest, Appended, CommandHandler, EventLog, LogCursor, LogError,
     RecordedEvent,
 };
-use domain::campaign::{CampaignAggregate, CampaignCommand, NewCampaign};
+use domain::campaign::CampaignAggregate;
 use domain::holding::{HoldingAggregate, ReservationState};
 use domain::order::{OrderAggregate, OrderCommand, OrderStatus};
 use domain::payment::{PaymentAggregate, PaymentStatus};
 use domain::saga::{payment_id_of, OrderSagaAggregate};
-use domain::{CampaignId, Cents, OrderId, StoreId, UserId};
+use domain::{CampaignId, Cents, OrderId, UserId};
 use gateway::app::Payments;
 use harness::{
     expect_json, expect_problem, spawn_app_configured, Backend, TestApp, OPERATOR_TOKEN,
@@ -521,34 +521,7 @@ impl EventLog for DyingLog {
 async fn placed_order(log: &Arc<dyn EventLog>) -> (CampaignId, OrderId, UserId) {
     let handler = CommandHandler::new(Arc::clone(log), HandlerOptions::default());
     let now = chrono::Utc::now();
-    let campaign_id = CampaignId::from_ulid(Ulid::new());
-    let create = CampaignCommand::Create(NewCampaign {
-        campaign_id,
-        store: Some(domain::store::Store {
-            store_id: StoreId::from_ulid(Ulid::new()),
-            name: "Corner".into(),
-            region: "north".into(),
-            created_at: now,
-        }),
-        sku: "STOUT".into(),
-        title: "Stout".into(),
-        price_cents: 700,
-        quota: 5,
-        per_user_limit: 5,
-        starts_at: now - chrono::Duration::minutes(1),
-        ends_at: now + chrono::Duration::hours(1),
-        payment_timeout_seconds: 600,
-        stock_buckets: 1,
-        now,
-    });
-    handler
-        .execute::<CampaignAggregate>(
-            &stream_id::<CampaignAggregate>(campaign_id),
-            &create,
-            &Context::new(Metadata::default()),
-        )
-        .await
-        .unwrap();
+    let campaign_id = crate::stock_buckets::create_campaign_with(&handler, 5, 5, 1).await;
     let order_id = OrderId::from_ulid(Ulid::new());
     let user_id = UserId::from_ulid(Ulid::new());
     let place = OrderCommand::Place {

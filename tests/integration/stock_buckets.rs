@@ -36,7 +36,8 @@ async fn create_campaign(handler: &CommandHandler) -> CampaignId {
     create_campaign_with(handler, QUOTA, LIMIT, BUCKETS).await
 }
 
-async fn create_campaign_with(
+/// Opens a campaign (of a new store) straight into the log through `handler`.
+pub(crate) async fn create_campaign_with(
     handler: &CommandHandler,
     quota: u32,
     per_user_limit: u32,
