@@ -14,9 +14,9 @@
 //!   per-user limit is decided.
 //! - [`order::Order`]: a customer's order as the saga moves it to a final state.
 //! - [`payment::Payment`]: a payment request and what the provider (or the deadline) said.
-//! - [`saga::OrderSaga`]: the steps the order saga took for one order; [`saga::plan`], its
-//!   next step from where the order, its reservation and its payment stand; and
-//!   [`saga::advance`], every step a wake-up takes, decided in memory for one atomic append.
+//! - [`saga::plan`]: the order saga's next step, from where the order, its reservation and
+//!   its payment stand; and [`saga::advance`], every step a wake-up takes, decided in memory
+//!   for one atomic append.
 //!
 //! [`scenario`] holds the given/when/then harness used by every decide test.
 

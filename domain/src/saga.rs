@@ -1,6 +1,7 @@
 //! The order saga, pure: its plan (the next step, from where the order, its reservation and
-//! its payment stand), [`advance`] (every step a wake-up takes, decided in memory), and its own
-//! record (the steps it took for one order).
+//! its payment stand) and [`advance`] (every step a wake-up takes, decided in memory). The saga
+//! keeps no stream of its own: where an order stands is in the order, its holding and its
+//! payment, and each step it took is the event it appended there.
 //!
 //! The plan is level-triggered: it looks at the aggregates, not at the event that woke the
 //! saga, so a duplicated, reordered or replayed trigger leads to the same next step. The order
@@ -9,8 +10,7 @@
 //!
 //! [`advance`] takes every step that can be taken now on copies of the order, the customer's
 //! holding and the payment, and the campaign's bucket, and hands back the events; the caller
-//! appends all of them, with an [`OrderSagaEvent::OrderSagaAdvanced`] record, in one atomic
-//! append at the versions it loaded. So a wake-up's steps happen together or not at all, and
+//! appends all of them in one atomic append at the versions it loaded. So a wake-up's steps happen together or not at all, and
 //! one writer can decide the steps of many orders in one append.
 
 use serde::{Deserialize, Serialize};
@@ -474,34 +474,11 @@ fn on_payment(
     ))
 }
 
-/// The saga's own record for one order: the steps it took.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderSaga {
-    /// The order.
-    pub order_id: OrderId,
-    /// Steps taken, in order.
-    pub steps: Vec<SagaStep>,
-    /// When the first step was taken.
-    pub started_at: Timestamp,
-    /// When the last one was.
-    pub updated_at: Timestamp,
-}
-
-/// What can be asked of a saga stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OrderSagaCommand {
-    /// Record the steps one wake-up took, in the same append as their effects.
-    Record {
-        /// The order.
-        order_id: OrderId,
-        /// The steps.
-        steps: Vec<SagaStep>,
-        /// Now.
-        now: Timestamp,
-    },
-}
-
-/// What a saga stream records.
+/// What earlier versions recorded in a saga stream of its own, `ordersaga-<order id>`, with
+/// each wake-up's steps. Each step's effect is an event of the order, the holding or the
+/// payment, appended by `saga:order` (the actor in its metadata) and caused by what woke the
+/// saga, so that record said nothing the log does not; it is no longer written, and these
+/// events stay readable in old logs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum OrderSagaEvent {
@@ -514,8 +491,7 @@ pub enum OrderSagaEvent {
         /// When.
         at: Timestamp,
     },
-    /// The saga set out to take a step, before taking it. Recorded by earlier versions, one
-    /// append per step; read, never decided.
+    /// The saga set out to take a step, before taking it, one append per step.
     OrderSagaStepTaken {
         /// The order.
         order_id: OrderId,
@@ -524,58 +500,6 @@ pub enum OrderSagaEvent {
         /// When.
         at: Timestamp,
     },
-}
-
-/// The order saga's stream: `ordersaga-<order id>`.
-#[derive(Debug)]
-pub struct OrderSagaAggregate;
-
-impl Aggregate for OrderSagaAggregate {
-    const CATEGORY: &'static str = "ordersaga";
-    type State = Option<OrderSaga>;
-    type Command = OrderSagaCommand;
-    type Event = OrderSagaEvent;
-
-    fn decide(
-        _state: &Option<OrderSaga>,
-        command: &OrderSagaCommand,
-    ) -> Result<Vec<OrderSagaEvent>, DomainError> {
-        let OrderSagaCommand::Record {
-            order_id,
-            steps,
-            now,
-        } = command;
-        if steps.is_empty() {
-            return Ok(vec![]);
-        }
-        Ok(vec![OrderSagaEvent::OrderSagaAdvanced {
-            order_id: *order_id,
-            steps: steps.clone(),
-            at: *now,
-        }])
-    }
-
-    fn evolve(state: Option<OrderSaga>, event: &OrderSagaEvent) -> Option<OrderSaga> {
-        let (order_id, steps, at) = match event {
-            OrderSagaEvent::OrderSagaAdvanced {
-                order_id,
-                steps,
-                at,
-            } => (order_id, steps.as_slice(), at),
-            OrderSagaEvent::OrderSagaStepTaken { order_id, step, at } => {
-                (order_id, std::slice::from_ref(step), at)
-            }
-        };
-        let mut saga = state.unwrap_or(OrderSaga {
-            order_id: *order_id,
-            steps: Vec::new(),
-            started_at: *at,
-            updated_at: *at,
-        });
-        saga.steps.extend_from_slice(steps);
-        saga.updated_at = *at;
-        Some(saga)
-    }
 }
 
 #[cfg(test)]

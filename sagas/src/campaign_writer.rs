@@ -34,10 +34,7 @@ use domain::campaign::{Campaign, CampaignAggregate, CampaignCommand, StockMove};
 use domain::holding::{Holding, HoldingAggregate};
 use domain::order::{Order, OrderAggregate, OrderEvent};
 use domain::payment::{Payment, PaymentAggregate, PaymentStatus};
-use domain::saga::{
-    advance, payment_id_of, Bucket, Next, OrderFacts, OrderSagaAggregate, OrderSagaCommand,
-    OrderSagaEvent, Wake,
-};
+use domain::saga::{advance, payment_id_of, Bucket, Next, OrderFacts, Wake};
 use domain::stock::{StockBucket, StockBucketAggregate, StockBucketCommand};
 use domain::{Aggregate, CampaignId, Cents, DomainError, OrderId, PaymentId, Timestamp, UserId};
 use schemas::Metadata;
@@ -94,8 +91,6 @@ pub struct OrderState {
     pub payment: Option<Payment>,
     /// Version of `payment-<id>`.
     pub payment_version: u64,
-    /// Version of `ordersaga-<id>`.
-    pub saga_version: u64,
 }
 
 impl OrderState {
@@ -110,7 +105,7 @@ impl OrderState {
     }
 }
 
-/// Reads orders with their payments and saga records, a bounded number of orders per read.
+/// Reads orders with their payments, a bounded number of orders per read.
 pub async fn load_orders(
     log: &dyn EventLog,
     order_ids: &[OrderId],
@@ -123,7 +118,6 @@ pub async fn load_orders(
                 [
                     stream_id::<OrderAggregate>(id),
                     stream_id::<PaymentAggregate>(payment_id_of(id)),
-                    stream_id::<OrderSagaAggregate>(id),
                 ]
             })
             .collect();
@@ -134,9 +128,6 @@ pub async fn load_orders(
                 &events,
                 &stream_id::<PaymentAggregate>(payment_id_of(id)),
             )?;
-            let saga_version = events
-                .get(&stream_id::<OrderSagaAggregate>(id))
-                .map_or(0, |e| e.len() as u64);
             states.insert(
                 id,
                 OrderState {
@@ -144,7 +135,6 @@ pub async fn load_orders(
                     order_version: order.1,
                     payment: payment.0,
                     payment_version: payment.1,
-                    saga_version,
                 },
             );
         }
@@ -405,8 +395,7 @@ impl Appends {
             Some("order") => 0,
             Some("payment") => 1,
             Some("holding") => 2,
-            Some("ordersaga") => 3,
-            _ => 4,
+            _ => 3,
         };
         self.order
             .sort_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)));
@@ -766,20 +755,6 @@ impl CampaignWriter {
                 holding_stream(self.campaign_id, user_id),
                 holding_version,
                 &advanced.holding,
-                &metadata,
-            )?;
-            let record = OrderSagaAggregate::decide(
-                &None,
-                &OrderSagaCommand::Record {
-                    order_id,
-                    steps: advanced.steps.clone(),
-                    now,
-                },
-            )?;
-            appends.add::<OrderSagaEvent>(
-                stream_id::<OrderSagaAggregate>(order_id),
-                state.saga_version,
-                &record,
                 &metadata,
             )?;
             if !advanced.holding.is_empty() {

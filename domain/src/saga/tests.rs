@@ -479,32 +479,6 @@ fn a_finished_order_wakes_up_to_nothing() {
     assert_eq!(again.next, Next::Done);
 }
 
-#[test]
-fn the_saga_records_the_steps_of_a_wake_up_as_one_event() {
-    let order_id = order(OrderStatus::Pending).order_id;
-    let record = |steps: Vec<SagaStep>| OrderSagaCommand::Record {
-        order_id,
-        steps,
-        now: at(1),
-    };
-    let steps = vec![SagaStep::ReserveStock, SagaStep::RequestPayment];
-    let events = OrderSagaAggregate::decide(&None, &record(steps.clone())).unwrap();
-    assert_eq!(events.len(), 1);
-    let state = OrderSagaAggregate::fold(&events);
-    assert_eq!(state.as_ref().unwrap().steps, steps);
-    assert!(OrderSagaAggregate::decide(&state, &record(vec![]))
-        .unwrap()
-        .is_empty());
-    // A record of an earlier version, one step per event, still folds.
-    let legacy = OrderSagaEvent::OrderSagaStepTaken {
-        order_id,
-        step: SagaStep::AwaitPayment,
-        at: at(2),
-    };
-    let state = OrderSagaAggregate::evolve(state, &legacy);
-    assert_eq!(state.unwrap().steps.len(), 3);
-}
-
 // --- the invariants, over many orders and outcomes ---
 
 /// What happens to an order after it is placed.
