@@ -63,8 +63,9 @@ pub struct PgEventLog {
 /// before committing.
 const INSERT_EVENTS: &str = "
 INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata)
-SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.data, e.metadata
-FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::jsonb[], $7::jsonb[], $8::bigint[])
+SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.data::json,
+       e.metadata::json
+FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[])
      WITH ORDINALITY AS e(event_id, stream_id, stream_version, event_type, schema_version, data, metadata,
                           follows_version, ord)
 WHERE e.follows_version = 0
@@ -104,6 +105,11 @@ const SELECT_KEYS: &str =
 
 const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
      schema_version, data, metadata, recorded_at, transaction_id::text AS transaction_id FROM events";
+
+/// An event's data or metadata as the JSON text its column keeps.
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
 
 /// Postgres' SQLSTATE for a unique violation.
 const UNIQUE_VIOLATION: &str = "23505";
@@ -337,8 +343,8 @@ impl PgEventLog {
                     versions.push(expected + offset as i64 + 1);
                     types.push(event.event.event_type.as_str());
                     schema_versions.push(event.event.schema_version as i32);
-                    data.push(&event.event.data);
-                    metadata.push(Json(&event.metadata));
+                    data.push(to_json(&event.event.data)?);
+                    metadata.push(to_json(&event.metadata)?);
                     follows.push(if offset == 0 { expected } else { 0 });
                 }
             }
