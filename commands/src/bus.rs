@@ -13,7 +13,9 @@
 //! of the log (a JSON array of envelopes), so the broker's cost per message is paid once per
 //! batch, not once per event: a flash sale writes several events per order, and every consumer
 //! reads them all. A message's id names its first and last event, so a relay that publishes
-//! the same events again within JetStream's duplicate window is not stored twice.
+//! the same events again within JetStream's duplicate window is not stored twice. A consumer
+//! reads each event's data and metadata only when it wants the event ([`Delivery::events_where`]):
+//! most consumers want a small share of what a sale writes.
 //!
 //! Delivery is at least once on both: a consumer sees an event again after a crash, a lost
 //! ack or a relay that republished past JetStream's duplicate window. Consumers deduplicate
@@ -22,11 +24,16 @@
 pub mod jetstream;
 pub mod memory;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use schemas::Envelope;
+use chrono::{DateTime, Utc};
+use schemas::{Envelope, EventHead};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use ulid::Ulid;
 
 use crate::log::{LogCursor, RecordedEvent};
 use crate::trace::TraceParent;
@@ -234,8 +241,9 @@ impl BusError {
 /// One delivery of a message to a consumer. It must be acknowledged, negatively
 /// acknowledged or terminated; one left alone is delivered again after the ack wait.
 pub struct Delivery {
-    /// The events, in log order, or why the body is not a batch of them (a poison message).
-    pub events: Result<Vec<Envelope>, String>,
+    /// Why no consumer may read it, when the bus knows before reading it (a message of
+    /// another deployment's log).
+    refused: Option<String>,
     /// The subject it was published on.
     pub subject: String,
     /// The raw body, kept for dead letters.
@@ -251,6 +259,23 @@ enum Acker {
 }
 
 impl Delivery {
+    /// Its events, in log order, or why the body is not a batch of them (a poison message).
+    pub fn events(&self) -> Result<Vec<Envelope>, String> {
+        self.events_where(|_| true)
+    }
+
+    /// Its events that `wants` picks, in log order, or why the body is not a batch of events.
+    /// The others are skipped over without reading their data and metadata.
+    pub fn events_where(
+        &self,
+        wants: impl Fn(&EventHead<'_>) -> bool,
+    ) -> Result<Vec<Envelope>, String> {
+        match &self.refused {
+            Some(reason) => Err(reason.clone()),
+            None => decode_where(&self.payload, wants),
+        }
+    }
+
     /// Done with it: never deliver it again.
     pub async fn ack(&self) -> Result<(), BusError> {
         match &self.acker {
@@ -301,7 +326,7 @@ impl std::fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("subject", &self.subject)
             .field("delivered", &self.delivered)
-            .field("events", &self.events.as_ref().map(Vec::len))
+            .field("bytes", &self.payload.len())
             .finish()
     }
 }
@@ -380,17 +405,77 @@ pub trait Bus: Send + Sync + 'static {
 /// Reads a message body back: a batch of envelopes, or the single envelope of a message
 /// published before batches; an error names what is wrong with a poison message.
 pub(crate) fn decode(payload: &[u8]) -> Result<Vec<Envelope>, String> {
+    decode_where(payload, |_| true)
+}
+
+/// An envelope as a message carries it, read in one pass that leaves its metadata and data as
+/// the text they are: building them is most of the cost of reading an event, and only the
+/// events a consumer wants are built.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Unread<'a> {
+    event_id: Ulid,
+    #[serde(borrow)]
+    stream_id: Cow<'a, str>,
+    stream_version: u64,
+    global_position: u64,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    schema_version: u32,
+    recorded_at: DateTime<Utc>,
+    #[serde(borrow)]
+    metadata: &'a RawValue,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+impl Unread<'_> {
+    fn head(&self) -> EventHead<'_> {
+        EventHead {
+            stream_id: &self.stream_id,
+            event_type: &self.event_type,
+        }
+    }
+
+    fn read(self) -> Result<Envelope, serde_json::Error> {
+        Ok(Envelope {
+            event_id: self.event_id,
+            stream_id: self.stream_id.into_owned(),
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            event_type: self.event_type.into_owned(),
+            schema_version: self.schema_version,
+            recorded_at: self.recorded_at,
+            metadata: serde_json::from_str(self.metadata.get())?,
+            data: serde_json::from_str(self.data.get())?,
+        })
+    }
+}
+
+/// [`decode`], building only the events `wants` picks.
+fn decode_where(
+    payload: &[u8],
+    wants: impl Fn(&EventHead<'_>) -> bool,
+) -> Result<Vec<Envelope>, String> {
     let batch = payload
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|b| *b == b'[');
-    if batch {
-        serde_json::from_slice(payload).map_err(|error| format!("not a batch of events: {error}"))
+    let (unread, what) = if batch {
+        (serde_json::from_slice(payload), "a batch of events")
     } else {
-        serde_json::from_slice(payload)
-            .map(|envelope| vec![envelope])
-            .map_err(|error| format!("not an event envelope: {error}"))
-    }
+        (
+            serde_json::from_slice(payload).map(|one: Unread<'_>| vec![one]),
+            "an event envelope",
+        )
+    };
+    let unread: Vec<Unread<'_>> = unread.map_err(|error| format!("not {what}: {error}"))?;
+    unread
+        .into_iter()
+        .filter(|event| wants(&event.head()))
+        .map(Unread::read)
+        .collect::<Result<_, _>>()
+        .map_err(|error| format!("not {what}: {error}"))
 }
 
 /// `<transaction id>:<global position>`, as in the [`header::LOG_CURSOR`] header.
@@ -493,5 +578,37 @@ mod tests {
         // A message from before batches still reads as one event.
         let single = serde_json::to_vec(&many[0].envelope).unwrap();
         assert_eq!(decode(&single).unwrap(), vec![many[0].envelope.clone()]);
+    }
+
+    #[test]
+    fn a_consumer_reads_whole_only_the_events_it_wants() {
+        let mut events: Vec<RecordedEvent> = (1..=4).map(|n| recorded(n, 10)).collect();
+        events[1].envelope.stream_id = "order-2".into();
+        events[1].envelope.data = serde_json::json!({ "escaped \"quote\"": [1, 2.5, null] });
+        let payload =
+            serde_json::to_vec(&events.iter().map(|e| &e.envelope).collect::<Vec<_>>()).unwrap();
+        let orders = decode_where(&payload, |head| head.category() == "order").unwrap();
+        assert_eq!(orders, vec![events[1].envelope.clone()]);
+        assert!(decode_where(&payload, |_| false).unwrap().is_empty());
+        assert_eq!(
+            decode(&payload).unwrap(),
+            events
+                .iter()
+                .map(|e| e.envelope.clone())
+                .collect::<Vec<_>>()
+        );
+
+        // Metadata that is not an event's fails only a consumer that reads the event.
+        let broken =
+            String::from_utf8(payload)
+                .unwrap()
+                .replacen("\"trace_id\":null", "\"trace_id\":7", 1);
+        let error = decode(broken.as_bytes()).unwrap_err();
+        assert!(error.starts_with("not a batch of events"), "{error}");
+        let rest = decode_where(broken.as_bytes(), |head| head.stream_id != "campaign-1");
+        assert_eq!(rest.unwrap().len(), 3);
+        // A body that is not a batch of envelopes fails every consumer.
+        let error = decode_where(b"[{\"event_id\":1}]", |_| false).unwrap_err();
+        assert!(error.starts_with("not a batch of events"), "{error}");
     }
 }

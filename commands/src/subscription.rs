@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
-use schemas::Envelope;
+use schemas::{Envelope, EventHead};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -60,9 +60,9 @@ pub trait Handler: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether the handler has anything to do with `event`; the others are acknowledged
-    /// without being deduplicated, recorded or handled. All by default.
-    fn wants(&self, _event: &Envelope) -> bool {
+    /// Whether the handler has anything to do with an event; the others are acknowledged
+    /// without being read whole, deduplicated, recorded or handled. All by default.
+    fn wants(&self, _event: &EventHead<'_>) -> bool {
         true
     }
 
@@ -568,14 +568,11 @@ impl Runtime {
     }
 
     async fn process(&self, delivery: Delivery) {
-        let events = match &delivery.events {
+        let events = match delivery.events_where(|head| self.handler.wants(head)) {
             Ok(events) => events,
-            Err(reason) => {
-                let reason = reason.clone();
-                return self.give_up_message(&delivery, &reason).await;
-            }
+            Err(reason) => return self.give_up_message(&delivery, &reason).await,
         };
-        let wanted: Vec<&Envelope> = events.iter().filter(|e| self.handler.wants(e)).collect();
+        let wanted: Vec<&Envelope> = events.iter().collect();
         let fresh = match self.fresh(&wanted).await {
             Ok(Fresh::Ready(fresh)) => fresh,
             Ok(Fresh::Early(count)) => {

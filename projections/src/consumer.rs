@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use commands::subscription::{Dedupe, DedupeError, Handler, HandlerError, Seen};
-use schemas::Envelope;
+use schemas::{Envelope, EventHead};
 
 use crate::ops::{Change, ProjectionName};
 use crate::store::ProjectionStore;
@@ -96,8 +96,8 @@ impl Handler for ProjectionConsumer {
         Ok(())
     }
 
-    fn wants(&self, event: &Envelope) -> bool {
-        self.name.reads(&event.stream_id)
+    fn wants(&self, event: &EventHead<'_>) -> bool {
+        self.name.reads(event.stream_id)
     }
 
     fn handles_batches(&self) -> bool {

@@ -19,7 +19,7 @@ use commands::subscription::{Handler, HandlerError};
 use commands::{CommandError, CommandHandler, LogError};
 use domain::order::{OrderAggregate, OrderEvent};
 use domain::{Aggregate, CampaignId, DomainError, OrderId, Timestamp};
-use schemas::{Envelope, Metadata};
+use schemas::{Envelope, EventHead, Metadata};
 use sha2::{Digest, Sha256};
 use ulid::Ulid;
 
@@ -268,9 +268,9 @@ impl OrderSaga {
     /// Whether `event` wakes the saga: events that come from outside the saga (a placed or
     /// cancelled order, a provider's answer). What the saga's own steps append needs no
     /// wake-up: it goes on planning after each step.
-    fn wakes(event: &Envelope) -> bool {
+    fn wakes(event: &EventHead<'_>) -> bool {
         matches!(
-            (event.category(), event.event_type.as_str()),
+            (event.category(), event.event_type),
             ("order", "OrderPlaced" | "OrderCancelled")
                 | ("payment", "PaymentSucceeded" | "PaymentFailed")
         )
@@ -278,7 +278,7 @@ impl OrderSaga {
 
     /// The order an event wakes the saga for, with the order whole when the event placed it.
     fn trigger_of(event: &Envelope) -> Option<Trigger> {
-        if !Self::wakes(event) {
+        if !Self::wakes(&event.head()) {
             return None;
         }
         let (category, id) = event.stream_id.split_once('-')?;
@@ -331,7 +331,7 @@ impl Handler for OrderSaga {
         Ok(())
     }
 
-    fn wants(&self, event: &Envelope) -> bool {
+    fn wants(&self, event: &EventHead<'_>) -> bool {
         Self::wakes(event)
     }
 

@@ -52,8 +52,33 @@ pub struct Envelope {
 impl Envelope {
     /// The stream's category: the part of the stream id before the first `-`.
     pub fn category(&self) -> &str {
+        self.head().category()
+    }
+
+    /// What a consumer looks at to tell whether it wants the event.
+    pub fn head(&self) -> EventHead<'_> {
+        EventHead {
+            stream_id: &self.stream_id,
+            event_type: &self.event_type,
+        }
+    }
+}
+
+/// What a consumer looks at to tell whether it wants an event, before reading it whole: a
+/// consumer reads the data and metadata only of the events it wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHead<'a> {
+    /// `<category>-<aggregate id>`.
+    pub stream_id: &'a str,
+    /// The event type, as in the schema registry.
+    pub event_type: &'a str,
+}
+
+impl<'a> EventHead<'a> {
+    /// The stream's category: the part of the stream id before the first `-`.
+    pub fn category(&self) -> &'a str {
         self.stream_id
             .split_once('-')
-            .map_or(self.stream_id.as_str(), |(category, _)| category)
+            .map_or(self.stream_id, |(category, _)| category)
     }
 }

@@ -12,5 +12,5 @@ pub mod envelope;
 pub mod registry;
 
 pub use codec::{decode, encode, from_envelope, EncodedEvent};
-pub use envelope::{Envelope, Metadata};
+pub use envelope::{Envelope, EventHead, Metadata};
 pub use registry::{Registry, SchemaError};

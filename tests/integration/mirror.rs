@@ -868,13 +868,13 @@ async fn the_embedded_bus_redelivers_what_a_consumer_sends_back() {
     let mut deliveries = bus.subscribe(&ConsumerOptions::new("c")).await.unwrap();
     let first = deliveries.next().await.unwrap().unwrap();
     assert_eq!(first.delivered, 1);
-    assert_eq!(first.events.as_ref().unwrap().len(), 2);
+    assert_eq!(first.events().unwrap().len(), 2);
     first.retry_after(Duration::from_millis(50)).await.unwrap();
     let second = deliveries.next().await.unwrap().unwrap();
-    assert_eq!(second.events.as_ref().unwrap().len(), 1);
+    assert_eq!(second.events().unwrap().len(), 1);
     let again = deliveries.next().await.unwrap().unwrap();
     assert_eq!(
-        again.events.as_ref().unwrap()[0].event_id,
+        again.events().unwrap()[0].event_id,
         first_two[0].envelope.event_id
     );
     assert_eq!(again.delivered, 2);
@@ -995,9 +995,9 @@ async fn a_bus_bound_to_one_log_refuses_another_and_hands_over_its_messages_as_u
         .unwrap();
     let mut deliveries = again.subscribe(&ConsumerOptions::new("c")).await.unwrap();
     let own = deliveries.next().await.unwrap().unwrap();
-    assert_eq!(own.events.unwrap().len(), 1);
+    assert_eq!(own.events().unwrap().len(), 1);
     let other = deliveries.next().await.unwrap().unwrap();
-    let reason = other.events.unwrap_err();
+    let reason = other.events().unwrap_err();
     assert!(
         reason.contains("log-b") && reason.contains("log-a"),
         "{reason}"

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::{
-    batches, decode, format_cursor, header, parse_cursor, Acker, Bus, BusError, ConsumerOptions,
+    batches, format_cursor, header, parse_cursor, Acker, Bus, BusError, ConsumerOptions,
     Deliveries, Delivery, Letter, Published,
 };
 use crate::log::RecordedEvent;
@@ -449,7 +449,7 @@ impl Deliveries for JetStreamDeliveries {
             .as_ref()
             .and_then(|h| h.get(header::LOG_ID))
             .map(|v| v.as_str());
-        let events = match (theirs, self.log_id.get()) {
+        let refused = match (theirs, self.log_id.get()) {
             // Another deployment's event: delivered as a message nobody can read, so the
             // consumer dead-letters it instead of applying it.
             (Some(theirs), Some(ours)) if theirs != ours => {
@@ -458,14 +458,14 @@ impl Deliveries for JetStreamDeliveries {
                     "a message of another event log reached this deployment: two deployments \
                      share one NATS server and stream prefix"
                 );
-                Err(format!(
+                Some(format!(
                     "a message of event log {theirs}, not of this deployment's log {ours}"
                 ))
             }
-            _ => decode(&message.payload),
+            _ => None,
         };
         Some(Ok(Delivery {
-            events,
+            refused,
             subject: message.subject.to_string(),
             payload: message.payload,
             delivered,

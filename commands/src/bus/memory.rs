@@ -244,7 +244,7 @@ impl MemoryDeliveries {
         };
         let message = &messages[index];
         Ok(Delivery {
-            events: decode(&message.payload),
+            refused: None,
             subject: message.subject.clone(),
             payload: message.payload.clone(),
             delivered,
