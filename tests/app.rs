@@ -105,6 +105,7 @@ pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings))
         read_models,
         rebuild: Default::default(),
         heal_read_models_every: None,
+        sweep: None,
         payments: Payments::External,
         webhook_secret: WEBHOOK_SECRET.to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),

@@ -29,6 +29,7 @@ use projections::{
 use sagas::deadlines::{Deadlines, MemoryDeadlines, PgDeadlines};
 use sagas::order_saga::OrderSaga;
 use sagas::payments::{External, PaymentProvider, Simulated};
+use sagas::sweeper::{Sweep, Sweeper};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -112,6 +113,9 @@ pub struct Settings {
     /// restarted Redis) and rebuilds them itself, one instance at a time under the rebuild's
     /// lease; `None`: only at start-up, and then by the operator.
     pub heal_read_models_every: Option<Duration>,
+    /// How the sweeper looks for orders that wait past a bound and wakes the saga for them;
+    /// `None`: no sweeper.
+    pub sweep: Option<Sweep>,
     /// The payment provider.
     pub payments: Payments,
     /// The key payment webhooks are signed with.
@@ -192,6 +196,7 @@ pub struct Application {
     order_saga: Arc<OrderSaga>,
     limits: Limits,
     heal_read_models_every: Option<Duration>,
+    sweep: Option<Sweep>,
     rebuild: RebuildOptions,
 }
 
@@ -421,6 +426,7 @@ impl Application {
             order_saga,
             limits: settings.limits,
             heal_read_models_every: settings.heal_read_models_every,
+            sweep: settings.sweep,
             rebuild: settings.rebuild,
         })
     }
@@ -455,6 +461,16 @@ impl Application {
         let relay = tokio::spawn(self.relay.run(wait_stop(stopped.clone())));
         let saga = tokio::spawn(self.saga.run(wait_stop(stopped.clone())));
         let order_saga = self.order_saga;
+        let sweeper = self.sweep.map(|sweep| {
+            let read_model: Arc<dyn projections::ReadModel> = self.state.read_model.clone();
+            let sweeper = Sweeper::new(
+                read_model,
+                Arc::clone(&self.deadlines),
+                Arc::clone(&order_saga),
+                sweep,
+            );
+            tokio::spawn(sweeper.run(wait_stop(stopped.clone())))
+        });
         let deadlines = tokio::spawn(sagas::deadlines::run(
             self.deadlines,
             move |order_ids| {
@@ -462,7 +478,7 @@ impl Application {
                 // Deadlines start a trace of their own; the steps they take continue it.
                 let span = tracing::info_span!("payment_deadlines", orders = order_ids.len());
                 let fired = async move {
-                    if let Err(error) = order_saga.fire_deadlines(&order_ids).await {
+                    if let Err(error) = order_saga.wake(&order_ids).await {
                         tracing::warn!(%error, "the saga could not act on due deadlines");
                     }
                 };
@@ -494,6 +510,9 @@ impl Application {
         }
         if let Some(healer) = healer {
             let _ = healer.await;
+        }
+        if let Some(sweeper) = sweeper {
+            let _ = sweeper.await;
         }
         let _ = key_sweep.await;
         let _ = relay.await;

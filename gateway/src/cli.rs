@@ -13,6 +13,7 @@ use crate::app::{Application, Mirror, Payments, ReadModels, Settings, StartupErr
 use crate::overload::Limits;
 use crate::rate_limit::{Bucket, RateLimits};
 use crate::telemetry::{Otlp, OtlpProtocol};
+use sagas::sweeper::Sweep;
 
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
 #[derive(Parser)]
@@ -189,6 +190,15 @@ pub struct ServeArgs {
         default_value_t = 500
     )]
     pub simulated_payment_delay_ms: u64,
+    /// How long an order may wait (pending past its placement, or awaiting payment past its
+    /// deadline) before the sweeper wakes the saga for it, in seconds.
+    #[arg(
+        long,
+        env = "GROUPBUY_SWEEP_STUCK_AFTER_SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub sweep_stuck_after_seconds: u64,
     /// The share of payments the simulated provider fails, 0 to 1.
     #[arg(
         long,
@@ -299,6 +309,10 @@ impl ServeArgs {
             read_models,
             rebuild: Default::default(),
             heal_read_models_every: Some(Duration::from_secs(5)),
+            sweep: Some(Sweep {
+                stuck_after: Duration::from_secs(self.sweep_stuck_after_seconds),
+                ..Sweep::default()
+            }),
             payments: match self.payment_provider {
                 PaymentProviderArg::Simulated => Payments::Simulated {
                     delay: Duration::from_millis(self.simulated_payment_delay_ms),

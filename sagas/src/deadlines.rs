@@ -46,6 +46,11 @@ pub trait Deadlines: Send + Sync + 'static {
     }
     /// Claims up to `limit` deadlines due at `now`.
     async fn claim_due(&self, now: Timestamp, limit: usize) -> Result<Vec<OrderId>, DeadlineError>;
+    /// When each of `order_ids` that has a deadline is due; orders without one are left out.
+    async fn due_at(
+        &self,
+        order_ids: &[OrderId],
+    ) -> Result<HashMap<OrderId, Timestamp>, DeadlineError>;
 }
 
 /// Deadlines in memory, for the embedded default.
@@ -94,6 +99,17 @@ impl Deadlines for MemoryDeadlines {
             }
         }
         Ok(claimed)
+    }
+
+    async fn due_at(
+        &self,
+        order_ids: &[OrderId],
+    ) -> Result<HashMap<OrderId, Timestamp>, DeadlineError> {
+        let all = self.due.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(order_ids
+            .iter()
+            .filter_map(|id| all.get(id).map(|(due, _)| (*id, *due)))
+            .collect())
     }
 }
 
@@ -159,6 +175,24 @@ impl Deadlines for PgDeadlines {
         .fetch_all(&self.pool)
         .await?;
         Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
+    }
+
+    async fn due_at(
+        &self,
+        order_ids: &[OrderId],
+    ) -> Result<HashMap<OrderId, Timestamp>, DeadlineError> {
+        if order_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, Timestamp)> =
+            sqlx::query_as("SELECT order_id, due_at FROM saga_deadlines WHERE order_id = ANY($1)")
+                .bind(order_ids.iter().map(|o| o.to_string()).collect::<Vec<_>>())
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, due)| Some((id.parse().ok()?, due)))
+            .collect())
     }
 }
 

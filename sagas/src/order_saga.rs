@@ -244,8 +244,10 @@ impl OrderSaga {
         }
     }
 
-    /// Moves on the orders whose deadlines fell due.
-    pub async fn fire_deadlines(&self, order_ids: &[OrderId]) -> Result<(), SagaError> {
+    /// Wakes the saga for `order_ids`, with no event to say why: their deadlines fell due, or
+    /// the [`crate::sweeper`] found them waiting too long. Each takes whatever step its order,
+    /// holding and payment allow, which is none for an order that is not due.
+    pub async fn wake(&self, order_ids: &[OrderId]) -> Result<(), SagaError> {
         let mut cause = Metadata::default();
         if let Some(trace) = commands::trace::recorded_in(
             &tracing::Span::current(),

@@ -49,3 +49,4 @@ mod order_saga;
 mod read_models;
 mod readiness;
 mod stock_buckets;
+mod sweeper;

@@ -901,6 +901,7 @@ fn app_settings(db: &TestDb, mirror: JetStreamSettings) -> gateway::app::Setting
         read_models: ReadModels::Embedded,
         rebuild: Default::default(),
         heal_read_models_every: None,
+        sweep: None,
         payments: Payments::External,
         webhook_secret: b"webhook".to_vec(),
         read_your_writes_timeout: Duration::from_secs(2),

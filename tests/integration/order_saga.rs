@@ -518,7 +518,7 @@ impl EventLog for DyingLog {
 }
 
 /// A campaign and an order placed on it by a new customer, straight into the log.
-async fn placed_order(log: &Arc<dyn EventLog>) -> (CampaignId, OrderId, UserId) {
+pub(crate) async fn placed_order(log: &Arc<dyn EventLog>) -> (CampaignId, OrderId, UserId) {
     let handler = CommandHandler::new(Arc::clone(log), HandlerOptions::default());
     let now = chrono::Utc::now();
     let campaign_id = crate::stock_buckets::create_campaign_with(&handler, 5, 5, 1).await;
