@@ -234,7 +234,7 @@ mod tests {
     fn the_cutoff_id_sorts_after_every_order_of_the_millisecond_before_and_none_after() {
         let at = chrono::DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
         let cutoff = placed_before(at);
-        let before = Ulid::from_parts(1_700_000_000_122, u128::MAX >> 48);
+        let before = Ulid::from_parts(1_700_000_000_122, u128::MAX >> 49);
         let same = Ulid::from_parts(1_700_000_000_123, 0);
         assert!(OrderId::from_ulid(before) < cutoff);
         assert!(OrderId::from_ulid(same) > cutoff);
