@@ -97,6 +97,7 @@ pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings))
         },
     };
     let mut settings = Settings {
+        roles: Default::default(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: OPERATOR_TOKEN.into(),
         token_secret: b"test-token-secret".to_vec(),
@@ -309,6 +310,25 @@ impl TestApp {
         }
         if let Some(served) = self.served.take() {
             served.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl TestApp {
+    /// A client of a deployment that another process serves at `address`
+    /// (`http://127.0.0.1:<port>`).
+    pub fn at(address: String) -> TestApp {
+        TestApp {
+            address,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            db: None,
+            streams: None,
+            redis: None,
+            stop: None,
+            served: None,
         }
     }
 }

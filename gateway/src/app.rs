@@ -38,6 +38,7 @@ use crate::auth::Auth;
 use crate::error::ApiError;
 use crate::extract::BODY_BYTES_MAX;
 use crate::overload::{self, Limits, Overload};
+use crate::roles::{Role, Roles};
 use crate::routes::{admin, campaigns, health, orders, payments, stores, users};
 use crate::state::{AppState, Shared};
 
@@ -95,6 +96,8 @@ pub enum Payments {
 /// Everything the application needs to start.
 #[derive(Clone)]
 pub struct Settings {
+    /// What this process runs; apart from all of them, only on the shared services.
+    pub roles: Roles,
     /// Where to listen; port 0 picks a free one.
     pub http_addr: SocketAddr,
     /// The operator's bearer token.
@@ -187,6 +190,7 @@ pub enum StartupError {
 
 /// A built application, bound to its port, not yet serving.
 pub struct Application {
+    roles: Roles,
     listener: TcpListener,
     state: AppState,
     relay: Relay,
@@ -343,6 +347,17 @@ pub async fn open_bus(mirror: &Mirror) -> Result<Arc<dyn Bus>, StartupError> {
 impl Application {
     /// Opens storage, builds the read model and binds the listener.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let roles = settings.roles.clone();
+        let embedded = matches!(settings.storage, Storage::Embedded)
+            || matches!(settings.mirror, Mirror::Embedded)
+            || matches!(settings.read_models, ReadModels::Embedded);
+        if !roles.are_all() && embedded {
+            return Err(StartupError::Config(format!(
+                "--roles {roles}: a process that runs only some roles shares the others' work \
+                 through the log, the bus and the read models, so it needs DATABASE_URL, \
+                 NATS_URL and REDIS_URL; the embedded default runs every role in one process"
+            )));
+        }
         let Opened {
             log,
             leases,
@@ -381,15 +396,19 @@ impl Application {
         );
         crate::metrics::handle();
         let store = open_read_models(&settings.read_models).await?;
-        build_missing(&log, &store, &settings.rebuild).await?;
+        if roles.runs(Role::Projections) {
+            build_missing(&log, &store, &settings.rebuild).await?;
+        }
         let projectors = projectors(&bus, &store, &settings.read_models, &settings.mirror);
-        let consumers = std::iter::once(("order-saga".to_owned(), saga.stats()))
+        let consumers = std::iter::once((Role::Saga, "order-saga".to_owned(), saga.stats()))
             .chain(
                 ProjectionName::ALL
                     .into_iter()
                     .zip(&projectors)
-                    .map(|(name, p)| (format!("projection-{name}"), p.stats())),
+                    .map(|(name, p)| (Role::Projections, format!("projection-{name}"), p.stats())),
             )
+            .filter(|(role, _, _)| roles.runs(*role))
+            .map(|(_, name, stats)| (name, stats))
             .collect();
         let state = AppState::new(Shared {
             handler,
@@ -409,6 +428,7 @@ impl Application {
             webhook_secret: settings.webhook_secret.clone(),
             bus,
             relay: relay.status(),
+            roles: roles.clone(),
         });
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -417,6 +437,7 @@ impl Application {
                 source,
             })?;
         Ok(Application {
+            roles,
             listener,
             state,
             relay,
@@ -453,78 +474,82 @@ impl Application {
         let wait_stop = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let projectors: Vec<_> = self
-            .projectors
-            .into_iter()
-            .map(|p| tokio::spawn(p.run(wait_stop(stopped.clone()))))
-            .collect();
-        let relay = tokio::spawn(self.relay.run(wait_stop(stopped.clone())));
-        let saga = tokio::spawn(self.saga.run(wait_stop(stopped.clone())));
-        let order_saga = self.order_saga;
-        let sweeper = self.sweep.map(|sweep| {
-            let read_model: Arc<dyn projections::ReadModel> = self.state.read_model.clone();
-            let sweeper = Sweeper::new(
-                read_model,
-                Arc::clone(&self.deadlines),
-                Arc::clone(&order_saga),
-                sweep,
-            );
-            tokio::spawn(sweeper.run(wait_stop(stopped.clone())))
-        });
-        let deadlines = tokio::spawn(sagas::deadlines::run(
-            self.deadlines,
-            move |order_ids| {
-                let order_saga = Arc::clone(&order_saga);
-                // Deadlines start a trace of their own; the steps they take continue it.
-                let span = tracing::info_span!("payment_deadlines", orders = order_ids.len());
-                let fired = async move {
-                    if let Err(error) = order_saga.wake(&order_ids).await {
-                        tracing::warn!(%error, "the saga could not act on due deadlines");
-                    }
-                };
-                fired.instrument(span)
-            },
-            wait_stop(stopped.clone()),
-        ));
-        let healer = self.heal_read_models_every.map(|every| {
-            tokio::spawn(heal_read_models(
-                Arc::clone(self.state.handler.log()),
-                Arc::clone(&self.state.read_model),
-                self.rebuild.clone(),
-                every,
+        let runs = |role| self.roles.runs(role);
+        let mut tasks = Vec::new();
+        if runs(Role::Projections) {
+            for projector in self.projectors {
+                tasks.push(tokio::spawn(projector.run(wait_stop(stopped.clone()))));
+            }
+            if let Some(every) = self.heal_read_models_every {
+                tasks.push(tokio::spawn(heal_read_models(
+                    Arc::clone(self.state.handler.log()),
+                    Arc::clone(&self.state.read_model),
+                    self.rebuild.clone(),
+                    every,
+                    wait_stop(stopped.clone()),
+                )));
+            }
+        }
+        if runs(Role::Relay) {
+            tasks.push(tokio::spawn(self.relay.run(wait_stop(stopped.clone()))));
+        }
+        if runs(Role::Saga) {
+            tasks.push(tokio::spawn(self.saga.run(wait_stop(stopped.clone()))));
+        }
+        if runs(Role::Deadlines) {
+            let order_saga = self.order_saga;
+            if let Some(sweep) = self.sweep {
+                let read_model: Arc<dyn projections::ReadModel> = self.state.read_model.clone();
+                let sweeper = Sweeper::new(
+                    read_model,
+                    Arc::clone(&self.deadlines),
+                    Arc::clone(&order_saga),
+                    sweep,
+                );
+                tasks.push(tokio::spawn(sweeper.run(wait_stop(stopped.clone()))));
+            }
+            tasks.push(tokio::spawn(sagas::deadlines::run(
+                self.deadlines,
+                move |order_ids| {
+                    let order_saga = Arc::clone(&order_saga);
+                    // Deadlines start a trace of their own; the steps they take continue it.
+                    let span = tracing::info_span!("payment_deadlines", orders = order_ids.len());
+                    let fired = async move {
+                        if let Err(error) = order_saga.wake(&order_ids).await {
+                            tracing::warn!(%error, "the saga could not act on due deadlines");
+                        }
+                    };
+                    fired.instrument(span)
+                },
                 wait_stop(stopped.clone()),
-            ))
-        });
-        let key_sweep = tokio::spawn(commands::idempotency::sweep_expired(
-            Arc::clone(self.state.handler.log()),
-            Default::default(),
-            wait_stop(stopped.clone()),
-        ));
+            )));
+        }
+        if runs(Role::Gateway) {
+            tasks.push(tokio::spawn(commands::idempotency::sweep_expired(
+                Arc::clone(self.state.handler.log()),
+                Default::default(),
+                wait_stop(stopped.clone()),
+            )));
+        }
+        tracing::info!(roles = %self.roles, "serving");
         let listener = crate::parse_errors::ProblemListener(self.listener);
-        let served = axum::serve(listener, router(self.state, self.limits))
+        let app = router(self.state, self.limits, runs(Role::Gateway));
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
         let _ = stop.send(true);
-        for projector in projectors {
-            let _ = projector.await;
+        for task in tasks {
+            let _ = task.await;
         }
-        if let Some(healer) = healer {
-            let _ = healer.await;
-        }
-        if let Some(sweeper) = sweeper {
-            let _ = sweeper.await;
-        }
-        let _ = key_sweep.await;
-        let _ = relay.await;
-        let _ = saga.await;
-        let _ = deadlines.await;
         served
     }
 }
 
-/// The HTTP routes of API.md. The API routes are shed and timed out under `limits`; the
-/// health probes are not, so an overloaded instance still answers them.
-pub fn router(state: AppState, limits: Limits) -> Router {
+/// The HTTP routes of API.md, with the API itself only when the process runs the `gateway`
+/// role (the probes, the metrics and the OpenAPI document always). The API routes are shed
+/// and timed out under `limits`; the health probes are not, so an overloaded instance still
+/// answers them.
+pub fn router(state: AppState, limits: Limits, gateway: bool) -> Router {
     let api = Router::new()
         .route("/v1/users", post(users::create))
         .route("/v1/stores", post(stores::create))
@@ -546,10 +571,15 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             Overload::new(limits),
             overload::guard,
         ));
+    let api = if gateway {
+        api
+            // Outside the request timeout: an audit replays the whole log. One at a time.
+            .route("/v1/admin/audit", get(admin::audit))
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(api)
-        // Outside the request timeout: an audit replays the whole log. One runs at a time.
-        .route("/v1/admin/audit", get(admin::audit))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(crate::metrics::metrics))

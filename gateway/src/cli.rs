@@ -12,6 +12,7 @@ use commands::bus::jetstream::JetStreamSettings;
 use crate::app::{Application, Mirror, Payments, ReadModels, Settings, StartupError, Storage};
 use crate::overload::Limits;
 use crate::rate_limit::{Bucket, RateLimits};
+use crate::roles::{Role, Roles};
 use crate::telemetry::{Otlp, OtlpProtocol};
 use sagas::sweeper::Sweep;
 
@@ -154,6 +155,16 @@ pub struct ServeArgs {
     /// simulated payment provider, or with secrets that are unset, short or examples.
     #[arg(long, env = "GROUPBUY_PROFILE", default_value = "dev")]
     pub profile: crate::config::Profile,
+    /// The roles this process runs, comma-separated: any of gateway, relay, saga,
+    /// projections, deadlines. Apart from all of them (the default), only on the shared
+    /// services (DATABASE_URL, NATS_URL, REDIS_URL).
+    #[arg(
+        long,
+        env = "GROUPBUY_ROLES",
+        value_delimiter = ',',
+        default_value = "gateway,relay,saga,projections,deadlines"
+    )]
+    pub roles: Vec<Role>,
     /// Address to listen on.
     #[arg(long, env = "GROUPBUY_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -301,6 +312,7 @@ impl ServeArgs {
             None => ReadModels::Embedded,
         };
         Settings {
+            roles: Roles::of(self.roles.iter().copied()).unwrap_or_default(),
             http_addr: self.http_addr,
             operator_token,
             token_secret,

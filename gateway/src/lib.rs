@@ -28,6 +28,7 @@ pub mod overload;
 pub mod parse_errors;
 pub mod rate_limit;
 pub mod reply;
+pub mod roles;
 pub mod routes;
 pub mod state;
 pub mod telemetry;

@@ -54,6 +54,8 @@ pub struct Shared {
     pub bus: Arc<dyn commands::bus::Bus>,
     /// What this instance's relay is doing, for readiness.
     pub relay: watch::Receiver<commands::relay::RelayStatus>,
+    /// What this process runs, for readiness.
+    pub roles: crate::roles::Roles,
 }
 
 impl Deref for AppState {

@@ -48,5 +48,6 @@ mod mirror;
 mod order_saga;
 mod read_models;
 mod readiness;
+mod roles;
 mod stock_buckets;
 mod sweeper;

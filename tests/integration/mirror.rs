@@ -890,6 +890,7 @@ async fn the_embedded_bus_redelivers_what_a_consumer_sends_back() {
 fn app_settings(db: &TestDb, mirror: JetStreamSettings) -> gateway::app::Settings {
     use gateway::app::{Mirror, Payments, ReadModels, Settings, Storage};
     Settings {
+        roles: Default::default(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         operator_token: "operator".into(),
         token_secret: b"secret".to_vec(),

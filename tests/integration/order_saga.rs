@@ -44,7 +44,7 @@ on_both_backends!(
 
 // --- through the API ---
 
-async fn place(app: &TestApp, token: &str, campaign: &Value, quantity: u32) -> Value {
+pub(crate) async fn place(app: &TestApp, token: &str, campaign: &Value, quantity: u32) -> Value {
     let key = Ulid::new().to_string();
     let body = json!({"campaign_id": campaign["campaign_id"], "quantity": quantity});
     expect_json(
@@ -54,7 +54,12 @@ async fn place(app: &TestApp, token: &str, campaign: &Value, quantity: u32) -> V
     .await
 }
 
-async fn campaign(app: &TestApp, quota: u32, limit: u32, payment_timeout_seconds: u32) -> Value {
+pub(crate) async fn campaign(
+    app: &TestApp,
+    quota: u32,
+    limit: u32,
+    payment_timeout_seconds: u32,
+) -> Value {
     let store = app.create_store().await;
     let now = chrono::Utc::now();
     let body = json!({
@@ -79,7 +84,7 @@ async fn stock(app: &TestApp, campaign: &Value) -> Value {
     expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await["stock"].clone()
 }
 
-fn paid(order: &Value, status: &str) -> Value {
+pub(crate) fn paid(order: &Value, status: &str) -> Value {
     json!({
         "payment_id": order["payment"]["payment_id"],
         "status": status,
@@ -87,7 +92,7 @@ fn paid(order: &Value, status: &str) -> Value {
     })
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 

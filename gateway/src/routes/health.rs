@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
+use crate::roles::Role;
 use crate::state::AppState;
 
 /// Longest a readiness probe waits for a dependency.
@@ -106,8 +107,13 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
         Json(json!({
             "status": if ready { "ready" } else { "not_ready" },
             "checks": { "event_log": log, "bus": bus, "read_models": read_models },
+            "roles": state.roles.names(),
             "relay": {
-                "role": if relay.leader { "leader" } else { "standby" },
+                "role": match (state.roles.runs(Role::Relay), relay.leader) {
+                    (false, _) => "not_run",
+                    (true, true) => "leader",
+                    (true, false) => "standby",
+                },
                 "global_position": relay.position.global_position,
                 "published": relay.published,
             },
