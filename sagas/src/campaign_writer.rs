@@ -671,7 +671,9 @@ impl CampaignWriter {
                 continue;
             }
             let user_id = order.user_id;
-            let (holding, holding_version) = holdings.get(&user_id).cloned().unwrap_or_default();
+            // Taken out, and put back moved on below: a customer's holding is copied once a
+            // batch (from the cache), not once an order.
+            let (holding, holding_version) = holdings.remove(&user_id).unwrap_or_default();
             let mut facts = OrderFacts {
                 order: wake_up.state.order.clone(),
                 holding,
@@ -757,15 +759,13 @@ impl CampaignWriter {
                 &advanced.holding,
                 &metadata,
             )?;
-            if !advanced.holding.is_empty() {
-                holdings.insert(
-                    user_id,
-                    (
-                        facts.holding.clone(),
-                        holding_version + advanced.holding.len() as u64,
-                    ),
-                );
-            }
+            holdings.insert(
+                user_id,
+                (
+                    std::mem::take(&mut facts.holding),
+                    holding_version + advanced.holding.len() as u64,
+                ),
+            );
             stock_move.reserved += advanced.reserved_units;
             stock_move.released += advanced.released_units;
             stock_move.sold += advanced.sold_units;
@@ -1001,6 +1001,9 @@ impl CampaignWriter {
         let mut holdings = HashMap::with_capacity(users.len());
         let mut missing: HashSet<UserId> = HashSet::new();
         for &user in users {
+            if holdings.contains_key(&user) {
+                continue;
+            }
             match self.holdings.get(&user) {
                 Some(known) => {
                     holdings.insert(user, known.clone());
