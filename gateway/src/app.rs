@@ -39,7 +39,7 @@ use crate::error::ApiError;
 use crate::extract::BODY_BYTES_MAX;
 use crate::overload::{self, Limits, Overload};
 use crate::roles::{Role, Roles};
-use crate::routes::{admin, campaigns, health, orders, payments, stores, users};
+use crate::routes::{admin, campaigns, health, history, orders, payments, stores, users};
 use crate::state::{AppState, Shared};
 
 /// Where events are stored.
@@ -567,6 +567,11 @@ pub fn router(state: AppState, limits: Limits, gateway: bool) -> Router {
         .route("/v1/payments/webhook", post(payments::webhook))
         .route("/v1/admin/projections", get(admin::projections))
         .route("/v1/admin/projections/{name}/rebuild", post(admin::rebuild))
+        .route(
+            "/v1/admin/streams/{stream_id}/events",
+            get(history::stream_events),
+        )
+        .route("/v1/admin/orders/{id}/history", get(history::order_history))
         .layer(axum::middleware::from_fn_with_state(
             Overload::new(limits),
             overload::guard,

@@ -62,6 +62,8 @@ pub const ULID_PATTERN: &str = "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$";
         admin::projections,
         admin::rebuild,
         admin::audit,
+        crate::routes::history::stream_events,
+        crate::routes::history::order_history,
         health::healthz,
         health::readyz,
         crate::metrics::metrics,

@@ -429,7 +429,8 @@ fn bucket_stream(campaign_id: CampaignId, bucket: u32) -> String {
     }
 }
 
-fn holding_stream(campaign_id: CampaignId, user_id: UserId) -> String {
+/// The stream of `user_id`'s holding in `campaign_id`.
+pub fn holding_stream(campaign_id: CampaignId, user_id: UserId) -> String {
     stream_id::<HoldingAggregate>(format!("{campaign_id}-{user_id}"))
 }
 

@@ -43,6 +43,7 @@ mod command_handling;
 mod contract;
 mod crash;
 mod event_log;
+mod history;
 mod loadgen;
 mod mirror;
 mod order_saga;

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod campaigns;
 pub mod health;
+pub mod history;
 pub mod orders;
 pub mod payments;
 pub mod stores;

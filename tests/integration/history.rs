@@ -1,0 +1,154 @@
+//! The operator reads the log: any stream page by page, and one order's whole history.
+
+use harness::{expect_json, expect_problem, TestApp, OPERATOR_TOKEN, WEBHOOK_SECRET};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::order_saga::{campaign, now, paid, place};
+
+on_both_backends!(
+    an_order_s_history_tells_its_whole_story_in_log_order,
+    a_stream_reads_page_by_page
+);
+
+async fn an_order_s_history_tells_its_whole_story_in_log_order(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let sale = campaign(&app, 10, 3, 600).await;
+    // Another order of the same customer: its reservation shares her holding's stream.
+    let other = place(&app, &ada, &sale, 1).await;
+    app.wait_for_status(
+        &ada,
+        other["order_id"].as_str().unwrap(),
+        "awaiting_payment",
+    )
+    .await;
+    let order = place(&app, &ada, &sale, 2).await;
+    let id = order["order_id"].as_str().unwrap();
+    let awaiting = app.wait_for_status(&ada, id, "awaiting_payment").await;
+    let answer = app
+        .webhook(&paid(&awaiting, "succeeded"), now(), WEBHOOK_SECRET)
+        .await;
+    expect_json(answer, StatusCode::OK).await;
+    app.wait_for_status(&ada, id, "confirmed").await;
+
+    let path = format!("/v1/admin/orders/{id}/history");
+    let history = expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let events = history["events"].as_array().unwrap();
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "OrderPlaced",
+            "OrderAwaitingPayment",
+            "PaymentRequested",
+            "UnitsReserved",
+            "PaymentSucceeded",
+            "OrderConfirmed",
+            "UnitsSold"
+        ],
+        "{history}"
+    );
+    let positions: Vec<u64> = events
+        .iter()
+        .map(|e| e["global_position"].as_u64().unwrap())
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    // The order's and its payment's streams, and of the shared holding only what is its.
+    let own = [format!("order-{id}"), format!("payment-{id}")];
+    assert!(
+        events
+            .iter()
+            .all(|e| own.iter().any(|s| e["stream_id"] == *s) || e["data"]["order_id"] == id),
+        "{history}"
+    );
+    // Who did what: the customer placed it, the provider paid, the saga did the rest.
+    let actors: Vec<&str> = events
+        .iter()
+        .map(|e| e["metadata"]["actor"].as_str().unwrap_or(""))
+        .collect();
+    assert!(actors[0].starts_with("user:"), "{actors:?}");
+    assert_eq!(
+        actors.iter().filter(|a| **a == "saga:order").count(),
+        5,
+        "{actors:?}"
+    );
+
+    // Only the operator reads it, and an order that does not exist has none.
+    let refused = app.get(&path, &ada).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let unknown = format!("/v1/admin/orders/{}/history", ulid::Ulid::new());
+    expect_problem(
+        app.get(&unknown, OPERATOR_TOKEN).await,
+        StatusCode::NOT_FOUND,
+        "order_not_found",
+    )
+    .await;
+}
+
+async fn a_stream_reads_page_by_page(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let sale = campaign(&app, 10, 3, 600).await;
+    let order = place(&app, &ada, &sale, 1).await;
+    let id = order["order_id"].as_str().unwrap();
+    app.wait_for_status(&ada, id, "awaiting_payment").await;
+    let cancel = app
+        .post(
+            &format!("/v1/orders/{id}/cancel"),
+            &ada,
+            Some(&ulid::Ulid::new().to_string()),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert!(cancel.status().is_success(), "{}", cancel.status());
+    app.wait_for_status(&ada, id, "cancelled").await;
+
+    let page = |from: u64| {
+        let app = &app;
+        async move {
+            let path = format!("/v1/admin/streams/order-{id}/events?from_version={from}&limit=2");
+            expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await
+        }
+    };
+    let first = page(1).await;
+    let versions = |page: &Value| -> Vec<u64> {
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["stream_version"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(versions(&first), [1, 2], "{first}");
+    assert_eq!(first["next_from_version"], 3);
+    assert_eq!(first["events"][0]["event_type"], "OrderPlaced");
+    let second = page(3).await;
+    assert_eq!(versions(&second), [3], "{second}");
+    assert_eq!(second["next_from_version"], Value::Null);
+    assert_eq!(second["events"][0]["event_type"], "OrderCancelled");
+
+    for bad in ["from_version=0", "limit=0", "limit=1001", "after=3"] {
+        let path = format!("/v1/admin/streams/order-{id}/events?{bad}");
+        expect_problem(
+            app.get(&path, OPERATOR_TOKEN).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        )
+        .await;
+    }
+    for missing in [
+        format!("order-{}", ulid::Ulid::new()),
+        "nonsense".into(),
+        "Order-x".into(),
+    ] {
+        let path = format!("/v1/admin/streams/{missing}/events");
+        expect_problem(
+            app.get(&path, OPERATOR_TOKEN).await,
+            StatusCode::NOT_FOUND,
+            "stream_not_found",
+        )
+        .await;
+    }
+}
