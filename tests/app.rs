@@ -226,6 +226,13 @@ impl TestApp {
             .expect("the request is answered")
     }
 
+    /// The customer (or operator) behind `token` cancels `order_id`.
+    pub async fn cancel(&self, token: &str, order_id: &str) -> Response {
+        let path = format!("/v1/orders/{order_id}/cancel");
+        self.send(reqwest::Method::POST, &path, Some(token), None, None)
+            .await
+    }
+
     /// GET.
     pub async fn get(&self, path: &str, token: &str) -> Response {
         self.send(reqwest::Method::GET, path, Some(token), None, None)

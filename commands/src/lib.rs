@@ -19,6 +19,7 @@ pub mod group_commit;
 pub mod handler;
 pub mod idempotency;
 pub mod log;
+pub mod periodic;
 pub mod relay;
 pub mod subscription;
 pub mod trace;

@@ -322,18 +322,12 @@ async fn heal_read_models(
     every: Duration,
     stop: impl Future<Output = ()>,
 ) {
-    let mut ticks = tokio::time::interval(every);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = ticks.tick() => {}
-        }
+    commands::periodic::every(every, stop, || async {
         if let Err(error) = build_missing(&log, &store, &options).await {
             tracing::warn!(%error, "cannot tell whether the read models need a rebuild");
         }
-    }
+    })
+    .await;
 }
 
 /// Connects the configured mirror.

@@ -111,18 +111,12 @@ impl Sweeper {
     /// `groupbuy_sweeper_orders_examined_total` and `groupbuy_sweeper_orders_woken_total`
     /// (by `status`).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
-        let mut ticks = tokio::time::interval(self.sweep.every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = ticks.tick() => {}
-            }
+        commands::periodic::every(self.sweep.every, stop, || async {
             if let Err(error) = self.sweep_once(chrono::Utc::now()).await {
                 tracing::warn!(%error, "cannot sweep for stuck orders; trying again later");
             }
-        }
+        })
+        .await;
     }
 
     /// One sweep at `now`.

@@ -94,15 +94,7 @@ async fn a_stream_reads_page_by_page(app: TestApp) {
     let order = place(&app, &ada, &sale, 1).await;
     let id = order["order_id"].as_str().unwrap();
     app.wait_for_status(&ada, id, "awaiting_payment").await;
-    let cancel = app
-        .post(
-            &format!("/v1/orders/{id}/cancel"),
-            &ada,
-            Some(&ulid::Ulid::new().to_string()),
-            &serde_json::json!({}),
-        )
-        .await;
-    assert!(cancel.status().is_success(), "{}", cancel.status());
+    assert_eq!(app.cancel(&ada, id).await.status(), StatusCode::ACCEPTED);
     app.wait_for_status(&ada, id, "cancelled").await;
 
     let page = |from: u64| {

@@ -236,16 +236,7 @@ async fn a_customer_cancel_releases_and_a_late_success_is_refunded(app: TestApp)
     let placed = place(&app, &ada, &campaign, 2).await;
     let id = placed["order_id"].as_str().unwrap();
     let awaiting = app.wait_for_status(&ada, id, "awaiting_payment").await;
-    let cancel = app
-        .send(
-            reqwest::Method::POST,
-            &format!("/v1/orders/{id}/cancel"),
-            Some(&ada),
-            None,
-            None,
-        )
-        .await;
-    assert_eq!(cancel.status(), StatusCode::ACCEPTED);
+    assert_eq!(app.cancel(&ada, id).await.status(), StatusCode::ACCEPTED);
     let full = json!({"total": 10, "available": 10, "reserved": 0, "sold": 0});
     wait_for_stock(&app, &campaign, &full).await;
     // The money arrives anyway: it goes back, and the order stays cancelled.
