@@ -81,6 +81,9 @@ pub enum Command {
     /// Replays the whole log against the invariants (and compares the Redis read models with a
     /// fresh fold); exits non-zero on any violation.
     Audit(AuditArgs),
+    /// Prints the events of one stream of the log, or one order's whole history (its events
+    /// and those of its payment and reservation, in log order).
+    Events(EventsArgs),
     /// Drives a flash sale against a running deployment over HTTP, and reports rates,
     /// latencies and the stock invariants; exits non-zero when a check fails.
     Loadgen(crate::loadgen::LoadgenArgs),
@@ -146,6 +149,30 @@ pub struct AuditArgs {
     /// counts as stuck.
     #[arg(long, default_value_t = 300)]
     pub stuck_after_seconds: u64,
+}
+
+/// Flags of `groupbuy events`.
+#[derive(Args)]
+pub struct EventsArgs {
+    /// The stream, `<category>-<id>`: `order-<order id>`, `payment-<payment id>`,
+    /// `holding-<campaign id>-<user id>`, `campaign-<campaign id>`, ...
+    #[arg(required_unless_present = "order", conflicts_with = "order")]
+    pub stream_id: Option<String>,
+    /// The history of this order instead of one stream.
+    #[arg(long)]
+    pub order: Option<String>,
+    /// The first version of the stream to print.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub from_version: u64,
+    /// Most events of the stream to print.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub limit: u64,
+    /// One JSON envelope a line, for machines, instead of one line of text an event.
+    #[arg(long)]
+    pub json: bool,
+    /// PostgreSQL URL of the event log.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
 }
 
 /// Flags of `groupbuy serve`.
@@ -467,6 +494,9 @@ pub enum OperatorError {
     /// The log could not be read.
     #[error("event log: {0}")]
     Log(#[from] commands::LogError),
+    /// The command cannot do what it was asked.
+    #[error("{0}")]
+    Usage(String),
 }
 
 async fn open_stores(
@@ -541,6 +571,59 @@ pub async fn list_projections(args: StoresArgs) -> Result<(), OperatorError> {
         );
     }
     Ok(())
+}
+
+/// Runs `groupbuy events`: prints the stream's events, or the order's history, one a line.
+pub async fn events(args: EventsArgs) -> Result<(), OperatorError> {
+    let log = open_stores(&args.database_url).await?;
+    for line in event_lines(log.as_ref(), &args).await? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// What `groupbuy events` prints for `args`, read from `log`.
+pub async fn event_lines(
+    log: &dyn commands::EventLog,
+    args: &EventsArgs,
+) -> Result<Vec<String>, OperatorError> {
+    let events = match (&args.order, &args.stream_id) {
+        (Some(order), _) => {
+            let order_id: domain::OrderId = order
+                .parse()
+                .map_err(|_| OperatorError::Usage(format!("{order} is not an order id")))?;
+            crate::routes::history::history(log, order_id)
+                .await?
+                .ok_or_else(|| OperatorError::Usage(format!("the log has no order {order_id}")))?
+        }
+        (None, Some(stream)) => {
+            let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+            log.read_stream(stream, args.from_version - 1, limit)
+                .await?
+        }
+        (None, None) => return Err(OperatorError::Usage("name a stream or an order".into())),
+    };
+    Ok(events
+        .iter()
+        .map(|event| {
+            let e = &event.envelope;
+            if args.json {
+                serde_json::to_string(e).expect("an envelope serializes")
+            } else {
+                format!(
+                    "{:>9}  {} v{}  {}  {}  {}  {}",
+                    e.global_position,
+                    e.stream_id,
+                    e.stream_version,
+                    e.recorded_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    e.event_type,
+                    e.metadata.actor.as_deref().unwrap_or("-"),
+                    e.data
+                )
+            }
+        })
+        .collect())
 }
 
 /// Runs `groupbuy audit`; returns whether the log and read models passed.

@@ -44,6 +44,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Projections(ProjectionsCommand::Rebuild(args)) => cli::rebuild(args).await?,
         Command::Projections(ProjectionsCommand::List(args)) => cli::list_projections(args).await?,
         Command::Audit(args) => return Ok(cli::audit(args).await?),
+        Command::Events(args) => cli::events(args).await?,
         Command::Loadgen(args) => return gateway::loadgen::command(args).await,
     }
     Ok(true)

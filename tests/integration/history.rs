@@ -144,3 +144,55 @@ async fn a_stream_reads_page_by_page(app: TestApp) {
         .await;
     }
 }
+
+#[tokio::test]
+async fn the_cli_prints_a_stream_and_an_order_s_history() {
+    use gateway::cli::{event_lines, EventsArgs};
+    let app = harness::spawn_app(harness::Backend::Postgres).await;
+    let (_, ada) = app.create_user("Ada").await;
+    let sale = campaign(&app, 10, 3, 600).await;
+    let order = place(&app, &ada, &sale, 1).await;
+    let id = order["order_id"].as_str().unwrap();
+    app.wait_for_status(&ada, id, "awaiting_payment").await;
+    assert_eq!(app.cancel(&ada, id).await.status(), StatusCode::ACCEPTED);
+    app.wait_for_status(&ada, id, "cancelled").await;
+    let log = app.db.as_ref().unwrap().log();
+    let args = |stream: Option<String>, order: Option<&str>, json: bool| EventsArgs {
+        stream_id: stream,
+        order: order.map(str::to_owned),
+        from_version: 2,
+        limit: 1_000,
+        json,
+        database_url: String::new(),
+    };
+
+    let lines = event_lines(&*log, &args(Some(format!("order-{id}")), None, false))
+        .await
+        .unwrap();
+    assert_eq!(lines.len(), 2, "from version 2: {lines:?}");
+    assert!(lines[0].contains(&format!("order-{id} v2")), "{lines:?}");
+    assert!(
+        lines[1].contains("OrderCancelled") && lines[1].contains("user:"),
+        "{lines:?}"
+    );
+
+    let history = event_lines(&*log, &args(None, Some(id), true))
+        .await
+        .unwrap();
+    let types: Vec<String> = history
+        .iter()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["event_type"].to_string())
+        .collect();
+    assert_eq!(types.first().map(String::as_str), Some("\"OrderPlaced\""));
+    assert!(types.iter().any(|t| t == "\"UnitsReleased\""), "{types:?}");
+
+    let unknown = event_lines(
+        &*log,
+        &args(None, Some(&ulid::Ulid::new().to_string()), false),
+    )
+    .await;
+    assert!(unknown
+        .unwrap_err()
+        .to_string()
+        .contains("the log has no order"));
+}
