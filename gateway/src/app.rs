@@ -566,6 +566,7 @@ pub fn router(state: AppState, limits: Limits, gateway: bool) -> Router {
             get(history::stream_events),
         )
         .route("/v1/admin/orders/{id}/history", get(history::order_history))
+        .route("/v1/admin/campaigns/{id}", get(history::campaign_as_of))
         .layer(axum::middleware::from_fn_with_state(
             Overload::new(limits),
             overload::guard,

@@ -421,7 +421,7 @@ impl Appends {
 }
 
 /// The stream of bucket `bucket` of a campaign: the campaign's own for bucket 0.
-fn bucket_stream(campaign_id: CampaignId, bucket: u32) -> String {
+pub fn bucket_stream(campaign_id: CampaignId, bucket: u32) -> String {
     if bucket == 0 {
         stream_id::<CampaignAggregate>(campaign_id)
     } else {

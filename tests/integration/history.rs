@@ -196,3 +196,70 @@ async fn the_cli_prints_a_stream_and_an_order_s_history() {
         .to_string()
         .contains("the log has no order"));
 }
+
+on_both_backends!(a_campaign_is_told_as_it_stood_at_any_point_of_the_log);
+
+async fn a_campaign_is_told_as_it_stood_at_any_point_of_the_log(app: TestApp) {
+    let (_, ada) = app.create_user("Ada").await;
+    let sale = campaign(&app, 10, 3, 600).await;
+    let campaign_id = sale["campaign_id"].as_str().unwrap();
+    let created = expect_json(
+        app.get(
+            &format!("/v1/admin/streams/campaign-{campaign_id}/events"),
+            OPERATOR_TOKEN,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let created_at = created["events"][0]["global_position"].as_u64().unwrap();
+    let order = place(&app, &ada, &sale, 2).await;
+    app.wait_for_status(
+        &ada,
+        order["order_id"].as_str().unwrap(),
+        "awaiting_payment",
+    )
+    .await;
+
+    let as_of = |at: String| {
+        let app = &app;
+        async move {
+            let path = format!("/v1/admin/campaigns/{campaign_id}?as_of={at}");
+            app.get(&path, OPERATOR_TOKEN).await
+        }
+    };
+    let then = expect_json(as_of(created_at.to_string()).await, StatusCode::OK).await;
+    assert_eq!(then["global_position"], created_at);
+    assert_eq!(
+        then["campaign"]["stock"],
+        serde_json::json!({"total": 10, "available": 10, "reserved": 0, "sold": 0}),
+        "{then}"
+    );
+    let now = expect_json(
+        app.get(
+            &format!("/v1/admin/campaigns/{campaign_id}"),
+            OPERATOR_TOKEN,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        now["campaign"]["stock"],
+        serde_json::json!({"total": 10, "available": 8, "reserved": 2, "sold": 0}),
+        "{now}"
+    );
+    assert_eq!(now["campaign"]["title"], sale["title"]);
+    let by_time = now["recorded_at"].as_str().unwrap().replace('+', "%2B");
+    let same = expect_json(as_of(by_time).await, StatusCode::OK).await;
+    assert_eq!(same["campaign"]["stock"], now["campaign"]["stock"]);
+
+    let before = as_of("2000-01-01T00:00:00Z".into()).await;
+    expect_problem(before, StatusCode::NOT_FOUND, "campaign_not_found").await;
+    let nonsense = as_of("yesterday".into()).await;
+    expect_problem(nonsense, StatusCode::BAD_REQUEST, "invalid_query").await;
+    let refused = app
+        .get(&format!("/v1/admin/campaigns/{campaign_id}"), &ada)
+        .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+}

@@ -1,15 +1,19 @@
-//! Operator endpoints that read the log itself: any stream, page by page, and one order's
-//! whole history (its events and those of its reservation and payment, in log order). They
+//! Operator endpoints that read the log itself: any stream, page by page; one order's whole
+//! history (its events and those of its reservation and payment, in log order); and a
+//! campaign as it stood at any point of the log (time travel). They
 //! answer from the log, not from a read model, so they show exactly what was recorded.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::Json;
 use commands::{stream_id, EventLog, LogError, RecordedEvent};
+use domain::campaign::CampaignAggregate;
 use domain::order::{OrderAggregate, OrderEvent};
 use domain::payment::PaymentAggregate;
 use domain::saga::payment_id_of;
-use domain::OrderId;
-use sagas::campaign_writer::holding_stream;
+use domain::stock::StockBucketAggregate;
+use domain::{Aggregate, CampaignId, OrderId};
+use projections::CampaignView;
+use sagas::campaign_writer::{bucket_stream, holding_stream};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
@@ -18,12 +22,14 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{path_id, query};
 use crate::state::AppState;
+use crate::views::CampaignBody;
 
 /// Events a page holds when the query does not say.
 const PAGE_DEFAULT: usize = 100;
 /// Most events a page holds.
 const PAGE_MAX: usize = 1_000;
-/// Highest `from_version` taken: the largest integer JSON carries exactly.
+/// Highest `from_version` (and highest position in the document) taken: the largest integer
+/// JSON carries exactly.
 const VERSION_MAX: u64 = (1 << 53) - 1;
 /// Longest stream id taken.
 const STREAM_ID_MAX: usize = 200;
@@ -68,7 +74,7 @@ impl From<RecordedEvent> for EventBody {
             schema_version: e.schema_version,
             recorded_at: e
                 .recorded_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
             metadata: serde_json::to_value(&e.metadata).unwrap_or(Value::Null),
             data: e.data,
         }
@@ -277,6 +283,177 @@ pub async fn history(
     }
     events.sort_by_key(|e| (e.cursor.transaction_id, e.envelope.global_position));
     Ok(Some(events))
+}
+
+/// When to look back to.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AsOfQuery {
+    /// A global log position (the campaign as it stood once every event up to that position
+    /// was recorded), or an RFC 3339 time; now when not given.
+    #[param(value_type = Option<AsOfParam>)]
+    as_of: Option<String>,
+}
+
+/// What `as_of` takes, for the OpenAPI document: a global log position or an RFC 3339 time.
+pub struct AsOfParam;
+
+impl utoipa::PartialSchema for AsOfParam {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, OneOfBuilder, SchemaFormat};
+        use utoipa::openapi::Type;
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .maximum(Some(VERSION_MAX)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for AsOfParam {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "AsOf".into()
+    }
+}
+
+/// Which events a look back takes in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AsOf {
+    Position(u64),
+    Time(chrono::DateTime<chrono::Utc>),
+    Now,
+}
+
+impl AsOf {
+    fn parse(given: Option<&str>) -> Result<AsOf, ApiError> {
+        let Some(given) = given else {
+            return Ok(AsOf::Now);
+        };
+        if let Ok(position) = given.parse::<u64>() {
+            return Ok(AsOf::Position(position));
+        }
+        chrono::DateTime::parse_from_rfc3339(given)
+            .map(|t| AsOf::Time(t.with_timezone(&chrono::Utc)))
+            .map_err(|_| ApiError::BadRequest {
+                code: "invalid_query",
+                detail: format!("as_of is a log position or an RFC 3339 time, not {given:?}"),
+            })
+    }
+
+    fn includes(self, event: &RecordedEvent) -> bool {
+        match self {
+            AsOf::Position(position) => event.envelope.global_position <= position,
+            AsOf::Time(time) => event.envelope.recorded_at <= time,
+            AsOf::Now => true,
+        }
+    }
+}
+
+/// A campaign as it stood at some point of the log.
+#[derive(Serialize, ToSchema)]
+#[schema(as = CampaignAsOf)]
+pub struct CampaignAsOfBody {
+    /// The position of the last event of the campaign's streams taken in.
+    pub global_position: u64,
+    /// When the log recorded that event (RFC 3339).
+    pub recorded_at: String,
+    /// The campaign, terms and stock, as it stood then; its status is as of `as_of` (or of
+    /// that event, when `as_of` is a position).
+    pub campaign: CampaignBody,
+}
+
+/// The path of one campaign.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Only describes the path.
+pub struct CampaignPath {
+    /// The campaign's id.
+    id: String,
+}
+
+/// `GET /v1/admin/campaigns/{id}`: the campaign, terms and stock, folded from the log as it
+/// stood at `as_of` (time travel), or now.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/campaigns/{id}",
+    operation_id = "get_campaign_as_of",
+    tag = "operations",
+    security(("bearer" = [])),
+    params(CampaignPath, AsOfQuery),
+    responses(
+        (status = 200, description = "The campaign as it stood then", body = CampaignAsOfBody),
+        (status = 400, description = "`as_of` is neither a position nor an RFC 3339 time, or an unknown parameter (`invalid_query`)"),
+        (status = 403, description = "Only the operator reads the log"),
+        (status = 404, description = "No such campaign at that point (`campaign_not_found`)"),
+    )
+)]
+pub async fn campaign_as_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<CampaignAsOfBody>, ApiError> {
+    caller.require_operator()?;
+    let q: AsOfQuery = query(raw.as_deref())?;
+    let as_of = AsOf::parse(q.as_of.as_deref())?;
+    let not_found = || ApiError::NotFound {
+        code: "campaign_not_found",
+        what: "campaign",
+    };
+    let campaign_id: CampaignId = path_id(&id, "campaign_not_found", "campaign")?;
+    let log = state.handler.log().as_ref();
+    let (campaign, mut last) =
+        fold_as_of::<CampaignAggregate>(log, &bucket_stream(campaign_id, 0), as_of).await?;
+    let campaign = campaign.ok_or_else(not_found)?;
+    let mut buckets = Vec::new();
+    for bucket in 1..campaign.stock_buckets {
+        let (stock, seen) =
+            fold_as_of::<StockBucketAggregate>(log, &bucket_stream(campaign_id, bucket), as_of)
+                .await?;
+        buckets.push(stock);
+        last = last.max(seen);
+    }
+    let (global_position, recorded_at) = last.ok_or_else(not_found)?;
+    let at = match as_of {
+        AsOf::Time(time) => time,
+        AsOf::Now => chrono::Utc::now(),
+        AsOf::Position(_) => recorded_at,
+    };
+    Ok(Json(CampaignAsOfBody {
+        global_position,
+        recorded_at: recorded_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+        campaign: CampaignBody::new(&CampaignView::of(&campaign, &buckets), at),
+    }))
+}
+
+/// `stream` folded over the events `as_of` takes in, with the position and time of the last.
+async fn fold_as_of<A: Aggregate>(
+    log: &dyn EventLog,
+    stream: &str,
+    as_of: AsOf,
+) -> Result<(A::State, Option<(u64, domain::Timestamp)>), ApiError> {
+    let events = all_of(log, stream, usize::MAX).await?;
+    let mut state = A::State::default();
+    let mut last = None;
+    for recorded in events.iter().filter(|e| as_of.includes(e)) {
+        let event: A::Event = schemas::from_envelope(&recorded.envelope)
+            .map_err(|e| ApiError::Internal(format!("{stream}: {e}")))?;
+        state = A::evolve(state, &event);
+        last = Some((
+            recorded.envelope.global_position,
+            recorded.envelope.recorded_at,
+        ));
+    }
+    Ok((state, last))
 }
 
 /// Up to `most` events of `stream`, from its first.
