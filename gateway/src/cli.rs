@@ -16,9 +16,18 @@ use crate::roles::{Role, Roles};
 use crate::telemetry::{Otlp, OtlpProtocol};
 use sagas::sweeper::Sweep;
 
+/// The version `--version` prints: the crate's, and the git commit the binary was built from
+/// (`-modified` when the tree had uncommitted changes).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("GROUPBUY_GIT_COMMIT"),
+    ")"
+);
+
 /// groupbuy: an event-sourced order and stock backend for drinks group-buying.
 #[derive(Parser)]
-#[command(name = "groupbuy", version)]
+#[command(name = "groupbuy", version = VERSION)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -87,6 +96,12 @@ pub enum Command {
     /// Drives a flash sale against a running deployment over HTTP, and reports rates,
     /// latencies and the stock invariants; exits non-zero when a check fails.
     Loadgen(crate::loadgen::LoadgenArgs),
+    /// Prints the shell's completion script for groupbuy (`source <(groupbuy completions
+    /// bash)`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `groupbuy projections ...`.
@@ -118,7 +133,11 @@ pub struct StoresArgs {
 #[derive(Args)]
 pub struct RebuildArgs {
     /// `campaigns` or `orders`.
-    pub name: projections::ProjectionName,
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub name: Option<projections::ProjectionName>,
+    /// Every read model, one after the other.
+    #[arg(long)]
+    pub all: bool,
     /// Where the log and the read models are.
     #[command(flatten)]
     pub stores: StoresArgs,
@@ -507,6 +526,19 @@ async fn open_stores(
     Ok(std::sync::Arc::new(log))
 }
 
+/// A progress bar's style from `template`, whose `{rate}` is events a second as a whole number
+/// (indicatif's own `{per_sec}` shows fractions of an event).
+fn progress_style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .expect("the template is valid")
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                let _ = write!(out, "{:.0} events/s", state.per_sec());
+            },
+        )
+}
+
 /// Runs `groupbuy projections rebuild`, with a progress bar on stderr.
 pub async fn rebuild(args: RebuildArgs) -> Result<(), OperatorError> {
     let log = open_stores(&args.stores.database_url).await?;
@@ -518,36 +550,40 @@ pub async fn rebuild(args: RebuildArgs) -> Result<(), OperatorError> {
     } else {
         indicatif::ProgressBar::new(log.head().await?)
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+    bar.set_style(progress_style(
+        "{msg} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events, {rate}, ETA {eta}",
+    ));
+    let names = match args.name {
+        Some(name) => vec![name],
+        None => projections::ProjectionName::ALL.to_vec(),
+    };
+    for name in names {
+        bar.reset();
+        bar.set_message(format!("rebuilding {name}"));
+        let report = projections::rebuild::rebuild(
+            log.as_ref(),
+            &store,
+            name,
+            &Default::default(),
+            &|p: &projections::rebuild::Progress| {
+                bar.set_length(p.head);
+                bar.set_position(p.read.min(p.head));
+            },
         )
-        .expect("the template is valid"),
-    );
-    bar.set_message(format!("rebuilding {}", args.name));
-    let report = projections::rebuild::rebuild(
-        log.as_ref(),
-        &store,
-        args.name,
-        &Default::default(),
-        &|p: &projections::rebuild::Progress| {
-            bar.set_length(p.head);
-            bar.set_position(p.read.min(p.head));
-        },
-    )
-    .await?;
-    bar.finish_and_clear();
-    println!(
-        "{} version {} is live (replaced {}): {} events in {:.1} s, {:.0} events/s",
-        report.name,
-        report.version,
-        report
-            .replaced
-            .map_or_else(|| "nothing".to_owned(), |v| format!("version {v}")),
-        report.read,
-        report.elapsed.as_secs_f64(),
-        report.rate()
-    );
+        .await?;
+        bar.finish_and_clear();
+        println!(
+            "{} version {} is live (replaced {}): {} events in {:.1} s, {:.0} events/s",
+            report.name,
+            report.version,
+            report
+                .replaced
+                .map_or_else(|| "nothing".to_owned(), |v| format!("version {v}")),
+            report.read,
+            report.elapsed.as_secs_f64(),
+            report.rate()
+        );
+    }
     Ok(())
 }
 
@@ -571,6 +607,14 @@ pub async fn list_projections(args: StoresArgs) -> Result<(), OperatorError> {
         );
     }
     Ok(())
+}
+
+/// The completion script of `groupbuy` for `shell`.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "groupbuy", &mut script);
+    script
 }
 
 /// Runs `groupbuy events`: prints the stream's events, or the order's history, one a line.
@@ -638,12 +682,9 @@ pub async fn audit(args: AuditArgs) -> Result<bool, OperatorError> {
     } else {
         indicatif::ProgressBar::new(log.head().await?)
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "auditing [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events, {per_sec}",
-        )
-        .expect("the template is valid"),
-    );
+    bar.set_style(progress_style(
+        "auditing [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events, {rate}",
+    ));
     let report = projections::audit::audit(
         log.as_ref(),
         store.as_ref().map(|s| s as &dyn projections::ReadModel),

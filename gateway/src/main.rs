@@ -46,6 +46,14 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Audit(args) => return Ok(cli::audit(args).await?),
         Command::Events(args) => cli::events(args).await?,
         Command::Loadgen(args) => return gateway::loadgen::command(args).await,
+        Command::Completions { shell } => {
+            use std::io::Write;
+            match std::io::stdout().write_all(&cli::completions(shell)) {
+                // A reader that stopped early (`| head`) is not an error.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+                _ => {}
+            }
+        }
     }
     Ok(true)
 }

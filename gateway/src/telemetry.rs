@@ -76,14 +76,20 @@ pub const DEFAULT_DIRECTIVES: &str = "info,sqlx::postgres::notice=warn";
 /// its own.
 pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Telemetry, TelemetryError> {
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| DEFAULT_DIRECTIVES.to_owned());
-    install(format, otlp, &directives, std::io::stderr)
+    // Colours only for a person at a terminal: not in files, pipes or log collectors, and
+    // never when NO_COLOR is set (no-color.org).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    install(format, otlp, &directives, colour, std::io::stderr)
 }
 
-/// [`init`] with the filter's directives (`RUST_LOG` syntax) and where log lines go given.
+/// [`init`] with the filter's directives (`RUST_LOG` syntax), whether text lines may carry
+/// colour codes, and where log lines go given.
 pub fn install<W>(
     format: LogFormat,
     otlp: Option<&Otlp>,
     directives: &str,
+    colour: bool,
     writer: W,
 ) -> Result<Telemetry, TelemetryError>
 where
@@ -95,7 +101,10 @@ where
     let filter =
         EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(DEFAULT_DIRECTIVES));
     let logs = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(writer).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(colour)
+            .with_writer(writer)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_writer(writer)

@@ -179,11 +179,14 @@ async fn secrets_never_reach_the_logs() {
     let captured = Captured::default();
     let writer = captured.clone();
     // The binary's own log setup, writing here.
-    let _telemetry =
-        gateway::telemetry::install(gateway::cli::LogFormat::Json, None, "debug", move || {
-            writer.clone()
-        })
-        .expect("the first subscriber of this process");
+    let _telemetry = gateway::telemetry::install(
+        gateway::cli::LogFormat::Json,
+        None,
+        "debug",
+        false,
+        move || writer.clone(),
+    )
+    .expect("the first subscriber of this process");
 
     // What serve logs at start, through the same code.
     let args = serve_args(&[
@@ -303,4 +306,45 @@ async fn secrets_never_reach_the_logs() {
         let leaked: Vec<&str> = logs.lines().filter(|l| l.contains(secret)).collect();
         assert!(leaked.is_empty(), "a secret reached the logs: {leaked:?}");
     }
+}
+
+#[test]
+fn the_command_line_names_its_build_completes_itself_and_rebuilds_everything() {
+    // The version names the commit the binary was built from.
+    let version = Cli::try_parse_from(["groupbuy", "--version"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(version.contains(gateway::cli::VERSION), "{version}");
+    let commit = gateway::cli::VERSION.split(['(', ')']).nth(1).unwrap();
+    assert!(
+        commit == "unknown" || commit.trim_end_matches("-modified").len() == 12,
+        "{commit}"
+    );
+    // Completions know the subcommands.
+    let bash = String::from_utf8(gateway::cli::completions(clap_complete::Shell::Bash)).unwrap();
+    assert!(bash.contains("_groupbuy") && bash.contains("projections") && bash.contains("events"));
+    // Rebuild one read model or all of them, not both and not neither.
+    let stores = [
+        "--database-url",
+        "postgres://db/x",
+        "--redis-url",
+        "redis://r",
+    ];
+    let rebuild = |args: &[&str]| {
+        let argv = ["groupbuy", "projections", "rebuild"]
+            .iter()
+            .chain(args)
+            .chain(&stores);
+        Cli::try_parse_from(argv).map(|cli| match cli.command {
+            Command::Projections(gateway::cli::ProjectionsCommand::Rebuild(args)) => {
+                (args.name.map(|n| n.as_str()), args.all)
+            }
+            _ => unreachable!("parsed a rebuild"),
+        })
+    };
+    assert_eq!(rebuild(&["--all"]).unwrap(), (None, true));
+    assert_eq!(rebuild(&["orders"]).unwrap(), (Some("orders"), false));
+    assert!(rebuild(&[]).is_err());
+    assert!(rebuild(&["orders", "--all"]).is_err());
 }

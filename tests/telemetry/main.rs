@@ -194,6 +194,7 @@ fn one_trace_runs_from_the_request_through_the_saga_and_the_read_models() {
             protocol: OtlpProtocol::HttpJson,
         }),
         "info,gateway=debug",
+        false,
         move || writer.clone(),
     )
     .expect("the first subscriber of this process");
