@@ -13,6 +13,37 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `groupbuy serve` (the test binary at `binary`) of the deployment on `db`, `streams` and
+/// `redis`, listening on `port`: the environment cleared but for these services, the external
+/// payment provider, no rate limits, and only errors logged, to nowhere. Callers add the
+/// operator token, the secrets and the flags of their own.
+pub fn serve_command(
+    binary: &str,
+    port: u16,
+    db: &crate::TestDb,
+    streams: &crate::TestStreams,
+    redis: &crate::TestRedis,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(binary);
+    command
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GROUPBUY_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("DATABASE_URL", &db.url)
+        .env("NATS_URL", crate::bus::nats_url())
+        .env("GROUPBUY_NATS_PREFIX", &streams.settings.prefix)
+        .env("REDIS_URL", &redis.url)
+        .env("GROUPBUY_REDIS_PREFIX", &redis.prefix)
+        .env("GROUPBUY_PAYMENT_PROVIDER", "external")
+        .env("GROUPBUY_RATE_LIMIT_CUSTOMER_PER_SECOND", "0")
+        .env("GROUPBUY_RATE_LIMIT_GLOBAL_PER_SECOND", "0")
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    command
+}
+
 /// Waits until something listens on `port`; panics naming `what` after 10 s.
 pub async fn wait_until_listening(port: u16, what: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

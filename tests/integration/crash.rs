@@ -3,11 +3,11 @@
 //! stored twice, every order is decided, and the audit finds nothing wrong.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use harness::process::{free_port, wait_until_listening};
+use harness::process::{free_port, serve_command, wait_until_listening};
 use harness::{TestDb, TestRedis, TestStreams};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -25,25 +25,11 @@ struct Deployment {
 
 impl Deployment {
     fn start(&self) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_groupbuy-under-test"))
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("GROUPBUY_HTTP_ADDR", format!("127.0.0.1:{}", self.port))
-            .env("DATABASE_URL", &self.db.url)
-            .env("NATS_URL", harness::bus::nats_url())
-            .env("GROUPBUY_NATS_PREFIX", &self.streams.settings.prefix)
-            .env("REDIS_URL", &self.redis.url)
-            .env("GROUPBUY_REDIS_PREFIX", &self.redis.prefix)
+        let binary = env!("CARGO_BIN_EXE_groupbuy-under-test");
+        serve_command(binary, self.port, &self.db, &self.streams, &self.redis)
             .env("GROUPBUY_OPERATOR_TOKEN", OPERATOR)
             // The same key after the restart, so customers' tokens still work.
             .env("GROUPBUY_TOKEN_SECRET", "crash-test-token-secret")
-            .env("GROUPBUY_PAYMENT_PROVIDER", "external")
-            .env("GROUPBUY_RATE_LIMIT_CUSTOMER_PER_SECOND", "0")
-            .env("GROUPBUY_RATE_LIMIT_GLOBAL_PER_SECOND", "0")
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("the server under test starts")
     }

@@ -1,10 +1,10 @@
 //! Each role in a process of its own, on the real services: together they are one deployment
 //! that places, pays, cancels and times out orders.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use harness::process::{free_port, wait_until_listening};
+use harness::process::{free_port, serve_command, wait_until_listening};
 use harness::{expect_json, expect_problem, TestApp, TestDb, TestRedis, TestStreams};
 use harness::{OPERATOR_TOKEN, WEBHOOK_SECRET};
 use reqwest::StatusCode;
@@ -30,28 +30,15 @@ impl Drop for Process {
 
 fn start(role: &'static str, db: &TestDb, streams: &TestStreams, redis: &TestRedis) -> Process {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_groupbuy-under-test"))
-        .args(["serve", "--roles", role])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("GROUPBUY_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("DATABASE_URL", &db.url)
-        .env("NATS_URL", harness::bus::nats_url())
-        .env("GROUPBUY_NATS_PREFIX", &streams.settings.prefix)
-        .env("REDIS_URL", &redis.url)
-        .env("GROUPBUY_REDIS_PREFIX", &redis.prefix)
+    let binary = env!("CARGO_BIN_EXE_groupbuy-under-test");
+    let child = serve_command(binary, port, db, streams, redis)
+        .args(["--roles", role])
         .env("GROUPBUY_OPERATOR_TOKEN", OPERATOR_TOKEN)
         .env("GROUPBUY_TOKEN_SECRET", "roles-test-token-secret")
-        .env("GROUPBUY_PAYMENT_PROVIDER", "external")
         .env(
             "GROUPBUY_PAYMENT_WEBHOOK_SECRET",
             std::str::from_utf8(WEBHOOK_SECRET).unwrap(),
         )
-        .env("GROUPBUY_RATE_LIMIT_CUSTOMER_PER_SECOND", "0")
-        .env("GROUPBUY_RATE_LIMIT_GLOBAL_PER_SECOND", "0")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("the server under test starts");
     Process { role, port, child }
