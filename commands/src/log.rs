@@ -124,6 +124,15 @@ pub enum LogError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The database could not be reached at all: where, and why.
+    #[error("cannot reach PostgreSQL at {at}: {why}")]
+    Unreachable {
+        /// `host:port` (or the socket), never the credentials.
+        at: String,
+        /// What the connection attempt met ("Connection refused", a name that does not
+        /// resolve, a refused login).
+        why: String,
+    },
     /// The transaction of a group commit this append was part of failed: nothing of it was
     /// stored, and trying again is safe.
     #[error("the group commit failed, nothing was stored: {0}")]

@@ -609,6 +609,23 @@ pub async fn list_projections(args: StoresArgs) -> Result<(), OperatorError> {
     Ok(())
 }
 
+/// An error and its causes, outermost first, as one line: each cause once, a cause whose text
+/// the line already holds left out ("event log: database error: x" and then "x" reads as the
+/// first alone).
+pub fn error_chain(chain: &[String]) -> String {
+    let mut line = String::new();
+    for message in chain {
+        if line.contains(message.as_str()) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(message);
+    }
+    line
+}
+
 /// The completion script of `groupbuy` for `shell`.
 pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
     use clap::CommandFactory;

@@ -9,7 +9,21 @@ use gateway::cli::{self, Cli, Command, ProjectionsCommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match groupbuy() {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        // An audit's violations or a failed check, already reported.
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(error) => {
+            let chain: Vec<String> = error.chain().map(ToString::to_string).collect();
+            eprintln!("error: {}", cli::error_chain(&chain));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command line; false when it found something wrong.
+fn groupbuy() -> anyhow::Result<bool> {
     // The file goes under the environment before anything reads it, and before any thread
     // starts.
     let file = gateway::config::file_from(std::env::args_os().skip(1));
@@ -29,10 +43,7 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(run(cli.command));
     telemetry.shutdown();
-    if !clean? {
-        std::process::exit(1);
-    }
-    Ok(())
+    clean
 }
 
 /// Runs the subcommand; false when it found something wrong (an audit's violations, a load

@@ -348,3 +348,32 @@ fn the_command_line_names_its_build_completes_itself_and_rebuilds_everything() {
     assert!(rebuild(&[]).is_err());
     assert!(rebuild(&["orders", "--all"]).is_err());
 }
+
+#[tokio::test]
+async fn an_unreachable_database_is_named_with_its_address_and_cause_once() {
+    use commands::log::postgres::{PgEventLog, PgLogOptions};
+    let port = harness::process::free_port();
+    let url = format!("postgres://postgres:secret-password@127.0.0.1:{port}/groupbuy");
+    let error = PgEventLog::connect(&url, &PgLogOptions::default())
+        .await
+        .err()
+        .expect("nothing listens there")
+        .to_string();
+    assert!(
+        error.contains(&format!("PostgreSQL at 127.0.0.1:{port}"))
+            && error.to_lowercase().contains("refused")
+            && !error.contains("secret-password"),
+        "{error}"
+    );
+    // The layers of an error that repeat their cause are printed once.
+    let chain = [
+        "event log: database error: pool timed out".to_owned(),
+        "database error: pool timed out".to_owned(),
+        "pool timed out".to_owned(),
+        "while connecting to 10.0.0.1:5432".to_owned(),
+    ];
+    assert_eq!(
+        gateway::cli::error_chain(&chain),
+        "event log: database error: pool timed out: while connecting to 10.0.0.1:5432"
+    );
+}

@@ -156,6 +156,17 @@ pub struct JetStreamBus {
     log_id: Arc<OnceLock<String>>,
 }
 
+/// `url` with any `user:password@` taken out, fit for messages and logs.
+fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        (None, Some(at)) => url[at + 1..].to_owned(),
+        _ => url.to_owned(),
+    }
+}
+
 impl JetStreamBus {
     /// Connects and creates (or updates to the configuration in code) both streams. The
     /// client reconnects on its own after the server goes away.
@@ -173,7 +184,17 @@ impl JetStreamBus {
             settings,
             log_id: Arc::default(),
         };
-        bus.ensure_streams().await?;
+        if let Err(error) = bus.ensure_streams().await {
+            // The client retries in the background, so a server that cannot be reached shows
+            // only as a request that timed out: say which server.
+            if bus.client.connection_state() != async_nats::connection::State::Connected {
+                return Err(BusError::Unavailable(format!(
+                    "cannot reach NATS at {}: not connected ({error})",
+                    without_credentials(&bus.settings.url)
+                )));
+            }
+            return Err(error);
+        }
         Ok(bus)
     }
 
@@ -471,5 +492,20 @@ impl Deliveries for JetStreamDeliveries {
             delivered,
             acker: Acker::JetStream(acker),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_credentials;
+
+    #[test]
+    fn server_urls_lose_their_credentials_in_messages() {
+        assert_eq!(
+            without_credentials("nats://u:pw@nats:4222"),
+            "nats://nats:4222"
+        );
+        assert_eq!(without_credentials("tok@nats:4222"), "nats:4222");
+        assert_eq!(without_credentials("nats://nats:4222"), "nats://nats:4222");
     }
 }

@@ -111,16 +111,49 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
+/// The innermost cause of a failed connection, which names what went wrong ("Connection
+/// refused (os error 111)"), without the layers that only repeat it.
+fn cause_of(error: &sqlx::Error) -> String {
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    match error {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        _ => cause.to_string(),
+    }
+}
+
 /// Postgres' SQLSTATE for a unique violation.
 const UNIQUE_VIOLATION: &str = "23505";
 
 impl PgEventLog {
-    /// Connects a pool to `url`.
+    /// Connects a pool to `url`. One connection is tried first, so that a database that
+    /// cannot be reached is reported at once, by address and cause, rather than as a pool
+    /// that timed out.
     pub async fn connect(url: &str, options: &PgLogOptions) -> Result<PgEventLog, LogError> {
+        use sqlx::{ConnectOptions, Connection};
         let statement_timeout_ms = options.statement_timeout.as_millis().to_string();
         let connect = PgConnectOptions::from_str(url)?
             .application_name("groupbuy")
             .options([("statement_timeout", statement_timeout_ms.as_str())]);
+        let first = tokio::time::timeout(options.acquire_timeout, connect.connect()).await;
+        let unreachable = |why: String| LogError::Unreachable {
+            at: format!("{}:{}", connect.get_host(), connect.get_port()),
+            why,
+        };
+        match first {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+            }
+            Ok(Err(error)) => return Err(unreachable(cause_of(&error))),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {} s",
+                    options.acquire_timeout.as_secs()
+                )))
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_connections_max)
             .acquire_timeout(options.acquire_timeout)
