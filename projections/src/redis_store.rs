@@ -29,6 +29,8 @@ use crate::store::{ApplyOutcome, ProjectionStore, ProjectionVersion, RebuildErro
 const FUNCTIONS: &str = include_str!("redis_functions.lua");
 /// How often an instance looks for changes made by any instance, while someone waits.
 const CHANGE_POLL: Duration = Duration::from_millis(10);
+/// How long connecting to Redis may take before it is reported unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most campaigns a listing looks at before filtering by status.
 const CAMPAIGNS_SCAN_MAX: usize = 10_000;
 /// Keys removed per command when a version is dropped.
@@ -78,6 +80,25 @@ impl RedisProjections {
             )));
         }
         let client = ::redis::Client::open(url).map_err(unavailable)?;
+        // One plain connection first: the manager retries an unreachable server for a long
+        // while without a word, where an operator wants to hear at once where and why.
+        let unreachable = |why: String| {
+            ReadModelError::Unavailable(format!(
+                "cannot reach Redis at {}: {why}",
+                client.get_connection_info().addr
+            ))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection()).await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => return Err(unreachable(error.to_string())),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+        }
         let mut conn = ConnectionManager::new(client).await.map_err(unavailable)?;
         load_functions(&mut conn).await.map_err(unavailable)?;
         let store = RedisProjections {

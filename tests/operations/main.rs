@@ -350,7 +350,7 @@ fn the_command_line_names_its_build_completes_itself_and_rebuilds_everything() {
 }
 
 #[tokio::test]
-async fn an_unreachable_database_is_named_with_its_address_and_cause_once() {
+async fn unreachable_services_are_named_with_their_address_and_cause_once() {
     use commands::log::postgres::{PgEventLog, PgLogOptions};
     let port = harness::process::free_port();
     let url = format!("postgres://postgres:secret-password@127.0.0.1:{port}/groupbuy");
@@ -361,6 +361,18 @@ async fn an_unreachable_database_is_named_with_its_address_and_cause_once() {
         .to_string();
     assert!(
         error.contains(&format!("PostgreSQL at 127.0.0.1:{port}"))
+            && error.to_lowercase().contains("refused")
+            && !error.contains("secret-password"),
+        "{error}"
+    );
+    let redis = format!("redis://:secret-password@127.0.0.1:{port}");
+    let error = projections::RedisProjections::connect(&redis, "groupbuy")
+        .await
+        .err()
+        .expect("nothing listens there")
+        .to_string();
+    assert!(
+        error.contains(&format!("Redis at 127.0.0.1:{port}"))
             && error.to_lowercase().contains("refused")
             && !error.contains("secret-password"),
         "{error}"
