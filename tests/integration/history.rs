@@ -1,10 +1,10 @@
 //! The operator reads the log: any stream page by page, and one order's whole history.
 
-use harness::{expect_json, expect_problem, TestApp, OPERATOR_TOKEN, WEBHOOK_SECRET};
+use harness::{expect_json, expect_problem, TestApp, OPERATOR_TOKEN};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::order_saga::{campaign, now, paid, place};
+use crate::order_saga::{campaign, pay, place};
 
 on_both_backends!(
     an_order_s_history_tells_its_whole_story_in_log_order,
@@ -25,11 +25,7 @@ async fn an_order_s_history_tells_its_whole_story_in_log_order(app: TestApp) {
     let order = place(&app, &ada, &sale, 2).await;
     let id = order["order_id"].as_str().unwrap();
     let awaiting = app.wait_for_status(&ada, id, "awaiting_payment").await;
-    let answer = app
-        .webhook(&paid(&awaiting, "succeeded"), now(), WEBHOOK_SECRET)
-        .await;
-    expect_json(answer, StatusCode::OK).await;
-    app.wait_for_status(&ada, id, "confirmed").await;
+    pay(&app, &ada, &awaiting).await;
 
     let path = format!("/v1/admin/orders/{id}/history");
     let history = expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;

@@ -92,6 +92,17 @@ pub(crate) fn paid(order: &Value, status: &str) -> Value {
     })
 }
 
+/// The provider pays the order `awaiting` shows (as its customer `token` reads it) through
+/// the signed webhook, and the saga confirms it.
+pub(crate) async fn pay(app: &TestApp, token: &str, awaiting: &Value) -> Value {
+    let answer = app
+        .webhook(&paid(awaiting, "succeeded"), now(), WEBHOOK_SECRET)
+        .await;
+    expect_json(answer, StatusCode::OK).await;
+    let id = awaiting["order_id"].as_str().unwrap();
+    app.wait_for_status(token, id, "confirmed").await
+}
+
 pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }

@@ -10,7 +10,7 @@ use harness::{OPERATOR_TOKEN, WEBHOOK_SECRET};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::order_saga::{campaign, now, paid, place};
+use crate::order_saga::{campaign, pay, place};
 
 const ROLES: [&str; 5] = ["gateway", "relay", "saga", "projections", "deadlines"];
 
@@ -96,11 +96,7 @@ async fn each_role_in_a_process_of_its_own_makes_one_deployment() {
     let order = place(&app, &ada, &sale, 1).await;
     let id = order["order_id"].as_str().unwrap();
     let awaiting = app.wait_for_status(&ada, id, "awaiting_payment").await;
-    let answer = app
-        .webhook(&paid(&awaiting, "succeeded"), now(), WEBHOOK_SECRET)
-        .await;
-    expect_json(answer, StatusCode::OK).await;
-    app.wait_for_status(&ada, id, "confirmed").await;
+    pay(&app, &ada, &awaiting).await;
     // Cancelled by the customer: the saga releases the units.
     let order = place(&app, &ada, &sale, 2).await;
     let id = order["order_id"].as_str().unwrap();
