@@ -833,3 +833,70 @@ async fn chained_appends_keep_their_order_through_a_group_commit() {
         }
     }
 }
+
+/// A prepared statement keeps its generic plan for as long as its connection lives, and a plan
+/// made while the log was nearly empty is the one a young deployment's first sale runs on. With
+/// the server made to use generic plans from the first execution, appends that extend their
+/// streams (the case that looks up a predecessor) and lookups of Idempotency-Keys, planned on
+/// an empty log, read neither table whole as the log grows.
+#[tokio::test]
+async fn appends_planned_on_an_empty_log_never_read_the_whole_log() {
+    use commands::log::postgres::{PgEventLog, PgLogOptions};
+    let db = TestDb::new().await;
+    let generic = format!(
+        "{}?options=-c%20plan_cache_mode%3Dforce_generic_plan",
+        db.url
+    );
+    let options = PgLogOptions {
+        pool_connections_max: 1,
+        ..PgLogOptions::default()
+    };
+    let log = PgEventLog::connect(&generic, &options).await.unwrap();
+
+    let streams: Vec<String> = (0..20).map(|_| stream()).collect();
+    let mut inserted = 0;
+    for round in 0..5u64 {
+        let keys: Vec<IdempotencyKey> = streams.iter().map(|s| key(s)).collect();
+        let requests = streams
+            .iter()
+            .zip(&keys)
+            .enumerate()
+            .map(|(i, (s, k))| {
+                let mut request = append(s, round, vec![event(i as i64)]);
+                request.idempotency = Some(record(k, "h", 202));
+                request
+            })
+            .collect();
+        for outcome in log.append_batch(requests).await {
+            outcome.unwrap();
+        }
+        inserted += streams.len() as i64;
+        assert!(log.find_idempotent(&keys[0]).await.unwrap().is_some());
+    }
+
+    // A backend reports its table statistics when it exits; the migrations scanned the tables
+    // while they were empty, so any row read by a scan was read by the appends.
+    log.pool().close().await;
+    let stats = db.log().pool().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (events_inserted, events_scanned, keys_by_age): (i64, i64, i64) = loop {
+        let seen: (i64, i64, i64) = sqlx::query_as(
+            "SELECT t.n_tup_ins, t.seq_tup_read, i.idx_scan \
+             FROM pg_stat_user_tables t, pg_stat_user_indexes i \
+             WHERE t.relname = 'events' AND i.indexrelname = 'idempotency_keys_created_at'",
+        )
+        .fetch_one(&stats)
+        .await
+        .unwrap();
+        if seen.0 >= inserted || tokio::time::Instant::now() > deadline {
+            break seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        events_inserted, inserted,
+        "the statistics were not reported"
+    );
+    assert_eq!(events_scanned, 0, "an append read the whole log");
+    assert_eq!(keys_by_age, 0, "a key lookup read every recent key");
+}

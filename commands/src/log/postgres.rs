@@ -61,6 +61,12 @@ pub struct PgEventLog {
 /// careful path it is `ON CONFLICT DO NOTHING`, and such a row is skipped instead. Either
 /// way the caller finds the requests that lost a row and takes the rest of their rows out again
 /// before committing.
+///
+/// The predecessor is looked up by a scalar subquery, not `EXISTS`: the server may plan an
+/// `EXISTS` as a hashed subplan, which reads the whole log into a hash table on every insert.
+/// It is the cheapest plan while the log is nearly empty, and a prepared statement keeps its
+/// generic plan for the life of the connection, so a deployment whose first sale started on a
+/// young log read its whole log once a batch, more each batch.
 const INSERT_EVENTS: &str = "
 INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata)
 SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.data::json,
@@ -69,7 +75,7 @@ FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::tex
      WITH ORDINALITY AS e(event_id, stream_id, stream_version, event_type, schema_version, data, metadata,
                           follows_version, ord)
 WHERE e.follows_version = 0
-   OR EXISTS (SELECT 1 FROM events p WHERE p.stream_id = e.stream_id AND p.stream_version = e.follows_version)
+   OR (SELECT true FROM events p WHERE p.stream_id = e.stream_id AND p.stream_version = e.follows_version)
 ORDER BY e.ord
 {conflicts}
 RETURNING event_id, global_position, transaction_id::text";
@@ -98,10 +104,14 @@ enum Path {
     Careful,
 }
 
+/// The recorded keys among `$1` and `$2`, each looked up by its primary key (the `OFFSET 0`
+/// keeps the lookup per key: joined freely, a plan made while the table was small scans every
+/// key of the last day by `created_at` instead, for as long as the connection lives).
 const SELECT_KEYS: &str =
-    "SELECT scope, key, request_sha256, response_status, response_headers, response_body \
-     FROM idempotency_keys WHERE created_at >= now() - make_interval(secs => $3) \
-     AND (scope, key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))";
+    "SELECT k.scope, k.key, k.request_sha256, k.response_status, k.response_headers, \
+     k.response_body FROM UNNEST($1::text[], $2::text[]) AS u(scope, key) \
+     CROSS JOIN LATERAL (SELECT * FROM idempotency_keys k WHERE k.scope = u.scope \
+     AND k.key = u.key AND k.created_at >= now() - make_interval(secs => $3) OFFSET 0) k";
 
 const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
      schema_version, data, metadata, recorded_at, transaction_id::text AS transaction_id FROM events";
