@@ -398,8 +398,46 @@ pub trait Bus: Send + Sync + 'static {
         reason: &str,
     ) -> Result<(), BusError>;
 
+    /// The dead letters stored after the one numbered `after` (0: from the first), oldest
+    /// first, at most `limit`.
+    async fn dead_letters_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredLetter>, BusError>;
+
+    /// The dead letter numbered `id`, while the bus holds it.
+    async fn dead_letter_at(&self, id: u64) -> Result<Option<StoredLetter>, BusError>;
+
+    /// Removes the dead letter numbered `id`; false when the bus held none.
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, BusError>;
+
     /// Checks the bus answers, for readiness probes.
     async fn ping(&self) -> Result<(), BusError>;
+}
+
+/// A dead letter as the bus keeps it, for operators to read, replay or discard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredLetter {
+    /// Its number: increasing in the order letters were stored, never reused.
+    pub id: u64,
+    /// The consumer that gave up.
+    pub consumer: String,
+    /// The subject the message was delivered on.
+    pub subject: String,
+    /// Why the consumer gave up.
+    pub reason: String,
+    /// When the bus stored it.
+    pub stored_at: DateTime<Utc>,
+    /// The body: one event's envelope, or the message's raw body.
+    pub payload: Bytes,
+}
+
+impl StoredLetter {
+    /// The events its body carries, or why it cannot be read.
+    pub fn events(&self) -> Result<Vec<Envelope>, String> {
+        decode(&self.payload)
+    }
 }
 
 /// Reads a message body back: a batch of envelopes, or the single envelope of a message

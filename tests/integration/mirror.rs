@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use commands::bus::jetstream::{JetStreamBus, JetStreamSettings};
 use commands::bus::memory::MemoryBus;
-use commands::bus::{header, Bus, BusError, ConsumerOptions, Deliveries, Letter, Published};
+use commands::bus::{
+    header, Bus, BusError, ConsumerOptions, Deliveries, Letter, Published, StoredLetter,
+};
 use commands::log::memory::MemoryEventLog;
 use commands::relay::postgres::PgRelayLeases;
 use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions, RelayStatus};
@@ -182,24 +184,8 @@ impl Rig {
 
     /// The reasons of the dead letters stored so far.
     async fn dead_letter_reasons(&self) -> Vec<String> {
-        match &self.mirror {
-            Mirror::Memory(bus) => bus.dead_letters().into_iter().map(|d| d.reason).collect(),
-            Mirror::JetStream(bus, streams) => {
-                let stream = bus
-                    .context()
-                    .get_stream(streams.settings.dead_letter_stream())
-                    .await
-                    .unwrap();
-                let last = stream.get_info().await.unwrap().state.last_sequence;
-                let mut reasons = Vec::new();
-                for sequence in 1..=last {
-                    let message = stream.get_raw_message(sequence).await.unwrap();
-                    let reason = message.headers.get(header::DEAD_REASON).unwrap();
-                    reasons.push(reason.to_string());
-                }
-                reasons
-            }
-        }
+        let letters = self.bus.dead_letters_after(0, 10_000).await.unwrap();
+        letters.into_iter().map(|letter| letter.reason).collect()
     }
 
     /// Messages the bus stores for the log (duplicates included).
@@ -461,6 +447,22 @@ impl Bus for KilledAfterPublish {
         reason: &str,
     ) -> Result<(), BusError> {
         self.inner.dead_letter(consumer, letter, reason).await
+    }
+
+    async fn dead_letters_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredLetter>, BusError> {
+        self.inner.dead_letters_after(after, limit).await
+    }
+
+    async fn dead_letter_at(&self, id: u64) -> Result<Option<StoredLetter>, BusError> {
+        self.inner.dead_letter_at(id).await
+    }
+
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, BusError> {
+        self.inner.discard_dead_letter(id).await
     }
 
     async fn ping(&self) -> Result<(), BusError> {

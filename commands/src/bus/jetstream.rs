@@ -29,7 +29,7 @@ use futures::StreamExt;
 
 use super::{
     batches, format_cursor, header, parse_cursor, Acker, Bus, BusError, ConsumerOptions,
-    Deliveries, Delivery, Letter, Published,
+    Deliveries, Delivery, Letter, Published, StoredLetter,
 };
 use crate::log::RecordedEvent;
 use crate::trace::TraceParent;
@@ -430,6 +430,41 @@ impl Bus for JetStreamBus {
         Ok(())
     }
 
+    async fn dead_letters_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredLetter>, BusError> {
+        let mut stream = self.dead_letter_stream().await?;
+        let state = &stream.info().await.map_err(BusError::unavailable)?.state;
+        let (first, last) = (state.first_sequence, state.last_sequence);
+        let mut letters = Vec::new();
+        // Discarded letters leave gaps in the sequence; each costs one lookup.
+        let mut sequence = (after + 1).max(first);
+        while letters.len() < limit && sequence <= last {
+            if let Some(letter) = letter_at(&stream, sequence).await? {
+                letters.push(letter);
+            }
+            sequence += 1;
+        }
+        Ok(letters)
+    }
+
+    async fn dead_letter_at(&self, id: u64) -> Result<Option<StoredLetter>, BusError> {
+        letter_at(&self.dead_letter_stream().await?, id).await
+    }
+
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, BusError> {
+        let stream = self.dead_letter_stream().await?;
+        if letter_at(&stream, id).await?.is_none() {
+            return Ok(false);
+        }
+        stream
+            .delete_message(id)
+            .await
+            .map_err(BusError::unavailable)
+    }
+
     async fn ping(&self) -> Result<(), BusError> {
         // Known down: say so at once, rather than wait for a flush that waits for a
         // reconnection (probes would take their whole timeout through a NATS outage).
@@ -446,6 +481,46 @@ impl Bus for JetStreamBus {
             .map_err(BusError::unavailable)?;
         Ok(())
     }
+}
+
+impl JetStreamBus {
+    async fn dead_letter_stream(&self) -> Result<js::stream::Stream, BusError> {
+        self.context
+            .get_stream(self.settings.dead_letter_stream())
+            .await
+            .map_err(BusError::unavailable)
+    }
+}
+
+/// The dead letter at `sequence` of the dead-letter stream, if there is one.
+async fn letter_at(
+    stream: &js::stream::Stream,
+    sequence: u64,
+) -> Result<Option<StoredLetter>, BusError> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let message = match stream.get_raw_message(sequence).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(error) => return Err(BusError::unavailable(error)),
+    };
+    let header = |name: &str| {
+        message
+            .headers
+            .get(name)
+            .map_or_else(String::new, |v| v.as_str().to_owned())
+    };
+    Ok(Some(StoredLetter {
+        id: message.sequence,
+        consumer: header(header::DEAD_CONSUMER),
+        subject: header(header::DEAD_SUBJECT),
+        reason: header(header::DEAD_REASON),
+        stored_at: chrono::DateTime::from_timestamp(
+            message.time.unix_timestamp(),
+            message.time.nanosecond(),
+        )
+        .unwrap_or_default(),
+        payload: message.payload,
+    }))
 }
 
 struct JetStreamDeliveries {

@@ -16,7 +16,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    batches, decode, Acker, Bus, BusError, ConsumerOptions, Deliveries, Delivery, Letter, Published,
+    batches, decode, Acker, Bus, BusError, ConsumerOptions, Deliveries, Delivery, Letter,
+    Published, StoredLetter,
 };
 use crate::log::{LogCursor, RecordedEvent};
 
@@ -39,7 +40,9 @@ struct Inner {
     /// Message ids stored, as JetStream's duplicate window would hold them (for ever here).
     message_ids: HashSet<String>,
     consumers: HashMap<String, ConsumerState>,
-    dead_letters: Vec<DeadLetter>,
+    dead_letters: Vec<StoredLetter>,
+    /// Dead letters stored so far, removed ones included: the last one's number.
+    dead_letters_stored: u64,
 }
 
 struct Message {
@@ -106,7 +109,16 @@ impl MemoryBus {
 
     /// The dead letters so far, oldest first.
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        lock(&self.shared.inner).dead_letters.clone()
+        lock(&self.shared.inner)
+            .dead_letters
+            .iter()
+            .map(|letter| DeadLetter {
+                consumer: letter.consumer.clone(),
+                subject: letter.subject.clone(),
+                payload: letter.payload.clone(),
+                reason: letter.reason.clone(),
+            })
+            .collect()
     }
 
     /// Messages stored so far.
@@ -195,13 +207,47 @@ impl Bus for MemoryBus {
         letter: Letter<'_>,
         reason: &str,
     ) -> Result<(), BusError> {
-        lock(&self.shared.inner).dead_letters.push(DeadLetter {
+        let mut inner = lock(&self.shared.inner);
+        inner.dead_letters_stored += 1;
+        let id = inner.dead_letters_stored;
+        inner.dead_letters.push(StoredLetter {
+            id,
             consumer: consumer.to_owned(),
             subject: letter.subject.to_owned(),
-            payload: letter.payload,
             reason: reason.to_owned(),
+            stored_at: chrono::Utc::now(),
+            payload: letter.payload,
         });
         Ok(())
+    }
+
+    async fn dead_letters_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredLetter>, BusError> {
+        Ok(lock(&self.shared.inner)
+            .dead_letters
+            .iter()
+            .filter(|letter| letter.id > after)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn dead_letter_at(&self, id: u64) -> Result<Option<StoredLetter>, BusError> {
+        Ok(lock(&self.shared.inner)
+            .dead_letters
+            .iter()
+            .find(|letter| letter.id == id)
+            .cloned())
+    }
+
+    async fn discard_dead_letter(&self, id: u64) -> Result<bool, BusError> {
+        let mut inner = lock(&self.shared.inner);
+        let before = inner.dead_letters.len();
+        inner.dead_letters.retain(|letter| letter.id != id);
+        Ok(inner.dead_letters.len() < before)
     }
 
     async fn ping(&self) -> Result<(), BusError> {
