@@ -1,5 +1,6 @@
 //! The real application on port 0, with a client for it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use gateway::app::{Application, Mirror, Payments, ReadModels, Settings, Storage};
@@ -38,6 +39,8 @@ pub struct TestApp {
     pub streams: Option<TestStreams>,
     /// The Redis read models, when running on the real services.
     pub redis: Option<TestRedis>,
+    /// The log's mirror the application consumes.
+    pub bus: Option<Arc<dyn commands::bus::Bus>>,
     stop: Option<oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -117,6 +120,7 @@ pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings))
         .await
         .expect("the application starts");
     let address = format!("http://{}", app.local_addr());
+    let bus = Some(app.bus());
     let (stop, stopped) = oneshot::channel::<()>();
     let served = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
@@ -131,6 +135,7 @@ pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings))
         db,
         streams,
         redis,
+        bus,
         stop: Some(stop),
         served: Some(served),
     }
@@ -334,6 +339,7 @@ impl TestApp {
             db: None,
             streams: None,
             redis: None,
+            bus: None,
             stop: None,
             served: None,
         }

@@ -18,7 +18,9 @@ use commands::log::memory::MemoryEventLog;
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 use commands::relay::postgres::PgRelayLeases;
 use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions};
-use commands::subscription::{Ordering, RecentEventIds, Subscription, SubscriptionOptions};
+use commands::subscription::{
+    Handler, Ordering, RecentEventIds, Subscription, SubscriptionOptions,
+};
 use commands::{CommandHandler, EventLog, LogError};
 use projections::read_model::ReadModelError;
 use projections::rebuild::RebuildOptions;
@@ -39,6 +41,7 @@ use crate::error::ApiError;
 use crate::extract::BODY_BYTES_MAX;
 use crate::overload::{self, Limits, Overload};
 use crate::roles::{Role, Roles};
+use crate::routes::dead_letters::{self, Consumers};
 use crate::routes::{admin, campaigns, health, history, orders, payments, stores, users};
 use crate::state::{AppState, Shared};
 
@@ -404,6 +407,22 @@ impl Application {
             .filter(|(role, _, _)| roles.runs(*role))
             .map(|(_, name, stats)| (name, stats))
             .collect();
+        // Any instance can hand a dead letter back to its consumer: the handlers work on the
+        // deployment's shared log and read models.
+        let dead_letter_consumers = Consumers::new(
+            std::iter::once((
+                "order-saga".to_owned(),
+                order_saga.clone() as Arc<dyn Handler>,
+            ))
+            .chain(ProjectionName::ALL.into_iter().map(|name| {
+                let consumer = ProjectionConsumer::new(name, Arc::clone(&store));
+                (
+                    consumer.consumer_name(),
+                    Arc::new(consumer) as Arc<dyn Handler>,
+                )
+            }))
+            .collect(),
+        );
         let state = AppState::new(Shared {
             handler,
             read_model: store,
@@ -423,6 +442,7 @@ impl Application {
             bus,
             relay: relay.status(),
             roles: roles.clone(),
+            dead_letter_consumers,
         });
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -456,6 +476,11 @@ impl Application {
     /// The relay's status: whether this instance publishes the log, and how far.
     pub fn relay_status(&self) -> watch::Receiver<commands::relay::RelayStatus> {
         self.relay.status()
+    }
+
+    /// The log's mirror (for tests that plant what a consumer would have given up on).
+    pub fn bus(&self) -> Arc<dyn Bus> {
+        Arc::clone(&self.state.bus)
     }
 
     /// Serves until `shutdown` resolves, then stops taking connections, lets requests in
@@ -567,6 +592,15 @@ pub fn router(state: AppState, limits: Limits, gateway: bool) -> Router {
         )
         .route("/v1/admin/orders/{id}/history", get(history::order_history))
         .route("/v1/admin/campaigns/{id}", get(history::campaign_as_of))
+        .route("/v1/admin/dead-letters", get(dead_letters::list))
+        .route(
+            "/v1/admin/dead-letters/{id}",
+            get(dead_letters::show).delete(dead_letters::discard),
+        )
+        .route(
+            "/v1/admin/dead-letters/{id}/replay",
+            post(dead_letters::replay),
+        )
         .layer(axum::middleware::from_fn_with_state(
             Overload::new(limits),
             overload::guard,

@@ -93,6 +93,9 @@ pub enum Command {
     /// Prints the events of one stream of the log, or one order's whole history (its events
     /// and those of its payment and reservation, in log order).
     Events(EventsArgs),
+    /// Lists, shows, replays and discards what consumers gave up on, through a running
+    /// instance's API (either bus).
+    DeadLetters(crate::dead_letters_cli::DeadLettersArgs),
     /// Drives a flash sale against a running deployment over HTTP, and reports rates,
     /// latencies and the stock invariants; exits non-zero when a check fails.
     Loadgen(crate::loadgen::LoadgenArgs),

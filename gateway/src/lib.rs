@@ -17,6 +17,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod dead_letters_cli;
 pub mod error;
 pub mod extract;
 pub mod idempotency;

@@ -56,6 +56,9 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Projections(ProjectionsCommand::List(args)) => cli::list_projections(args).await?,
         Command::Audit(args) => return Ok(cli::audit(args).await?),
         Command::Events(args) => cli::events(args).await?,
+        Command::DeadLetters(args) => {
+            print!("{}", gateway::dead_letters_cli::command(args).await?);
+        }
         Command::Loadgen(args) => return gateway::loadgen::command(args).await,
         Command::Completions { shell } => {
             use std::io::Write;

@@ -56,6 +56,8 @@ pub struct Shared {
     pub relay: watch::Receiver<commands::relay::RelayStatus>,
     /// What this process runs, for readiness.
     pub roles: crate::roles::Roles,
+    /// The consumers dead letters are replayed to, by name.
+    pub dead_letter_consumers: crate::routes::dead_letters::Consumers,
 }
 
 impl Deref for AppState {

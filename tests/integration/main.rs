@@ -42,6 +42,7 @@ mod api_orders;
 mod command_handling;
 mod contract;
 mod crash;
+mod dead_letters;
 mod event_log;
 mod history;
 mod loadgen;

@@ -14,6 +14,7 @@ use domain::stock::StockBucketAggregate;
 use domain::{Aggregate, CampaignId, OrderId};
 use projections::CampaignView;
 use sagas::campaign_writer::{bucket_stream, holding_stream};
+use schemas::Envelope;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
@@ -64,7 +65,12 @@ pub struct EventBody {
 
 impl From<RecordedEvent> for EventBody {
     fn from(event: RecordedEvent) -> Self {
-        let e = event.envelope;
+        event.envelope.into()
+    }
+}
+
+impl From<Envelope> for EventBody {
+    fn from(e: Envelope) -> Self {
         EventBody {
             event_id: e.event_id.to_string(),
             stream_id: e.stream_id,

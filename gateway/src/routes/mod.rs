@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod campaigns;
+pub mod dead_letters;
 pub mod health;
 pub mod history;
 pub mod orders;
