@@ -622,7 +622,7 @@ async fn a_rebuild_under_order_load_answers_every_query_and_ends_equal_to_a_fres
             };
             // Small batches stretch the rebuild over the load.
             settings.rebuild.batch = 10;
-            // Customers order back to back, far over any sensible rate.
+            // Customers order back to back, over any sensible rate per customer.
             settings.limits.rate_limits = gateway::rate_limit::RateLimits::NONE;
         })
         .await,
@@ -647,8 +647,12 @@ async fn a_rebuild_under_order_load_answers_every_query_and_ends_equal_to_a_fres
     for token in customers.clone() {
         let (app, campaign, stopped) = (app.clone(), campaign.clone(), stopped.clone());
         load.push(tokio::spawn(async move {
+            // Paced, so that the load is one the read models can keep up with: a rebuild
+            // goes live only once it has caught up with the log, which it never does while
+            // orders come faster than it (a debug build on two cores) applies them.
             while !*stopped.borrow() {
                 place(&app, &token, &campaign, 1).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
     }
