@@ -25,6 +25,13 @@ async fn plant(app: &TestApp, consumer: &str, payload: Vec<u8>, reason: &str) {
     bus.dead_letter(consumer, letter, reason).await.unwrap();
 }
 
+/// Asks for the letter at `path` to be replayed.
+async fn replay(app: &TestApp, path: &str) -> reqwest::Response {
+    let path = format!("{path}/replay");
+    app.send(Method::POST, &path, Some(OPERATOR_TOKEN), None, None)
+        .await
+}
+
 /// The envelope of `order_id`'s `OrderPlaced`, as the bus carries it.
 async fn order_placed(app: &TestApp, order_id: &str) -> Value {
     let path = format!("/v1/admin/streams/order-{order_id}/events");
@@ -98,18 +105,11 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
     // events again (both have acted on them already, so nothing changes) and the letters go.
     for letter in letters {
         let id = letter["id"].as_u64().unwrap();
-        let path = format!("/v1/admin/dead-letters/{id}/replay");
-        let replayed = expect_json(
-            app.send(Method::POST, &path, Some(OPERATOR_TOKEN), None, None)
-                .await,
-            StatusCode::OK,
-        )
-        .await;
+        let path = format!("/v1/admin/dead-letters/{id}");
+        let replayed = expect_json(replay(&app, &path).await, StatusCode::OK).await;
         assert_eq!(replayed["consumer"], letter["consumer"]);
         assert_eq!(replayed["events"], 1);
-        let gone = app
-            .get(&format!("/v1/admin/dead-letters/{id}"), OPERATOR_TOKEN)
-            .await;
+        let gone = app.get(&path, OPERATOR_TOKEN).await;
         expect_problem(gone, StatusCode::NOT_FOUND, "dead_letter_not_found").await;
     }
     let order_now = app
@@ -120,15 +120,7 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
     // The poison message cannot be replayed; it is discarded instead.
     let poison_id = poison["id"].as_u64().unwrap();
     let path = format!("/v1/admin/dead-letters/{poison_id}");
-    let replay = app
-        .send(
-            Method::POST,
-            &format!("{path}/replay"),
-            Some(OPERATOR_TOKEN),
-            None,
-            None,
-        )
-        .await;
+    let replay = replay(&app, &path).await;
     expect_problem(
         replay,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -175,15 +167,7 @@ async fn a_letter_that_cannot_be_replayed_stays(app: TestApp) {
     .await;
     let id = letters["dead_letters"][0]["id"].as_u64().unwrap();
     let path = format!("/v1/admin/dead-letters/{id}");
-    let replay = app
-        .send(
-            Method::POST,
-            &format!("{path}/replay"),
-            Some(OPERATOR_TOKEN),
-            None,
-            None,
-        )
-        .await;
+    let replay = replay(&app, &path).await;
     expect_problem(replay, StatusCode::CONFLICT, "unknown_consumer").await;
     expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;
 
