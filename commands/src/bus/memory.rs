@@ -59,19 +59,6 @@ struct ConsumerState {
     redeliver: Vec<(Instant, usize, u64)>,
 }
 
-/// A delivery a consumer gave up on.
-#[derive(Clone, Debug)]
-pub struct DeadLetter {
-    /// The consumer.
-    pub consumer: String,
-    /// The subject it was delivered on.
-    pub subject: String,
-    /// The message body.
-    pub payload: Bytes,
-    /// Why the consumer gave up.
-    pub reason: String,
-}
-
 /// Acknowledges a delivery of the memory bus.
 pub(crate) struct MemoryAcker {
     shared: Arc<Shared>,
@@ -105,20 +92,6 @@ impl MemoryBus {
     /// An empty bus.
     pub fn new() -> Self {
         MemoryBus::default()
-    }
-
-    /// The dead letters so far, oldest first.
-    pub fn dead_letters(&self) -> Vec<DeadLetter> {
-        lock(&self.shared.inner)
-            .dead_letters
-            .iter()
-            .map(|letter| DeadLetter {
-                consumer: letter.consumer.clone(),
-                subject: letter.subject.clone(),
-                payload: letter.payload.clone(),
-                reason: letter.reason.clone(),
-            })
-            .collect()
     }
 
     /// Messages stored so far.
