@@ -27,6 +27,8 @@ pub mod store;
 pub use consumer::ProjectionConsumer;
 pub use memory::MemoryProjections;
 pub use ops::ProjectionName;
-pub use read_model::{CampaignView, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel};
+pub use read_model::{
+    CampaignView, Funnel, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel,
+};
 pub use redis_store::RedisProjections;
 pub use store::{ProjectionStore, ProjectionVersion, RebuildError, VersionStatus};

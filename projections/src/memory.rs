@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use crate::ops::{timestamp, unsnake, Change, Op, ProjectionName};
 use crate::read_model::{
-    CampaignView, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel, ReadModelError,
-    CAMPAIGNS_LIST_MAX, ORDERS_PAGE_MAX,
+    CampaignView, Funnel, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel,
+    ReadModelError, CAMPAIGNS_LIST_MAX, ORDERS_PAGE_MAX,
 };
 use crate::store::{ApplyOutcome, ProjectionStore, ProjectionVersion, RebuildError, VersionStatus};
 
@@ -104,6 +104,8 @@ struct Views {
     payments: HashMap<PaymentId, PaymentRecord>,
     /// The payment requested for an order, from the payment's own stream.
     order_payments: HashMap<OrderId, PaymentId>,
+    /// Each campaign's orders counted by [`Funnel::field`].
+    funnels: HashMap<CampaignId, HashMap<String, i64>>,
 }
 
 impl Views {
@@ -195,6 +197,7 @@ impl Views {
                     .entry(*campaign_id)
                     .or_default()
                     .insert(*order_id);
+                self.count(*campaign_id, OrderStatus::Pending, "", 1);
             }
             Op::OrderStatus {
                 order_id,
@@ -204,12 +207,18 @@ impl Views {
                 at,
             } => {
                 if let Some(order) = self.orders.get_mut(order_id) {
+                    let was = (order.status, std::mem::take(&mut order.reason));
                     order.status = *status;
                     order.reason.clone_from(reason);
                     if payment_id.is_some() {
                         order.payment_id = *payment_id;
                     }
                     order.updated_at = order.updated_at.max(*at);
+                    let campaign_id = order.campaign_id;
+                    if (was.0, was.1.as_str()) != (*status, reason.as_str()) {
+                        self.count(campaign_id, was.0, &was.1, -1);
+                        self.count(campaign_id, *status, reason, 1);
+                    }
                 }
             }
             Op::Payment {
@@ -234,6 +243,16 @@ impl Views {
                 }
             }
         }
+    }
+
+    /// Moves the funnel counter of `campaign_id` for `status` and `reason` by `by`.
+    fn count(&mut self, campaign_id: CampaignId, status: OrderStatus, reason: &str, by: i64) {
+        *self
+            .funnels
+            .entry(campaign_id)
+            .or_default()
+            .entry(Funnel::field(status, reason))
+            .or_default() += by;
     }
 
     fn order(&self, order_id: OrderId) -> Option<OrderView> {
@@ -399,6 +418,14 @@ impl ReadModel for MemoryProjections {
 
     async fn order(&self, id: OrderId) -> Result<Option<OrderView>, ReadModelError> {
         self.live(ProjectionName::Orders, |v| v.order(id))
+    }
+
+    async fn funnel(&self, id: CampaignId) -> Result<Funnel, ReadModelError> {
+        self.live(ProjectionName::Orders, |v| {
+            v.funnels.get(&id).map_or_else(Funnel::default, |counts| {
+                Funnel::from_counts(counts.iter().map(|(f, n)| (f.as_str(), *n)))
+            })
+        })
     }
 
     async fn orders(

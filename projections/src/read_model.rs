@@ -1,5 +1,7 @@
 //! What the gateway asks of a read model.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use domain::campaign::{CampaignStatus, Stock};
 use domain::order::{CancelReason, OrderStatus, RejectReason};
@@ -158,6 +160,73 @@ pub enum ReadModelError {
     Missing(crate::ops::ProjectionName),
 }
 
+/// How a campaign's orders stand: how many are at each step now, the rejected and the
+/// cancelled by reason. Kept by the orders read model as the orders move, so reading it costs
+/// the same however many orders the campaign has.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Funnel {
+    /// Placed; stock not decided yet.
+    pub pending: u64,
+    /// Stock reserved, payment not answered yet.
+    pub awaiting_payment: u64,
+    /// Paid.
+    pub confirmed: u64,
+    /// Refused by the stock decision, by reason (`sold_out`, `limit_exceeded`, ...).
+    pub rejected: BTreeMap<String, u64>,
+    /// Cancelled after placing, by reason (`customer`, `payment_failed`, ...).
+    pub cancelled: BTreeMap<String, u64>,
+}
+
+impl Funnel {
+    /// Every order ever placed in the campaign.
+    pub fn placed(&self) -> u64 {
+        self.pending
+            + self.awaiting_payment
+            + self.confirmed
+            + self.rejected.values().sum::<u64>()
+            + self.cancelled.values().sum::<u64>()
+    }
+
+    /// The counter an order in `status` for `reason` is counted in, as stores keep it:
+    /// the status, and for a rejected or cancelled order its reason after a colon.
+    pub fn field(status: OrderStatus, reason: &str) -> String {
+        let status = crate::ops::snake(&status);
+        if reason.is_empty() {
+            status
+        } else {
+            format!("{status}:{reason}")
+        }
+    }
+
+    /// The funnel of counters kept under [`Funnel::field`] names; counters of no known status
+    /// and counters at zero or below are left out.
+    pub fn from_counts<'a>(counts: impl IntoIterator<Item = (&'a str, i64)>) -> Funnel {
+        let mut funnel = Funnel::default();
+        for (field, count) in counts {
+            let Ok(count) = u64::try_from(count) else {
+                continue;
+            };
+            if count == 0 {
+                continue;
+            }
+            let (status, reason) = field.split_once(':').unwrap_or((field, ""));
+            match (crate::ops::unsnake::<OrderStatus>(status), reason) {
+                (Some(OrderStatus::Pending), _) => funnel.pending += count,
+                (Some(OrderStatus::AwaitingPayment), _) => funnel.awaiting_payment += count,
+                (Some(OrderStatus::Confirmed), _) => funnel.confirmed += count,
+                (Some(OrderStatus::Rejected), reason) => {
+                    *funnel.rejected.entry(reason.to_owned()).or_default() += count;
+                }
+                (Some(OrderStatus::Cancelled), reason) => {
+                    *funnel.cancelled.entry(reason.to_owned()).or_default() += count;
+                }
+                (None, _) => {}
+            }
+        }
+        funnel
+    }
+}
+
 /// The queries of the HTTP API.
 #[async_trait]
 pub trait ReadModel: Send + Sync + 'static {
@@ -183,6 +252,9 @@ pub trait ReadModel: Send + Sync + 'static {
         after: Option<OrderId>,
         limit: usize,
     ) -> Result<OrderPage, ReadModelError>;
+
+    /// How the orders of campaign `id` stand; all zero for a campaign without orders.
+    async fn funnel(&self, id: CampaignId) -> Result<Funnel, ReadModelError>;
 
     /// The last version of `stream_id` the live read model holding its views applied; 0 when
     /// none (or when no read model reads the stream).

@@ -14,6 +14,7 @@
 --   R:op:<order> the payment requested for an order
 --   R:o, R:os:<status>, R:u:<user>, R:us:<user>:<status>, R:co:<campaign>,
 --   R:cos:<campaign>:<status>   order ids (zsets, score 0: ULIDs sort by time)
+--   R:cf:<campaign> the campaign's orders counted by status (`rejected:<reason>`, ...)
 -- Numbers travel as strings, so large ones are never rounded through Lua's doubles.
 
 local function root(base, v)
@@ -39,6 +40,14 @@ end
 local function order_sets(r, user, campaign, status)
   return { r .. ':os:' .. status, r .. ':us:' .. user .. ':' .. status,
            r .. ':cos:' .. campaign .. ':' .. status }
+end
+
+-- The funnel counter of an order in status for reason (see Funnel::field).
+local function funnel_field(status, reason)
+  if reason == nil or reason == '' then
+    return status
+  end
+  return status .. ':' .. reason
 end
 
 local function run_op(r, op)
@@ -77,11 +86,12 @@ local function run_op(r, op)
     for _, set in ipairs(order_sets(r, op.user_id, op.campaign_id, 'pending')) do
       redis.call('ZADD', set, 0, id)
     end
+    redis.call('HINCRBY', r .. ':cf:' .. op.campaign_id, 'pending', 1)
   elseif kind == 'order_status' then
     local id = op.order_id
     local key = r .. ':o:' .. id
-    local found = redis.call('HMGET', key, 'status', 'user', 'campaign')
-    local old, user, campaign = found[1], found[2], found[3]
+    local found = redis.call('HMGET', key, 'status', 'user', 'campaign', 'reason')
+    local old, user, campaign, old_reason = found[1], found[2], found[3], found[4]
     if old then
       redis.call('HSET', key, 'status', op.status, 'reason', op.reason)
       if op.payment_id then
@@ -95,6 +105,11 @@ local function run_op(r, op)
         for _, set in ipairs(order_sets(r, user, campaign, op.status)) do
           redis.call('ZADD', set, 0, id)
         end
+      end
+      local was, now = funnel_field(old, old_reason), funnel_field(op.status, op.reason)
+      if was ~= now then
+        redis.call('HINCRBY', r .. ':cf:' .. campaign, was, -1)
+        redis.call('HINCRBY', r .. ':cf:' .. campaign, now, 1)
       end
     end
   elseif kind == 'payment' then
@@ -361,6 +376,16 @@ local function order_of(r, id)
   end
   return { id, fields, payment, pay or '' }
 end
+
+-- args: base, campaign id. Returns the campaign's funnel counters, flat.
+redis.register_function{
+  function_name = 'groupbuy_funnel',
+  flags = { 'no-writes' },
+  callback = function(_, args)
+    local r = query_root(args[1])
+    return redis.call('HGETALL', r .. ':cf:' .. args[2])
+  end,
+}
 
 -- args: base, order id. Returns {id, order fields, payment fields, payment id}, or nil.
 redis.register_function{

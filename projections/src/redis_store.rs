@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use crate::memory::{order_view, OrderFields};
 use crate::ops::{snake, timestamp, unsnake, Change, Op, ProjectionName};
 use crate::read_model::{
-    CampaignView, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel, ReadModelError,
-    CAMPAIGNS_LIST_MAX, ORDERS_PAGE_MAX,
+    CampaignView, Funnel, OrderFilter, OrderPage, OrderView, PaymentView, ReadModel,
+    ReadModelError, CAMPAIGNS_LIST_MAX, ORDERS_PAGE_MAX,
 };
 use crate::store::{ApplyOutcome, ProjectionStore, ProjectionVersion, RebuildError, VersionStatus};
 
@@ -424,6 +424,20 @@ impl ReadModel for RedisProjections {
             .await
             .map_err(unanswered(ProjectionName::Orders))?;
         reply.map(order_of).transpose()
+    }
+
+    async fn funnel(&self, id: CampaignId) -> Result<Funnel, ReadModelError> {
+        let counts: Vec<(String, i64)> = self
+            .call(
+                "groupbuy_funnel",
+                true,
+                (self.base(ProjectionName::Orders), id.to_string()),
+            )
+            .await
+            .map_err(unanswered(ProjectionName::Orders))?;
+        Ok(Funnel::from_counts(
+            counts.iter().map(|(field, n)| (field.as_str(), *n)),
+        ))
     }
 
     async fn orders(

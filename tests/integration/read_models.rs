@@ -41,6 +41,7 @@ on_both_stores!(
     a_rebuild_takes_live_events_in_order_and_switches_at_once,
     a_rebuild_that_stops_renewing_its_lease_is_replaced,
     a_reader_waiting_for_its_writes_hears_at_once_that_no_version_is_live,
+    a_campaigns_funnel_follows_its_orders_and_counts_each_event_once,
 );
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -132,6 +133,91 @@ async fn stock(store: &dyn ProjectionStore, id: CampaignId) -> domain::campaign:
         .unwrap()
         .expect("the campaign")
         .stock
+}
+
+/// The changes of one order's stream, in order: placed in `campaign_id`, then each status.
+fn order_changes(
+    campaign_id: CampaignId,
+    order_id: OrderId,
+    statuses: &[(domain::order::OrderStatus, &str)],
+) -> Vec<Change> {
+    let stream_id = format!("order-{order_id}");
+    let placed = Op::Order {
+        order_id,
+        user_id: UserId::from_ulid(Ulid::new()),
+        campaign_id,
+        quantity: 1,
+        amount_cents: domain::Cents::new(500),
+        at: 1,
+    };
+    let moved = statuses.iter().map(|(status, reason)| Op::OrderStatus {
+        order_id,
+        status: *status,
+        reason: (*reason).into(),
+        payment_id: None,
+        at: 2,
+    });
+    std::iter::once(placed)
+        .chain(moved)
+        .enumerate()
+        .map(|(i, op)| Change {
+            stream_id: stream_id.clone(),
+            version: i as u64 + 1,
+            position: i as u64 + 1,
+            ops: vec![op],
+        })
+        .collect()
+}
+
+async fn a_campaigns_funnel_follows_its_orders_and_counts_each_event_once(
+    store: Arc<dyn ProjectionStore>,
+) {
+    use domain::order::OrderStatus::*;
+    live(store.as_ref()).await;
+    let (sale, other) = (
+        CampaignId::from_ulid(Ulid::new()),
+        CampaignId::from_ulid(Ulid::new()),
+    );
+    let order = || OrderId::from_ulid(Ulid::new());
+    let mut changes = Vec::new();
+    changes.extend(order_changes(
+        sale,
+        order(),
+        &[(AwaitingPayment, ""), (Confirmed, "")],
+    ));
+    changes.extend(order_changes(sale, order(), &[(Rejected, "sold_out")]));
+    changes.extend(order_changes(sale, order(), &[(Rejected, "sold_out")]));
+    changes.extend(order_changes(
+        sale,
+        order(),
+        &[(AwaitingPayment, ""), (Cancelled, "payment_timeout")],
+    ));
+    changes.extend(order_changes(sale, order(), &[(AwaitingPayment, "")]));
+    changes.extend(order_changes(sale, order(), &[]));
+    changes.extend(order_changes(other, order(), &[]));
+    let name = ProjectionName::Orders;
+    store.apply_all(name, &changes).await.unwrap();
+    // Redelivered, each event counts once.
+    store.apply_all(name, &changes).await.unwrap();
+
+    let funnel = store.funnel(sale).await.unwrap();
+    assert_eq!(
+        funnel,
+        projections::Funnel {
+            pending: 1,
+            awaiting_payment: 1,
+            confirmed: 1,
+            rejected: [("sold_out".to_owned(), 2)].into(),
+            cancelled: [("payment_timeout".to_owned(), 1)].into(),
+        }
+    );
+    assert_eq!(funnel.placed(), 6);
+    assert_eq!(store.funnel(other).await.unwrap().placed(), 1);
+    let unknown = CampaignId::from_ulid(Ulid::new());
+    assert_eq!(
+        store.funnel(unknown).await.unwrap(),
+        projections::Funnel::default()
+    );
 }
 
 async fn a_redelivered_event_changes_nothing(store: Arc<dyn ProjectionStore>) {
