@@ -42,7 +42,7 @@ use crate::extract::BODY_BYTES_MAX;
 use crate::overload::{self, Limits, Overload};
 use crate::roles::{Role, Roles};
 use crate::routes::dead_letters::{self, Consumers};
-use crate::routes::{admin, campaigns, health, history, orders, payments, stores, users};
+use crate::routes::{admin, campaigns, health, history, orders, payments, sales, stores, users};
 use crate::state::{AppState, Shared};
 
 /// Where events are stored.
@@ -443,6 +443,7 @@ impl Application {
             relay: relay.status(),
             roles: roles.clone(),
             dead_letter_consumers,
+            closing: Arc::new(watch::channel(false).0),
         });
         let listener = TcpListener::bind(settings.http_addr)
             .await
@@ -552,6 +553,11 @@ impl Application {
         }
         tracing::info!(roles = %self.roles, "serving");
         let listener = crate::parse_errors::ProblemListener(self.listener);
+        let closing = Arc::clone(&self.state.closing);
+        let shutdown = async move {
+            shutdown.await;
+            closing.send_replace(true);
+        };
         let app = router(self.state, self.limits, runs(Role::Gateway));
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
@@ -592,6 +598,9 @@ pub fn router(state: AppState, limits: Limits, gateway: bool) -> Router {
         )
         .route("/v1/admin/orders/{id}/history", get(history::order_history))
         .route("/v1/admin/campaigns/{id}", get(history::campaign_as_of))
+        .route("/v1/admin/campaigns/{id}/sale", get(sales::get))
+        .route("/v1/admin/campaigns/{id}/sale/live", get(sales::live))
+        .route("/v1/admin/relay", get(admin::relay))
         .route("/v1/admin/dead-letters", get(dead_letters::list))
         .route(
             "/v1/admin/dead-letters/{id}",
@@ -609,6 +618,7 @@ pub fn router(state: AppState, limits: Limits, gateway: bool) -> Router {
         api
             // Outside the request timeout: an audit replays the whole log. One at a time.
             .route("/v1/admin/audit", get(admin::audit))
+            .merge(crate::console::routes())
     } else {
         Router::new()
     };

@@ -346,7 +346,11 @@ impl ServeArgs {
         let operator_token = self.operator_token.clone().unwrap_or_else(|| {
             let token = format!("op_{:032x}", rand::random::<u128>());
             // Printed, not logged: it is the only way to learn it, and it dies with the process.
-            eprintln!("GROUPBUY_OPERATOR_TOKEN is not set; this run's operator token is {token}");
+            eprintln!(
+                "GROUPBUY_OPERATOR_TOKEN is not set; this run's operator token is {token}\n\
+                 the console, signed in: http://{}/console#token={token}",
+                self.http_addr
+            );
             token
         });
         let token_secret = match &self.token_secret {

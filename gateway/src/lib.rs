@@ -8,7 +8,8 @@
 //!   before routing into problem+json too.
 //! - [`overload`] and [`rate_limit`] answer 429 and 503 instead of letting latency grow;
 //!   [`metrics`] serves `/metrics`; [`openapi`] serves the OpenAPI document generated from
-//!   the routes, and a browser for it at `/docs`.
+//!   the routes, and a browser for it at `/docs`; [`console`] serves the operator console
+//!   at `/console`.
 //! - [`cli`] is the command line: `serve`, `migrate`, `projections`, `audit`; [`config`]
 //!   layers a file under the environment and flags, and holds the profiles.
 //! - [`loadgen`] is `groupbuy loadgen`, a flash sale driven against any deployment over HTTP.
@@ -17,6 +18,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod dead_letters_cli;
 pub mod error;
 pub mod extract;

@@ -58,6 +58,9 @@ pub struct Shared {
     pub roles: crate::roles::Roles,
     /// The consumers dead letters are replayed to, by name.
     pub dead_letter_consumers: crate::routes::dead_letters::Consumers,
+    /// Becomes true when the process starts to shut down: streams that would otherwise never
+    /// end (a live sale) end then, so the graceful shutdown does not wait on them.
+    pub closing: Arc<watch::Sender<bool>>,
 }
 
 impl Deref for AppState {

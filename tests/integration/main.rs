@@ -40,6 +40,7 @@ mod api_catalog;
 mod api_input;
 mod api_orders;
 mod command_handling;
+mod console;
 mod contract;
 mod crash;
 mod dead_letters;

@@ -268,3 +268,54 @@ pub async fn audit(
     }
     Ok(Json(report))
 }
+
+/// The outbox relay as this process sees it.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Relay)]
+pub struct RelayBody {
+    /// `leader` (this process publishes the log to the bus), `standby` (another process
+    /// does) or `not_run` (this process does not run the relay role).
+    pub role: &'static str,
+    /// The global log position this process's relay published and checkpointed; 0 unless
+    /// it leads or led.
+    pub position: u64,
+    /// The log's last global position.
+    pub head: u64,
+    /// Events of the log past `position`, when this process leads; `null` otherwise, since
+    /// only the leader knows where the mirror stands.
+    pub lag: Option<u64>,
+    /// Events this process's relay published since it started.
+    pub published: u64,
+}
+
+/// `GET /v1/admin/relay`: this process's outbox relay: whether it leads, where it stands and
+/// how far behind the log.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/relay",
+    operation_id = "get_relay",
+    tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The relay as this process sees it", body = RelayBody),
+        (status = 403, description = "Only the operator sees the relay"),
+        (status = 503, description = "The event log cannot be reached (`log_unavailable`)"),
+    )
+)]
+pub async fn relay(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<RelayBody>, ApiError> {
+    caller.require_operator()?;
+    let status = *state.relay.borrow();
+    let role = crate::routes::health::relay_role(&state);
+    let head = state.handler.log().head().await?;
+    let position = status.position.global_position;
+    Ok(Json(RelayBody {
+        role,
+        position,
+        head,
+        lag: status.leader.then(|| head.saturating_sub(position)),
+        published: status.published,
+    }))
+}

@@ -23,6 +23,16 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// What this process's relay does: `leader` (it publishes the log), `standby` (another
+/// process leads) or `not_run` (this process does not run the relay role).
+pub fn relay_role(state: &AppState) -> &'static str {
+    match (state.roles.runs(Role::Relay), state.relay.borrow().leader) {
+        (false, _) => "not_run",
+        (true, true) => "leader",
+        (true, false) => "standby",
+    }
+}
+
 /// "up" when `probe` succeeds within [`PROBE_TIMEOUT`], "down" otherwise.
 async fn probe<E: std::fmt::Display>(
     what: &str,
@@ -109,11 +119,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
             "checks": { "event_log": log, "bus": bus, "read_models": read_models },
             "roles": state.roles.names(),
             "relay": {
-                "role": match (state.roles.runs(Role::Relay), relay.leader) {
-                    (false, _) => "not_run",
-                    (true, true) => "leader",
-                    (true, false) => "standby",
-                },
+                "role": relay_role(&state),
                 "global_position": relay.position.global_position,
                 "published": relay.published,
             },

@@ -7,5 +7,6 @@ pub mod health;
 pub mod history;
 pub mod orders;
 pub mod payments;
+pub mod sales;
 pub mod stores;
 pub mod users;
