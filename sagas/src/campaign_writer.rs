@@ -240,6 +240,8 @@ pub struct CampaignWriters {
 impl CampaignWriters {
     /// Writers that append through `handler`'s log.
     pub fn new(handler: CommandHandler, options: WriterOptions) -> Self {
+        // Exported at zero from the start, so that the first conflict shows as a rise.
+        metrics::counter!("groupbuy_campaign_writer_conflicts_total").increment(0);
         CampaignWriters {
             handler,
             options,

@@ -1,6 +1,7 @@
 //! The operator's tools: the console and the endpoints behind it (a sale's stock and order
-//! funnel, now and live; the relay as this process sees it), and the page itself driven in a
-//! real browser (Debian's Chromium, headless, over WebDriver).
+//! funnel, now and live; the relay as this process sees it), the page itself driven in a real
+//! browser (Debian's Chromium, headless, over WebDriver), and the dashboards and alert rules
+//! under deploy/.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -459,4 +460,74 @@ async fn the_console_shows_a_sale_in_a_real_browser(app: TestApp) {
         )
         .await;
     browser.close().await;
+}
+
+/// The `deploy/` directory of the repository.
+fn deploy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+#[tokio::test]
+async fn the_alert_rules_are_valid_and_fire_as_their_tests_say() {
+    let rules = deploy().join("prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let output = tokio::process::Command::new(installed("promtool"))
+            .args(args)
+            .current_dir(&rules)
+            .output()
+            .await
+            .expect("promtool runs");
+        assert!(
+            output.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// Every `groupbuy_...` name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("groupbuy_")
+        .map(|(at, _)| {
+            text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_dashboard_and_the_alerts_name_only_metrics_the_binary_exports() {
+    let app = harness::spawn_app(harness::Backend::Postgres).await;
+    a_sale_with_every_outcome(&app).await;
+    let exported: std::collections::BTreeSet<String> = app
+        .metrics()
+        .await
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect();
+    let files = [
+        deploy().join("prometheus/alerts.yml"),
+        deploy().join("prometheus/alerts.test.yml"),
+        deploy().join("grafana/groupbuy.json"),
+    ];
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let named = metric_names(&text);
+        assert!(!named.is_empty(), "{} names no metric", file.display());
+        let unknown: Vec<&String> = named.difference(&exported).collect();
+        assert!(
+            unknown.is_empty(),
+            "{} names metrics the binary does not export: {unknown:?}; it exports {exported:?}",
+            file.display()
+        );
+    }
 }
