@@ -95,10 +95,13 @@ function h(spec, attrs, ...children) {
   return element;
 }
 
-function show(...children) { view.replaceChildren(...children.flat()); }
+// DOM methods would print a null child as the text "null": leave such children out.
+function present(children) { return children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false); }
+function show(...children) { view.replaceChildren(...present(children)); }
 
 const number = new Intl.NumberFormat('en');
 function n(value) { return value === null || value === undefined ? '–' : number.format(value); }
+function plural(count, noun) { return `${n(count)} ${noun}${count === 1 ? '' : 's'}`; }
 function words(snake) { return String(snake).replace(/_/g, ' '); }
 function when(iso) {
   if (!iso) { return '–'; }
@@ -323,7 +326,7 @@ async function orderPage(id) {
     h('dt', 'Amount'), h('dd', money(order.amount_cents)),
     order.reason ? [h('dt', 'Why'), h('dd', words(order.reason))] : null,
     order.payment ? [h('dt', 'Payment'), h('dd', badge(order.payment.status), ' ', h('span.mono', order.payment.payment_id))] : null)) : null;
-  view.append(summary, h('div.card', h('h2', `${history.events.length} events`), timeline(history.events)));
+  view.append(...present([summary, h('div.card', h('h2', plural(history.events.length, 'event')), timeline(history.events))]));
 }
 
 function timeline(events) {
@@ -380,6 +383,7 @@ async function operationsPage() {
     h('section.card', h('h2', 'Dead letters', h('button.small', { onclick: () => loadLetters(letters) }, 'Refresh')), letters),
     h('section.card', h('h2', 'Reconciliation audit'), auditPanel(audit)));
   let head = 0;
+  let table = null;
   const refresh = async () => {
     try {
       const r = await api('/v1/admin/relay');
@@ -388,13 +392,14 @@ async function operationsPage() {
         h('dt', 'This process'), h('dd', badge(r.role)),
         h('dt', 'Log head'), h('dd', n(r.head)),
         h('dt', 'Published to'), h('dd', n(r.position)),
-        h('dt', 'Lag'), h('dd', r.lag === null ? h('span.muted', 'known to the leader') : `${n(r.lag)} events`),
+        h('dt', 'Lag'), h('dd', r.lag === null ? h('span.muted', 'known to the leader') : plural(r.lag, 'event')),
         h('dt', 'Published'), h('dd', `${n(r.published)} since start`)));
     } catch (error) { relay.replaceChildren(failure(error)); }
     try {
       const list = await api('/v1/admin/projections');
-      projections.replaceChildren(projectionTable(list.items, head, refresh));
-    } catch (error) { projections.replaceChildren(failure(error)); }
+      if (!table) { table = projectionTable(refresh); projections.replaceChildren(table); }
+      table.update(list.items, head);
+    } catch (error) { table = null; projections.replaceChildren(failure(error)); }
   };
   await refresh();
   const timer = setInterval(refresh, 1000);
@@ -402,22 +407,52 @@ async function operationsPage() {
   loadLetters(letters);
 }
 
-function projectionTable(items, head, refresh) {
-  const rows = items.map((p) => h('tr',
-    h('td', h('b', p.name)), h('td.num', p.version), h('td', badge(p.status)),
-    h('td.num', n(p.position)), h('td.num', n(p.lag)), h('td.num', n(p.events)),
-    h('td', p.status === 'building'
-      ? h('div.progress', { title: `${n(p.position)} of ${n(head)}` },
-        h('span', { style: { width: `${head ? Math.min(100, (100 * p.position) / head) : 0}%` } }))
-      : h('button.small', {
-        onclick: async (event) => {
-          event.target.disabled = true;
-          try { await api(`/v1/admin/projections/${p.name}/rebuild`, { method: 'POST' }); } catch (error) { alert(error.message); }
-          refresh();
-        },
-      }, 'Rebuild'))));
-  return h('table', h('thead', h('tr', h('th', 'Read model'), h('th.num', 'Version'), h('th', 'Status'),
-    h('th.num', 'Position'), h('th.num', 'Lag'), h('th.num', 'Events'), h('th', ''))), h('tbody', rows));
+// The read models' table, refreshed in place: a row per version keeps its elements (and its
+// Rebuild button) from one refresh to the next, so a click never lands on a replaced button.
+function projectionTable(refresh) {
+  const body = h('tbody');
+  const rows = new Map();
+  const table = h('table', h('thead', h('tr', h('th', 'Read model'), h('th.num', 'Version'), h('th', 'Status'),
+    h('th.num', 'Position'), h('th.num', 'Lag'), h('th.num', 'Events'), h('th', ''))), body);
+  const rebuildButton = (name) => h('button.small', {
+    onclick: async (event) => {
+      event.target.disabled = true;
+      try { await api(`/v1/admin/projections/${name}/rebuild`, { method: 'POST' }); } catch (error) { alert(error.message); }
+      refresh();
+    },
+  }, 'Rebuild');
+  table.update = (items, head) => {
+    const seen = new Set();
+    for (const p of items) {
+      const key = `${p.name} ${p.version}`;
+      seen.add(key);
+      let row = rows.get(key);
+      if (!row) {
+        row = { cells: [h('td', h('b', p.name)), h('td.num', p.version), h('td'), h('td.num'), h('td.num'), h('td.num'), h('td')] };
+        row.element = h('tr', row.cells);
+        rows.set(key, row);
+      }
+      if (row.status !== p.status) {
+        row.status = p.status;
+        row.cells[2].replaceChildren(badge(p.status));
+        row.cells[6].replaceChildren(p.status === 'building'
+          ? h('div.progress', h('span')) : rebuildButton(p.name));
+      }
+      row.cells[3].textContent = n(p.position);
+      row.cells[4].textContent = n(p.lag);
+      row.cells[5].textContent = n(p.events);
+      const bar = row.cells[6].querySelector('.progress');
+      if (bar) {
+        bar.title = `${n(p.position)} of ${n(head)}`;
+        bar.firstChild.style.width = `${head ? Math.min(100, (100 * p.position) / head) : 0}%`;
+      }
+      body.append(row.element); // in the order the API lists them
+    }
+    for (const [key, row] of rows) {
+      if (!seen.has(key)) { row.element.remove(); rows.delete(key); }
+    }
+  };
+  return table;
 }
 
 async function loadLetters(box) {
@@ -433,14 +468,14 @@ async function loadLetters(box) {
     } catch (error) { alert(error.message); }
     loadLetters(box);
   };
-  box.replaceChildren(h('table', h('thead', h('tr', h('th.num', '#'), h('th', 'Consumer'), h('th', 'Why'), h('th', 'Stored'), h('th', ''))),
+  box.replaceChildren(...present([h('table', h('thead', h('tr', h('th.num', '#'), h('th', 'Consumer'), h('th', 'Why'), h('th', 'Stored'), h('th', ''))),
     h('tbody', page.dead_letters.map((l) => h('tr',
       h('td.num', l.id), h('td', h('b', l.consumer), h('div.muted.mono', l.subject)),
       h('td', l.reason, h('details', h('summary', 'show'), json(l.events || l.body))),
       h('td', when(l.stored_at)),
       h('td', { style: { whiteSpace: 'nowrap' } }, h('button.small', { onclick: act(l, 'replay') }, 'Replay'), ' ',
         h('button.small.danger', { onclick: act(l, 'discard') }, 'Discard')))))),
-  page.next_after ? h('p.muted', 'More letters follow; handle these first.') : null);
+  page.next_after ? h('p.muted', 'More letters follow; handle these first.') : null]));
 }
 
 function auditPanel(out) {
@@ -450,11 +485,12 @@ function auditPanel(out) {
       out.replaceChildren(h('p.muted', 'Replaying the whole log…'));
       try {
         const report = await api('/v1/admin/audit');
-        out.replaceChildren(
-          h('div.notice.' + (report.ok ? 'ok' : 'bad'), report.ok ? 'Passed: ' : `${report.violations.length + report.violations_omitted} violations: `,
+        out.replaceChildren(...present([
+          h('div.notice.' + (report.ok ? 'ok' : 'bad'), report.ok ? 'Passed: ' : `${plural(report.violations.length + report.violations_omitted, 'violation')}: `,
             `${n(report.events_read)} events of ${n(report.streams_read)} streams replayed, checked ${when(report.checked_at)}.`),
           report.violations.length ? h('table', h('thead', h('tr', h('th', 'Kind'), h('th', 'Stream'), h('th', 'What'))),
-            h('tbody', report.violations.map((v) => h('tr', h('td', badge(v.kind, 'bad')), h('td', streamLink(v.stream_id)), h('td', v.detail))))) : null);
+            h('tbody', report.violations.map((v) => h('tr', h('td', badge(v.kind, 'bad')), h('td', streamLink(v.stream_id)), h('td', v.detail))))) : null,
+        ]));
       } catch (error) { out.replaceChildren(failure(error)); }
       run.disabled = false;
     },

@@ -443,6 +443,15 @@ async fn the_console_shows_a_sale_in_a_real_browser(app: TestApp) {
     );
 
     browser
+        .click(fantoccini::Locator::XPath("//button[text()='Run audit']"))
+        .await;
+    browser.shows("Passed: ").await;
+    assert!(
+        !browser.text().await.contains("null"),
+        "{}",
+        browser.text().await
+    );
+    browser
         .click(fantoccini::Locator::XPath(
             "//tr[td/b[text()='orders']]//button[text()='Rebuild']",
         ))
