@@ -13,10 +13,47 @@ use serde_json::{json, Value};
 use crate::order_saga::{campaign, pay, place};
 
 on_both_backends!(
+    a_customer_is_refused_by_every_operator_endpoint,
     a_sales_funnel_counts_each_order_where_it_stands,
     the_relay_says_whether_it_leads_and_how_far_behind_it_is,
     the_console_shows_a_sale_in_a_real_browser,
 );
+
+/// Every operation under `/v1/admin/` in the OpenAPI document answers a customer 403, so
+/// the console (which only calls these, and the public catalog) shows a customer nothing.
+async fn a_customer_is_refused_by_every_operator_endpoint(app: TestApp) {
+    let (_, customer) = app.create_user("Eve").await;
+    let document = expect_json(
+        app.get("/openapi.json", OPERATOR_TOKEN).await,
+        StatusCode::OK,
+    )
+    .await;
+    let admin: Vec<String> = crate::contract::operations(&document)
+        .into_iter()
+        .filter(|operation| operation.contains(" /v1/admin/"))
+        .collect();
+    assert!(admin.len() >= 12, "{admin:?}");
+    let ulid = ulid::Ulid::new().to_string();
+    for operation in admin {
+        let (method, template) = operation.split_once(' ').unwrap();
+        // Ids of the right shape, so that nothing but the caller can be refused.
+        let path = template
+            .replace("{stream_id}", &format!("order-{ulid}"))
+            .replace("{name}", "orders")
+            .replace(
+                "{id}",
+                if template.contains("dead-letters") {
+                    "1"
+                } else {
+                    &ulid
+                },
+            );
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = app.send(method, &path, Some(&customer), None, None).await;
+        let problem = expect_problem(answer, StatusCode::FORBIDDEN, "forbidden").await;
+        assert_eq!(problem["status"], 403, "{operation}: {problem}");
+    }
+}
 
 fn sale_path(campaign: &Value) -> String {
     format!(

@@ -189,7 +189,7 @@ async fn schemathesis_finds_nothing_to_fault_on_the_real_services() {
 }
 
 /// `METHOD /path` of every operation in an OpenAPI document.
-fn operations(document: &Value) -> BTreeSet<String> {
+pub(crate) fn operations(document: &Value) -> BTreeSet<String> {
     document["paths"]
         .as_object()
         .expect("paths")
