@@ -244,6 +244,11 @@ impl TestApp {
             .await
     }
 
+    /// GET as the operator, which must answer 200: the JSON body.
+    pub async fn operator_get(&self, path: &str) -> Value {
+        expect_json(self.get(path, OPERATOR_TOKEN).await, StatusCode::OK).await
+    }
+
     /// `/metrics`, as Prometheus text.
     pub async fn metrics(&self) -> String {
         let response = self

@@ -119,16 +119,12 @@ async fn campaigns_are_filtered_by_store_and_status(app: TestApp) {
         "/v1/campaigns?store_id={}",
         store["store_id"].as_str().unwrap()
     );
-    let listed = expect_json(app.get(&by_store, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let listed = app.operator_get(&by_store).await;
     assert_eq!(
         ids(listed),
         vec![scheduled["campaign_id"].as_str().unwrap()]
     );
-    let listed = expect_json(
-        app.get("/v1/campaigns?status=open", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let listed = app.operator_get("/v1/campaigns?status=open").await;
     assert_eq!(ids(listed), vec![open["campaign_id"].as_str().unwrap()]);
     expect_problem(
         app.get("/v1/campaigns?status=sleeping", OPERATOR_TOKEN)

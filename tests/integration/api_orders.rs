@@ -224,7 +224,7 @@ async fn orders_are_listed_newest_first_in_pages(app: TestApp) {
         "/v1/orders?campaign_id={}",
         second_campaign["campaign_id"].as_str().unwrap()
     );
-    let of_second = expect_json(app.get(&second, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let of_second = app.operator_get(&second).await;
     assert_eq!(of_second["items"].as_array().unwrap().len(), 1);
     // The saga reserves each order and asks for payment; nobody pays in this test.
     for order_id in &placed {

@@ -23,11 +23,7 @@ on_both_backends!(
 /// the console (which only calls these, and the public catalog) shows a customer nothing.
 async fn a_customer_is_refused_by_every_operator_endpoint(app: TestApp) {
     let (_, customer) = app.create_user("Eve").await;
-    let document = expect_json(
-        app.get("/openapi.json", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let document = app.operator_get("/openapi.json").await;
     let admin: Vec<String> = crate::contract::operations(&document)
         .into_iter()
         .filter(|operation| operation.contains(" /v1/admin/"))
@@ -453,7 +449,7 @@ async fn the_console_shows_a_sale_in_a_real_browser(app: TestApp) {
 
     // Operations: a dead letter handed back to its consumer, and a rebuild that finishes.
     let placed = format!("/v1/admin/streams/order-{late}/events");
-    let placed = expect_json(app.get(&placed, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let placed = app.operator_get(&placed).await;
     let letter = commands::bus::Letter {
         subject: "events.log",
         event: None,

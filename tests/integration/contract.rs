@@ -149,11 +149,7 @@ headers = {{ Authorization = "Bearer {customer}" }}
     );
     // It tested every operation of the document but the one that serves the document and
     // the live sale.
-    let document: Value = expect_json(
-        app.get("/openapi.json", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let document: Value = app.operator_get("/openapi.json").await;
     let mut expected = operations(&document);
     expected.remove("GET /openapi.json");
     expected.remove("GET /v1/admin/campaigns/{id}/sale/live");
@@ -166,11 +162,7 @@ headers = {{ Authorization = "Bearer {customer}" }}
         .map(str::to_owned)
         .collect();
     assert_eq!(tested, expected, "the operations schemathesis tested");
-    let audit = expect_json(
-        app.get("/v1/admin/audit", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let audit = app.operator_get("/v1/admin/audit").await;
     assert_eq!(
         audit["violations"],
         json!([]),
@@ -236,11 +228,7 @@ async fn the_document_lists_every_endpoint_of_api_md() {
         "API.md's table was read: {promised:?}"
     );
     let app = harness::spawn_app(Backend::Embedded).await;
-    let document: Value = expect_json(
-        app.get("/openapi.json", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let document: Value = app.operator_get("/openapi.json").await;
     let documented = operations(&document);
     let missing: Vec<_> = promised.difference(&documented).collect();
     assert!(

@@ -35,7 +35,7 @@ async fn replay(app: &TestApp, path: &str) -> reqwest::Response {
 /// The envelope of `order_id`'s `OrderPlaced`, as the bus carries it.
 async fn order_placed(app: &TestApp, order_id: &str) -> Value {
     let path = format!("/v1/admin/streams/order-{order_id}/events");
-    let page = expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let page = app.operator_get(&path).await;
     page["events"][0].clone()
 }
 
@@ -49,11 +49,7 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
     let placed = order_placed(&app, order_id).await;
     assert_eq!(placed["event_type"], "OrderPlaced");
 
-    let empty = expect_json(
-        app.get("/v1/admin/dead-letters", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let empty = app.operator_get("/v1/admin/dead-letters").await;
     assert_eq!(empty["dead_letters"], Value::Array(vec![]), "{empty}");
     let one_event = serde_json::to_vec(&placed).unwrap();
     plant(&app, "order-saga", one_event.clone(), "timed out").await;
@@ -61,12 +57,7 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
     plant(&app, "order-saga", b"{not json".to_vec(), "not a batch").await;
 
     // Paged, oldest first.
-    let first = expect_json(
-        app.get("/v1/admin/dead-letters?limit=2", OPERATOR_TOKEN)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let first = app.operator_get("/v1/admin/dead-letters?limit=2").await;
     let letters = first["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 2, "{first}");
     assert_eq!(letters[0]["consumer"], "order-saga");
@@ -135,11 +126,7 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
         .send(Method::DELETE, &path, Some(OPERATOR_TOKEN), None, None)
         .await;
     expect_problem(again, StatusCode::NOT_FOUND, "dead_letter_not_found").await;
-    let none = expect_json(
-        app.get("/v1/admin/dead-letters", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let none = app.operator_get("/v1/admin/dead-letters").await;
     assert_eq!(none["dead_letters"], Value::Array(vec![]), "{none}");
 }
 
@@ -160,16 +147,12 @@ async fn a_letter_that_cannot_be_replayed_stays(app: TestApp) {
         "x",
     )
     .await;
-    let letters = expect_json(
-        app.get("/v1/admin/dead-letters", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let letters = app.operator_get("/v1/admin/dead-letters").await;
     let id = letters["dead_letters"][0]["id"].as_u64().unwrap();
     let path = format!("/v1/admin/dead-letters/{id}");
     let replay = replay(&app, &path).await;
     expect_problem(replay, StatusCode::CONFLICT, "unknown_consumer").await;
-    expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    app.operator_get(&path).await;
 
     // Only the operator sees them; ids that name no letter are not found.
     let forbidden = app.get("/v1/admin/dead-letters", &ada).await;

@@ -28,7 +28,7 @@ async fn an_order_s_history_tells_its_whole_story_in_log_order(app: TestApp) {
     pay(&app, &ada, &awaiting).await;
 
     let path = format!("/v1/admin/orders/{id}/history");
-    let history = expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let history = app.operator_get(&path).await;
     let events = history["events"].as_array().unwrap();
     let types: Vec<&str> = events
         .iter()
@@ -97,7 +97,7 @@ async fn a_stream_reads_page_by_page(app: TestApp) {
         let app = &app;
         async move {
             let path = format!("/v1/admin/streams/order-{id}/events?from_version={from}&limit=2");
-            expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await
+            app.operator_get(&path).await
         }
     };
     let first = page(1).await;

@@ -81,7 +81,7 @@ async fn stock(app: &TestApp, campaign: &Value) -> Value {
         "/v1/campaigns/{}",
         campaign["campaign_id"].as_str().unwrap()
     );
-    expect_json(app.get(&path, OPERATOR_TOKEN).await, StatusCode::OK).await["stock"].clone()
+    app.operator_get(&path).await["stock"].clone()
 }
 
 pub(crate) fn paid(order: &Value, status: &str) -> Value {

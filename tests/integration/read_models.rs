@@ -362,11 +362,7 @@ async fn pay(app: &TestApp, order: &Value, status: &str) {
 }
 
 async fn projections_list(app: &TestApp) -> Vec<Value> {
-    let body = expect_json(
-        app.get("/v1/admin/projections", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let body = app.operator_get("/v1/admin/projections").await;
     body["items"].as_array().unwrap().clone()
 }
 
@@ -480,23 +476,16 @@ async fn the_audit_passes_on_a_consistent_log(app: TestApp) {
     app.wait_for_status(&ada, &id(&cancelled), "cancelled")
         .await;
 
-    let report = expect_json(
-        app.get("/v1/admin/audit", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let report = app.operator_get("/v1/admin/audit").await;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["violations"], json!([]));
     assert!(report["events_read"].as_u64().unwrap() >= 20, "{report}");
     assert!(report["streams_read"].as_u64().unwrap() >= 8, "{report}");
     assert!(report["checked_at"].is_string());
     // Every order is final: none is stuck, however short the bound.
-    let report = expect_json(
-        app.get("/v1/admin/audit?stuck_after_seconds=0", OPERATOR_TOKEN)
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let report = app
+        .operator_get("/v1/admin/audit?stuck_after_seconds=0")
+        .await;
     assert_eq!(report["violations"], json!([]), "{report}");
     expect_problem(
         app.get(
@@ -584,7 +573,7 @@ async fn redis_flushed_then_rebuilt_gives_identical_read_models() {
         campaigns.len() >= 5 && orders_dump.len() >= 20,
         "{orders_dump:?}"
     );
-    let listing = expect_json(app.get("/v1/orders", OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let listing = app.operator_get("/v1/orders").await;
 
     // Redis loses everything: its keys, and (as after a restart) its functions.
     redis.flush().await;
@@ -615,7 +604,7 @@ async fn redis_flushed_then_rebuilt_gives_identical_read_models() {
     settle(&app).await;
     assert_eq!(redis.dump(ProjectionName::Campaigns).await, campaigns);
     assert_eq!(redis.dump(ProjectionName::Orders).await, orders_dump);
-    let again = expect_json(app.get("/v1/orders", OPERATOR_TOKEN).await, StatusCode::OK).await;
+    let again = app.operator_get("/v1/orders").await;
     assert_eq!(again, listing);
     assert_eq!(
         app.get("/readyz", OPERATOR_TOKEN).await.status(),
@@ -812,11 +801,7 @@ async fn a_rebuild_under_order_load_answers_every_query_and_ends_equal_to_a_fres
     assert!(queries.load(AtomicOrdering::Relaxed) > 30);
 
     settle(&app).await;
-    let report = expect_json(
-        app.get("/v1/admin/audit", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let report = app.operator_get("/v1/admin/audit").await;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["views_in_flight"], 0, "{report}");
 }
@@ -919,11 +904,7 @@ async fn the_audit_reports_each_kind_of_violation_planted_in_the_log() {
         .unwrap();
     app.wait_for_status(&ada, &order_id, "confirmed").await;
 
-    let report = expect_json(
-        app.get("/v1/admin/audit", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let report = app.operator_get("/v1/admin/audit").await;
     assert_eq!(report["ok"], false);
     let mut found: Vec<(String, String)> = report["violations"]
         .as_array()

@@ -351,11 +351,7 @@ async fn two_instances_taking_orders_at_once_sell_exactly_the_quota() {
     let mut awaiting = 0;
     for order in &placed {
         let id = order["order_id"].as_str().unwrap();
-        let order = expect_json(
-            first.get(&format!("/v1/orders/{id}"), OPERATOR_TOKEN).await,
-            StatusCode::OK,
-        )
-        .await;
+        let order = first.operator_get(&format!("/v1/orders/{id}")).await;
         match order["status"].as_str().unwrap() {
             "awaiting_payment" => {
                 awaiting += 1;
@@ -389,11 +385,7 @@ async fn two_instances_taking_orders_at_once_sell_exactly_the_quota() {
         read["stock"],
         json!({"total": 30, "available": 0, "reserved": 30, "sold": 0})
     );
-    let report = expect_json(
-        first.get("/v1/admin/audit", OPERATOR_TOKEN).await,
-        StatusCode::OK,
-    )
-    .await;
+    let report = first.operator_get("/v1/admin/audit").await;
     assert_eq!(report["ok"], true, "{report}");
     drop(second);
 }
