@@ -139,21 +139,43 @@ function legend() {
 
 // --- pages ------------------------------------------------------------------------------------
 
+// Every campaign as a card, newest first, its stock refreshed every two seconds in place (a
+// card keeps its element, so a click is never lost to a refresh). A campaign's own page
+// follows its sale live.
 async function campaignsPage() {
-  show(pageHead('Campaigns', 'Every group-buy deal with its stock. Open one to watch its sale live.'));
-  let list;
-  try { list = await api('/v1/campaigns'); } catch (error) { view.append(failure(error)); return; }
-  if (!list.items.length) { view.append(h('div.card.empty', 'No campaigns yet.')); return; }
-  const cards = [...list.items].reverse().map((c) => h('a.card.campaign-card', { href: `#/campaigns/${c.campaign_id}` },
-    h('div', { style: { display: 'flex', justifyContent: 'space-between', gap: '8px' } },
-      h('span.title', c.title), badge(c.status)),
-    h('div.meta', `${c.sku} · ${money(c.price_cents)} · limit ${c.per_user_limit} per customer`),
-    stockBar(c.stock),
-    h('div.numbers',
-      h('span', h('b', n(c.stock.sold)), ' sold'),
-      h('span', h('b', n(c.stock.reserved)), ' reserved'),
-      h('span', h('b', n(c.stock.available)), ' of ', n(c.stock.total), ' left'))));
-  view.append(h('div.grid.cards', cards));
+  show(pageHead('Campaigns', 'Every group-buy deal with its stock, refreshed every two seconds. Open one to watch its sale live.'));
+  const grid = h('div.grid.cards');
+  const notice = h('div');
+  view.append(notice, grid);
+  const cards = new Map();
+  const card = (c) => {
+    const parts = { badge: h('span'), bar: h('div'), numbers: h('div.numbers') };
+    parts.element = h('a.card.campaign-card', { href: `#/campaigns/${c.campaign_id}` },
+      h('div', { style: { display: 'flex', justifyContent: 'space-between', gap: '8px' } },
+        h('span.title', c.title), parts.badge),
+      h('div.meta', `${c.sku} · ${money(c.price_cents)} · limit ${c.per_user_limit} per customer`),
+      parts.bar, parts.numbers);
+    return parts;
+  };
+  const refresh = async () => {
+    let list;
+    try { list = await api('/v1/campaigns'); } catch (error) { notice.replaceChildren(failure(error)); return; }
+    notice.replaceChildren(...present([list.items.length ? null : h('div.card.empty', 'No campaigns yet.')]));
+    for (const c of [...list.items].reverse()) {
+      let parts = cards.get(c.campaign_id);
+      if (!parts) { parts = card(c); cards.set(c.campaign_id, parts); }
+      parts.badge.replaceChildren(badge(c.status));
+      parts.bar.replaceChildren(stockBar(c.stock));
+      parts.numbers.replaceChildren(
+        h('span', h('b', n(c.stock.sold)), ' sold'),
+        h('span', h('b', n(c.stock.reserved)), ' reserved'),
+        h('span', h('b', n(c.stock.available)), ' of ', n(c.stock.total), ' left'));
+      grid.append(parts.element); // newest first, as listed
+    }
+  };
+  await refresh();
+  const timer = setInterval(refresh, 2000);
+  leave.push(() => clearInterval(timer));
 }
 
 function money(cents) { return (cents / 100).toLocaleString('en', { style: 'currency', currency: 'USD' }); }

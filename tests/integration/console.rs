@@ -407,32 +407,48 @@ async fn the_console_shows_a_sale_in_a_real_browser(app: TestApp) {
     browser.sign_in(OPERATOR_TOKEN).await;
     browser.shows("Lager crate").await;
 
-    // The campaign's page follows the sale live: an order placed through the API shows in its
-    // stock without a reload.
+    // The campaigns page refreshes itself: an order placed through the API shows in the
+    // campaign's card without a reload.
+    browser.shows("0 reserved").await;
+    browser.run("window.stayed = true", vec![]).await;
+    let (_, fay) = app.create_user("Fay").await;
+    let late = place(&app, &fay, &sale, 1).await;
+    let late = late["order_id"].as_str().unwrap();
+    browser.shows("1 reserved").await;
+    let stayed = "return window.stayed === true";
+    assert_eq!(
+        browser.run(stayed, vec![]).await,
+        json!(true),
+        "not reloaded"
+    );
+
+    // The campaign's page follows the sale live: the order cancelled through the API gives
+    // its unit back in the stock on the page, without a reload.
     let card = format!("a[href='#/campaigns/{id}']");
     browser.click(fantoccini::Locator::Css(&card)).await;
     browser.shows("Awaiting payment").await;
     let stock = "return ['total', 'available', 'reserved', 'sold']\
         .map((k) => document.querySelector('.stat.' + k + ' .value')?.textContent)";
     browser
-        .until("the stock after the sale", stock, |s| {
-            s == &json!(["3", "1", "0", "2"])
+        .until("the stock with the new order", stock, |s| {
+            s == &json!(["3", "0", "1", "2"])
         })
         .await;
     for shown in ["sold out", "customer", "live"] {
         browser.shows(shown).await;
     }
     browser.run("window.stayed = true", vec![]).await;
-    let (_, fay) = app.create_user("Fay").await;
-    let late = place(&app, &fay, &sale, 1).await;
-    let late = late["order_id"].as_str().unwrap();
+    assert_eq!(app.cancel(&fay, late).await.status(), StatusCode::ACCEPTED);
     browser
-        .until("the new order's reservation", stock, |s| {
-            s == &json!(["3", "0", "1", "2"])
+        .until("the stock after the cancel", stock, |s| {
+            s == &json!(["3", "1", "0", "2"])
         })
         .await;
-    let stayed = browser.run("return window.stayed === true", vec![]).await;
-    assert_eq!(stayed, json!(true), "the page was not reloaded");
+    assert_eq!(
+        browser.run(stayed, vec![]).await,
+        json!(true),
+        "not reloaded"
+    );
     browser.screenshot("campaign").await;
 
     // An order's timeline, from the log.
