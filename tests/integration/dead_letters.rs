@@ -65,15 +65,9 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
     assert_eq!(letters[0]["events"][0]["event_id"], placed["event_id"]);
     assert_eq!(letters[1]["consumer"], "projection-orders");
     let after = first["next_after"].as_u64().expect("a next page");
-    let rest = expect_json(
-        app.get(
-            &format!("/v1/admin/dead-letters?after={after}"),
-            OPERATOR_TOKEN,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let rest = app
+        .operator_get(&format!("/v1/admin/dead-letters?after={after}"))
+        .await;
     let poison = &rest["dead_letters"][0];
     assert_eq!(poison["body"], "{not json", "{rest}");
     assert_eq!(poison["events"], Value::Null);
@@ -81,15 +75,9 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
 
     // One letter, read whole.
     let saga_letter = letters[0]["id"].as_u64().unwrap();
-    let shown = expect_json(
-        app.get(
-            &format!("/v1/admin/dead-letters/{saga_letter}"),
-            OPERATOR_TOKEN,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let shown = app
+        .operator_get(&format!("/v1/admin/dead-letters/{saga_letter}"))
+        .await;
     assert_eq!(shown["events"][0]["data"], placed["data"]);
 
     // Handed back to their consumers: the saga and the orders projection take their

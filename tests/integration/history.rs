@@ -199,15 +199,9 @@ async fn a_campaign_is_told_as_it_stood_at_any_point_of_the_log(app: TestApp) {
     let (_, ada) = app.create_user("Ada").await;
     let sale = campaign(&app, 10, 3, 600).await;
     let campaign_id = sale["campaign_id"].as_str().unwrap();
-    let created = expect_json(
-        app.get(
-            &format!("/v1/admin/streams/campaign-{campaign_id}/events"),
-            OPERATOR_TOKEN,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let created = app
+        .operator_get(&format!("/v1/admin/streams/campaign-{campaign_id}/events"))
+        .await;
     let created_at = created["events"][0]["global_position"].as_u64().unwrap();
     let order = place(&app, &ada, &sale, 2).await;
     app.wait_for_status(
@@ -231,15 +225,9 @@ async fn a_campaign_is_told_as_it_stood_at_any_point_of_the_log(app: TestApp) {
         serde_json::json!({"total": 10, "available": 10, "reserved": 0, "sold": 0}),
         "{then}"
     );
-    let now = expect_json(
-        app.get(
-            &format!("/v1/admin/campaigns/{campaign_id}"),
-            OPERATOR_TOKEN,
-        )
-        .await,
-        StatusCode::OK,
-    )
-    .await;
+    let now = app
+        .operator_get(&format!("/v1/admin/campaigns/{campaign_id}"))
+        .await;
     assert_eq!(
         now["campaign"]["stock"],
         serde_json::json!({"total": 10, "available": 8, "reserved": 2, "sold": 0}),

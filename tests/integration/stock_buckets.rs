@@ -368,19 +368,12 @@ async fn two_instances_taking_orders_at_once_sell_exactly_the_quota() {
     }
     assert_eq!(awaiting, 30, "every unit reserved, none twice");
     assert!(by_customer.values().all(|n| *n <= 2), "{by_customer:?}");
-    let read = expect_json(
-        first
-            .get(
-                &format!(
-                    "/v1/campaigns/{}",
-                    campaign["campaign_id"].as_str().unwrap()
-                ),
-                OPERATOR_TOKEN,
-            )
-            .await,
-        StatusCode::OK,
-    )
-    .await;
+    let read = first
+        .operator_get(&format!(
+            "/v1/campaigns/{}",
+            campaign["campaign_id"].as_str().unwrap()
+        ))
+        .await;
     assert_eq!(
         read["stock"],
         json!({"total": 30, "available": 0, "reserved": 30, "sold": 0})
