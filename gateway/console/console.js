@@ -69,6 +69,19 @@ async function follow(path, onEvent, onState, signal) {
   }
 }
 
+// Runs `refresh` now and then `ms` after each run ends, until the page is left: a slow answer
+// (a lag counted over a long log) delays the next request instead of piling requests up.
+async function every(ms, refresh) {
+  let timer = null;
+  let left = false;
+  const again = async () => {
+    await refresh();
+    if (!left) { timer = setTimeout(again, ms); }
+  };
+  leave.push(() => { left = true; clearTimeout(timer); });
+  await again();
+}
+
 function sleep(ms) { return new Promise((resolve) => setTimeout(resolve, ms)); }
 
 // --- building the page ------------------------------------------------------------------------
@@ -173,9 +186,7 @@ async function campaignsPage() {
       grid.append(parts.element); // newest first, as listed
     }
   };
-  await refresh();
-  const timer = setInterval(refresh, 2000);
-  leave.push(() => clearInterval(timer));
+  await every(2000, refresh);
 }
 
 function money(cents) { return (cents / 100).toLocaleString('en', { style: 'currency', currency: 'USD' }); }
@@ -423,9 +434,7 @@ async function operationsPage() {
       table.update(list.items, head);
     } catch (error) { table = null; projections.replaceChildren(failure(error)); }
   };
-  await refresh();
-  const timer = setInterval(refresh, 1000);
-  leave.push(() => clearInterval(timer));
+  await every(1000, refresh);
   loadLetters(letters);
 }
 
