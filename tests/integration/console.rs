@@ -464,17 +464,9 @@ async fn the_console_shows_a_sale_in_a_real_browser(app: TestApp) {
     browser.screenshot("order").await;
 
     // Operations: a dead letter handed back to its consumer, and a rebuild that finishes.
-    let placed = format!("/v1/admin/streams/order-{late}/events");
-    let placed = app.operator_get(&placed).await;
-    let letter = commands::bus::Letter {
-        subject: "events.log",
-        event: None,
-        payload: serde_json::to_vec(&placed["events"][0]).unwrap().into(),
-    };
-    let bus = app.bus.as_ref().expect("an application of this process");
-    bus.dead_letter("projection-orders", letter, "Redis went away")
-        .await
-        .unwrap();
+    let placed = crate::dead_letters::order_placed(&app, late).await;
+    let placed = serde_json::to_vec(&placed).unwrap();
+    crate::dead_letters::plant(&app, "projection-orders", placed, "Redis went away").await;
     browser
         .click(fantoccini::Locator::Css("a[data-nav=operations]"))
         .await;

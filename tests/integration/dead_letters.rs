@@ -15,7 +15,7 @@ on_both_backends!(
 );
 
 /// Stores a dead letter of `consumer` with `payload`, as a consumer giving up would.
-async fn plant(app: &TestApp, consumer: &str, payload: Vec<u8>, reason: &str) {
+pub(crate) async fn plant(app: &TestApp, consumer: &str, payload: Vec<u8>, reason: &str) {
     let letter = Letter {
         subject: "events.log",
         event: None,
@@ -33,20 +33,27 @@ async fn replay(app: &TestApp, path: &str) -> reqwest::Response {
 }
 
 /// The envelope of `order_id`'s `OrderPlaced`, as the bus carries it.
-async fn order_placed(app: &TestApp, order_id: &str) -> Value {
+pub(crate) async fn order_placed(app: &TestApp, order_id: &str) -> Value {
     let path = format!("/v1/admin/streams/order-{order_id}/events");
     let page = app.operator_get(&path).await;
     page["events"][0].clone()
 }
 
-async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
-    let (_, ada) = app.create_user("Ada").await;
-    let sale = campaign(&app, 10, 3, 600).await;
-    let order = place(&app, &ada, &sale, 1).await;
-    let order_id = order["order_id"].as_str().unwrap();
-    app.wait_for_status(&ada, order_id, "awaiting_payment")
+/// An order of Ada's awaiting payment: her user id and token, its id and its `OrderPlaced`
+/// envelope.
+async fn awaiting_order(app: &TestApp) -> (String, String, String, Value) {
+    let (customer, ada) = app.create_user("Ada").await;
+    let sale = campaign(app, 10, 3, 600).await;
+    let order = place(app, &ada, &sale, 1).await;
+    let order_id = order["order_id"].as_str().unwrap().to_owned();
+    app.wait_for_status(&ada, &order_id, "awaiting_payment")
         .await;
-    let placed = order_placed(&app, order_id).await;
+    let placed = order_placed(app, &order_id).await;
+    (customer, ada, order_id, placed)
+}
+
+async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
+    let (_, ada, order_id, placed) = awaiting_order(&app).await;
     assert_eq!(placed["event_type"], "OrderPlaced");
 
     let empty = app.operator_get("/v1/admin/dead-letters").await;
@@ -92,7 +99,7 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
         expect_problem(gone, StatusCode::NOT_FOUND, "dead_letter_not_found").await;
     }
     let order_now = app
-        .wait_for_status(&ada, order_id, "awaiting_payment")
+        .wait_for_status(&ada, &order_id, "awaiting_payment")
         .await;
     assert_eq!(order_now["quantity"], 1);
 
@@ -119,13 +126,7 @@ async fn dead_letters_are_listed_read_replayed_and_discarded(app: TestApp) {
 }
 
 async fn a_letter_that_cannot_be_replayed_stays(app: TestApp) {
-    let (customer, ada) = app.create_user("Ada").await;
-    let sale = campaign(&app, 10, 3, 600).await;
-    let order = place(&app, &ada, &sale, 1).await;
-    let order_id = order["order_id"].as_str().unwrap();
-    app.wait_for_status(&ada, order_id, "awaiting_payment")
-        .await;
-    let placed = order_placed(&app, order_id).await;
+    let (customer, ada, _, placed) = awaiting_order(&app).await;
 
     // A consumer this deployment does not have.
     plant(
