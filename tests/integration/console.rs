@@ -455,6 +455,8 @@ async fn the_console_shows_a_sale_in_a_real_browser(app: TestApp) {
     browser
         .click(fantoccini::Locator::Css("a[data-nav=orders]"))
         .await;
+    // The campaign's page has a form too: type only once the orders page replaced it.
+    browser.shows("Order timeline").await;
     browser.type_into("main form input", late).await;
     browser
         .click(fantoccini::Locator::Css("main form button"))
