@@ -501,7 +501,9 @@ impl CampaignWriter {
                 }
             }
         }
-        let outcomes = self.decide_and_append(&mut wake_ups, started).await;
+        let outcomes = self
+            .decide_and_append(&mut wake_ups, started, &chrono::Utc::now)
+            .await;
         metrics::histogram!("groupbuy_campaign_writer_batch_orders").record(wake_ups.len() as f64);
         metrics::histogram!("groupbuy_campaign_writer_batch_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -512,10 +514,35 @@ impl CampaignWriter {
         }
     }
 
+    /// A writer its caller drives one batch at a time, with no queue and no task of its own:
+    /// for the deterministic simulation (`sagas/tests/simulation`), which runs the writer's
+    /// real decisions under its own scheduler and simulated clock, and drops the writer (its
+    /// caches with it) to simulate a crash.
+    pub fn detached(
+        handler: CommandHandler,
+        campaign_id: CampaignId,
+        options: WriterOptions,
+        instance: u64,
+    ) -> Self {
+        CampaignWriter::new(handler, campaign_id, options, instance)
+    }
+
+    /// Decides `wake_ups` (one per order) and appends them as one batch of the queue would
+    /// be, reading the time from `clock` before each attempt instead of the wall clock.
+    pub async fn decide_batch(
+        &mut self,
+        wake_ups: &mut [WakeUp],
+        clock: &(dyn Fn() -> Timestamp + Sync),
+    ) -> Vec<Result<Woken, SagaError>> {
+        self.decide_and_append(wake_ups, Instant::now(), clock)
+            .await
+    }
+
     async fn decide_and_append(
         &mut self,
         wake_ups: &mut [WakeUp],
         started: Instant,
+        clock: &(dyn Fn() -> Timestamp + Sync),
     ) -> Vec<Result<Woken, SagaError>> {
         let failed =
             |count: usize, error: SagaError| (0..count).map(|_| Err(error.clone())).collect();
@@ -527,7 +554,7 @@ impl CampaignWriter {
                     return failed(wake_ups.len(), error);
                 }
             }
-            let decided = match self.decide_once(wake_ups).await {
+            let decided = match self.decide_once(wake_ups, clock).await {
                 Ok(decided) => decided,
                 Err(error) => return failed(wake_ups.len(), error),
             };
@@ -630,7 +657,11 @@ impl CampaignWriter {
     }
 
     /// Decides every wake-up of the batch on copies of the writer's state.
-    async fn decide_once(&mut self, wake_ups: &[WakeUp]) -> Result<Decided, SagaError> {
+    async fn decide_once(
+        &mut self,
+        wake_ups: &[WakeUp],
+        clock: &(dyn Fn() -> Timestamp + Sync),
+    ) -> Result<Decided, SagaError> {
         let mut stock = match &self.stock {
             Some(stock) => stock.clone(),
             None => self.load_stock().await?,
@@ -644,7 +675,7 @@ impl CampaignWriter {
             .filter_map(|w| w.state.order.as_ref().map(|o| o.user_id))
             .collect();
         let mut holdings = self.load_holdings(&users).await?;
-        let now = chrono::Utc::now();
+        let now = clock();
         let mut appends = Appends::default();
         let mut outcomes = Vec::with_capacity(wake_ups.len());
         let mut order_events = Vec::new();
