@@ -45,7 +45,7 @@ use crate::executor::{run_step, runtime};
 use crate::faults::{FaultyLog, LogFaults, Plant, SimRng};
 use crate::invariants::Model;
 
-/// Steps of a run kept for the report of a failure.
+/// Steps of a run kept for the report of a failure, unless `GROUPBUY_SIM_TRACE_STEPS` says.
 const TRACE_STEPS_MAX: usize = 40;
 
 /// Rounds of the quiet phase before a run that will not settle counts as stuck.
@@ -86,13 +86,14 @@ pub struct Config {
 ///   release and takes no step on the holding, so the append, which touches only the order and
 ///   the payment, does not conflict: the order ends confirmed and never sold, or cancelled and
 ///   never released, and its units stay reserved for good. Reached with two saga instances
-///   (seed 21) and with one whose reply was lost (seed 35).
+///   (`GROUPBUY_SIM_KNOWN_BUGS=1 GROUPBUY_SIM_SEED=27`) and with one whose replies are lost
+///   (seed 242).
 /// - **Stock counters of the memory read model clamp at zero.** `MemoryProjections` adds a
 ///   bucket's moves to the campaign's counters and clamps each at zero, so the result depends
 ///   on the order in which events of different buckets are applied; per-stream order allows
 ///   a sale recorded in one bucket before the reservation recorded in another, and `reserved`
 ///   ends one too high (Redis adds with `HINCRBY` and does not clamp). Reached with projection
-///   deliveries out of order (seed 102).
+///   deliveries out of order (`GROUPBUY_SIM_KNOWN_BUGS=1 GROUPBUY_SIM_SEED=514`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KnownBug {
     /// See above.
@@ -140,7 +141,11 @@ pub struct Trace {
 impl Trace {
     fn push(&mut self, line: String) {
         line.hash(&mut self.digest);
-        if self.last.len() == TRACE_STEPS_MAX {
+        let kept = std::env::var("GROUPBUY_SIM_TRACE_STEPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(TRACE_STEPS_MAX);
+        if self.last.len() >= kept {
             self.last.pop_front();
         }
         self.last.push_back(format!("#{} {line}", self.step));
@@ -593,6 +598,7 @@ impl World {
             55..=69 => self.deliver_to_projection(),
             70..=84 => self.answer_payment(),
             85..=94 => self.fire_deadlines(),
+            95..=96 => self.operate(),
             _ => "idle".into(),
         }
     }
@@ -672,6 +678,46 @@ impl World {
             None => {
                 self.gateway = CommandHandler::new(self.log.clone(), self.handler_options.clone());
                 self.resend.push(request);
+                format!("{what}: the gateway crashed")
+            }
+        }
+    }
+
+    /// An operator replenishes a campaign, or (rarely) closes it: the writers of other
+    /// buckets learn of it by reading the campaign's stream again.
+    fn operate(&mut self) -> String {
+        let terms = self.campaigns[self.rng.below(self.campaigns.len())];
+        let command = if self.rng.chance(0.25) {
+            CampaignCommand::Close { now: self.now }
+        } else {
+            CampaignCommand::Replenish {
+                quantity: self.rng.between(1, 5) as u32,
+                now: self.now,
+            }
+        };
+        let context = Context {
+            metadata: Metadata {
+                actor: Some("operator".into()),
+                ..Metadata::default()
+            },
+            command_id: Ulid(self.rng.bits()),
+            idempotency: None,
+            new_stream: false,
+        };
+        let stream = stream_id::<CampaignAggregate>(terms.campaign_id);
+        let crash = self.crash_point();
+        let outcome = run_step(
+            &self.runtime,
+            self.gateway
+                .execute::<CampaignAggregate>(&stream, &command, &context),
+            crash,
+        );
+        let what = format!("operator: {command:?} on {}", terms.campaign_id);
+        match outcome {
+            Some(Ok(_)) => format!("{what}: done"),
+            Some(Err(error)) => format!("{what}: {error}"),
+            None => {
+                self.gateway = CommandHandler::new(self.log.clone(), self.handler_options.clone());
                 format!("{what}: the gateway crashed")
             }
         }
