@@ -21,9 +21,10 @@
 //! - `GROUPBUY_SIM_SEEDS`: how many seeds `thousands_of_seeds_keep_every_invariant` runs.
 //! - `GROUPBUY_SIM_SEED_BASE`: the first of them (else one picked from the time, printed).
 //! - `GROUPBUY_SIM_STEPS`: steps per seed before the quiet phase.
-//! - `GROUPBUY_SIM_SEED`: the seed `the_seed_in_groupbuy_sim_seed_replays` replays, with its
-//!   trace; a failing seed prints the whole command. `GROUPBUY_SIM_LOG=1` adds every event of
-//!   the log to the trace; `GROUPBUY_SIM_PLANT=release_twice` replays with the planted bug.
+//! - `GROUPBUY_SIM_SEED`: the seed `the_seed_in_groupbuy_sim_seed_replays` replays (0 when
+//!   unset); a failing seed prints the whole command. `GROUPBUY_SIM_LOG=1` adds every event of
+//!   the log to the trace, `GROUPBUY_SIM_TRACE_STEPS` keeps more (or fewer) of the last
+//!   steps, and `GROUPBUY_SIM_PLANT=release_twice` replays with the planted bug.
 //! - `GROUPBUY_SIM_KNOWN_BUGS=1`: also run the schedules that reach the product's known bugs
 //!   ([`world::KnownBug`]), which the suite leaves out until they are fixed.
 //! - `GROUPBUY_SIM_KEEP_GOING=1`: run every seed and list the failing ones, instead of
@@ -172,9 +173,8 @@ fn thousands_of_seeds_keep_every_invariant() {
 
 #[test]
 fn the_seed_in_groupbuy_sim_seed_replays() {
-    let Some(seed) = env_u64("GROUPBUY_SIM_SEED") else {
-        return;
-    };
+    // Seed 0 when none is given, so that the suite runs the replay path too.
+    let seed = env_u64("GROUPBUY_SIM_SEED").unwrap_or(0);
     let plant = match std::env::var("GROUPBUY_SIM_PLANT").as_deref() {
         Ok("release_twice") => Plant::ReleaseTwice,
         _ => Plant::Nothing,
