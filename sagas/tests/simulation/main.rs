@@ -232,7 +232,7 @@ fn a_seed_runs_the_same_way_twice() {
 const KNOWN_BUG_FAILURES: [&str; 2] = [
     // A stale holding: units never sold (or never released) for a final order.
     "not sold",
-    // The memory read model's stock counters clamp at zero.
+    // A campaign's stock view depends on the order of its streams' events.
     "read_model_mismatch",
 ];
 
