@@ -32,7 +32,7 @@ use commands::{
 };
 use domain::campaign::{Campaign, CampaignAggregate, CampaignCommand, StockMove};
 use domain::holding::{Holding, HoldingAggregate};
-use domain::order::{Order, OrderAggregate, OrderEvent};
+use domain::order::{Order, OrderAggregate, OrderEvent, OrderStatus};
 use domain::payment::{Payment, PaymentAggregate, PaymentStatus};
 use domain::saga::{advance, payment_id_of, Bucket, Next, OrderFacts, Wake};
 use domain::stock::{StockBucket, StockBucketAggregate, StockBucketCommand};
@@ -670,11 +670,7 @@ impl CampaignWriter {
             // Another bucket's writer does not see an operator's close in its own stream.
             self.refresh_terms(&mut stock).await?;
         }
-        let users: Vec<UserId> = wake_ups
-            .iter()
-            .filter_map(|w| w.state.order.as_ref().map(|o| o.user_id))
-            .collect();
-        let mut holdings = self.load_holdings(&users).await?;
+        let mut holdings = self.load_holdings(wake_ups).await?;
         let now = clock();
         let mut appends = Appends::default();
         let mut outcomes = Vec::with_capacity(wake_ups.len());
@@ -1027,22 +1023,37 @@ impl CampaignWriter {
         Ok(())
     }
 
-    /// The holdings of `users`: remembered ones, and the rest read in one go.
+    /// The holdings of the customers of `wake_ups`: remembered ones, and the rest read in one
+    /// go.
+    ///
+    /// A remembered holding is trusted to reserve: if it is stale, the reservation appends at
+    /// its old version and conflicts. It is not trusted to sell or release units it does not
+    /// know of: for an order past `pending` whose reservation the cache lacks (another
+    /// instance's writer made it, or this writer's own append was stored but its reply lost),
+    /// the plan would take no step on the holding, nothing would conflict, and the order would
+    /// end confirmed and never sold, or cancelled and never released. Such holdings are read
+    /// from the log (found by the deterministic simulation, `sagas/tests/simulation`).
     async fn load_holdings(
         &self,
-        users: &[UserId],
+        wake_ups: &[WakeUp],
     ) -> Result<HashMap<UserId, (Holding, u64)>, SagaError> {
-        let mut holdings = HashMap::with_capacity(users.len());
+        let mut holdings = HashMap::with_capacity(wake_ups.len());
         let mut missing: HashSet<UserId> = HashSet::new();
-        for &user in users {
-            if holdings.contains_key(&user) {
+        for wake_up in wake_ups {
+            let Some(order) = &wake_up.state.order else {
                 continue;
-            }
-            match self.holdings.get(&user) {
+            };
+            let user = order.user_id;
+            let known = self.holdings.get(&user).filter(|(holding, _)| {
+                order.status == OrderStatus::Pending || holding.of(order.order_id).is_some()
+            });
+            match known {
+                _ if missing.contains(&user) => {}
                 Some(known) => {
                     holdings.insert(user, known.clone());
                 }
                 None => {
+                    holdings.remove(&user);
                     missing.insert(user);
                 }
             }
