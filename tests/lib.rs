@@ -5,7 +5,8 @@
 //! - [`TestStreams`] gives a test JetStream streams and subjects of its own, deleted when the
 //!   test ends.
 //! - [`TestRedis`] gives a test a Redis key prefix of its own, cleared when the test ends.
-//! - [`process`] helps tests that run a server of their own (to kill it) or capture logs.
+//! - [`process`] helps tests that run a server of their own (to kill it) or capture logs;
+//!   [`servers`] are NATS and Redis servers of a test's own.
 //! - [`spawn_app`] starts the real gateway on port 0 against such a database (or the embedded
 //!   log) and hands back a client for it.
 //!
@@ -15,6 +16,7 @@ pub mod bus;
 pub mod db;
 pub mod process;
 pub mod redis;
+pub mod servers;
 
 pub use app::{
     expect_json, expect_problem, spawn_app, spawn_app_configured, spawn_app_tuned, spawn_app_with,

@@ -31,7 +31,7 @@ pub mod report;
 mod scan;
 mod setup;
 
-pub use api::{Order, OrderStatus, Stock};
+pub use api::{Order, OrderPage, OrderStatus, Stock};
 pub use report::Report;
 
 use crate::routes::orders::PREFER_WAIT_MAX_SECONDS;

@@ -23,6 +23,7 @@ use commands::subscription::{
 use commands::trace::TraceParent;
 use commands::{AppendRequest, EventLog, NewEvent, RecordedEvent, StreamAppend};
 use domain::campaign::CampaignEvent;
+use harness::servers::OwnNats;
 use harness::{TestDb, TestStreams};
 use schemas::{Envelope, Metadata};
 use tokio::sync::watch;
@@ -661,79 +662,6 @@ async fn wait_until(condition: impl Fn() -> bool, what: &str) {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A NATS server of the test's own, on its own port and store, so it can be killed.
-struct OwnNats {
-    port: u16,
-    store: std::path::PathBuf,
-    process: Option<tokio::process::Child>,
-}
-
-impl OwnNats {
-    async fn start() -> OwnNats {
-        let port = harness::process::free_port();
-        let store = std::env::temp_dir().join(format!("gb-nats-{}", Ulid::new()));
-        let mut nats = OwnNats {
-            port,
-            store,
-            process: None,
-        };
-        nats.restart().await;
-        nats
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) {
-        let binary = which_nats_server();
-        let process = tokio::process::Command::new(binary)
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.store)
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nats-server runs");
-        self.process = Some(process);
-        harness::process::wait_until_listening(self.port, "nats-server").await;
-    }
-
-    async fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            process.kill().await.unwrap();
-        }
-    }
-}
-
-impl Drop for OwnNats {
-    fn drop(&mut self) {
-        if let Some(process) = self.process.as_mut() {
-            let _ = process.start_kill();
-        }
-        let _ = std::fs::remove_dir_all(&self.store);
-    }
-}
-
-fn which_nats_server() -> std::path::PathBuf {
-    [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .into_iter()
-    .map(std::path::PathBuf::from)
-    .find(|p| p.exists())
-    .expect("nats-server is installed (scripts/services installs it)")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

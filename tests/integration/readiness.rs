@@ -4,52 +4,11 @@
 use std::time::Duration;
 
 use gateway::app::ReadModels;
+use harness::servers::OwnRedis;
 use harness::{expect_json, spawn_app, spawn_app_tuned, Backend, TestApp, OPERATOR_TOKEN};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Connection;
-
-/// A Redis server of the test's own, on a port of its own and keeping nothing on disk, so it
-/// can be killed and come back empty, as a restarted Redis without persistence does.
-struct OwnRedis {
-    port: u16,
-    process: Option<tokio::process::Child>,
-}
-
-impl OwnRedis {
-    async fn start() -> OwnRedis {
-        let port = harness::process::free_port();
-        let mut redis = OwnRedis {
-            port,
-            process: None,
-        };
-        redis.restart().await;
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn restart(&mut self) {
-        let process = tokio::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/services installs it)");
-        self.process = Some(process);
-        harness::process::wait_until_listening(self.port, "redis-server").await;
-    }
-
-    async fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            process.kill().await.unwrap();
-        }
-    }
-}
 
 /// `/readyz`: its status and body.
 async fn readiness(app: &TestApp) -> (StatusCode, Value) {
