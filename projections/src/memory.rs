@@ -106,6 +106,34 @@ struct Views {
     order_payments: HashMap<OrderId, PaymentId>,
     /// Each campaign's orders counted by [`Funnel::field`].
     funnels: HashMap<CampaignId, HashMap<String, i64>>,
+    /// Each campaign's stock as the sums of every move applied, signed and whatever the order
+    /// the moves came in: the projection keeps order within a stream only, so one bucket's
+    /// sale may come before another bucket's reservation of the same units, or a bucket's
+    /// move before the campaign's `CampaignCreated`. Views show these sums (negative ones as
+    /// zero); once every move is applied they are the log's.
+    stock: HashMap<CampaignId, StockSums>,
+}
+
+/// A campaign's units as sums of moves: total, available, reserved, sold.
+#[derive(Clone, Copy, Debug, Default)]
+struct StockSums([i64; 4]);
+
+impl StockSums {
+    fn add(&mut self, by: [i64; 4]) {
+        for (sum, by) in self.0.iter_mut().zip(by) {
+            *sum = sum.saturating_add(by);
+        }
+    }
+
+    fn shown(self) -> Stock {
+        let units = |sum: i64| u32::try_from(sum.max(0)).unwrap_or(u32::MAX);
+        Stock {
+            total: units(self.0[0]),
+            available: units(self.0[1]),
+            reserved: units(self.0[2]),
+            sold: units(self.0[3]),
+        }
+    }
 }
 
 impl Views {
@@ -123,6 +151,9 @@ impl Views {
                 ends_at,
                 payment_timeout_seconds,
             } => {
+                let sums = self.stock.entry(*campaign_id).or_default();
+                sums.add([i64::from(*quota), i64::from(*quota), 0, 0]);
+                let stock = sums.shown();
                 self.campaigns.insert(
                     *campaign_id,
                     CampaignView {
@@ -137,12 +168,7 @@ impl Views {
                         ends_at: timestamp(*ends_at),
                         payment_timeout_seconds: *payment_timeout_seconds,
                         closed_at: None,
-                        stock: Stock {
-                            total: *quota,
-                            available: *quota,
-                            reserved: 0,
-                            sold: 0,
-                        },
+                        stock,
                     },
                 );
             }
@@ -153,16 +179,10 @@ impl Views {
                 reserved,
                 sold,
             } => {
+                let sums = self.stock.entry(*campaign_id).or_default();
+                sums.add([*total, *available, *reserved, *sold]);
                 if let Some(view) = self.campaigns.get_mut(campaign_id) {
-                    let stock = &mut view.stock;
-                    let moved = |units: u32, by: i64| {
-                        u32::try_from(i64::from(units).saturating_add(by).max(0))
-                            .unwrap_or(u32::MAX)
-                    };
-                    stock.total = moved(stock.total, *total);
-                    stock.available = moved(stock.available, *available);
-                    stock.reserved = moved(stock.reserved, *reserved);
-                    stock.sold = moved(stock.sold, *sold);
+                    view.stock = sums.shown();
                 }
             }
             Op::Close { campaign_id, at } => {

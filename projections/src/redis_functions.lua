@@ -54,20 +54,26 @@ local function run_op(r, op)
   local kind = op.op
   if kind == 'campaign' then
     local id = op.campaign_id
-    redis.call('HSET', r .. ':c:' .. id, 'store', op.store_id, 'sku', op.sku,
+    local key = r .. ':c:' .. id
+    redis.call('HSET', key, 'store', op.store_id, 'sku', op.sku,
       'title', op.title, 'price', op.price_cents, 'quota', op.quota,
       'limit', op.per_user_limit, 'starts', op.starts_at, 'ends', op.ends_at,
-      'timeout', op.payment_timeout_seconds, 'total', op.quota, 'available', op.quota,
-      'reserved', '0', 'sold', '0')
+      'timeout', op.payment_timeout_seconds)
+    -- Added, not set: a bucket's moves may have come first (see 'stock').
+    redis.call('HINCRBY', key, 'total', op.quota)
+    redis.call('HINCRBY', key, 'available', op.quota)
+    redis.call('HINCRBY', key, 'reserved', 0)
+    redis.call('HINCRBY', key, 'sold', 0)
     redis.call('ZADD', r .. ':c', 0, id)
     redis.call('ZADD', r .. ':cs:' .. op.store_id, 0, id)
   elseif kind == 'stock' then
+    -- Applied whatever the order: order is kept within a stream only, so a bucket's move may
+    -- come before the campaign's creation (the counters then wait in a hash without terms,
+    -- which queries take as no campaign) or before the move of another bucket it follows.
     local key = r .. ':c:' .. op.campaign_id
-    if redis.call('EXISTS', key) == 1 then
-      for _, field in ipairs({ 'total', 'available', 'reserved', 'sold' }) do
-        if op[field] ~= '0' then
-          redis.call('HINCRBY', key, field, op[field])
-        end
+    for _, field in ipairs({ 'total', 'available', 'reserved', 'sold' }) do
+      if op[field] ~= '0' then
+        redis.call('HINCRBY', key, field, op[field])
       end
     end
   elseif kind == 'close' then
@@ -344,8 +350,11 @@ redis.register_function{
   function_name = 'groupbuy_campaign',
   flags = { 'no-writes' },
   callback = function(_, args)
-    local r = query_root(args[1])
-    return redis.call('HGETALL', r .. ':c:' .. args[2])
+    local key = query_root(args[1]) .. ':c:' .. args[2]
+    if redis.call('HEXISTS', key, 'sku') == 0 then
+      return {}
+    end
+    return redis.call('HGETALL', key)
   end,
 }
 

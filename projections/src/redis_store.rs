@@ -237,8 +237,9 @@ fn field<T: FromStr>(fields: &HashMap<String, String>, name: &str) -> Option<T> 
     fields.get(name)?.parse().ok()
 }
 
-/// A stock bucket, clamped as the memory store clamps it: only a log that breaks the stock
-/// invariant (which the audit reports) takes one below zero.
+/// A stock counter, shown as the memory store shows its sums: below zero as zero. Moves of
+/// different buckets applied out of order take one below zero for a moment; only a log that
+/// breaks the stock invariant (which the audit reports) leaves it there.
 fn units(fields: &HashMap<String, String>, name: &str) -> Option<u32> {
     let units: i64 = field(fields, name)?;
     Some(u32::try_from(units.max(0)).unwrap_or(u32::MAX))

@@ -74,38 +74,6 @@ pub struct Config {
     pub steps: u32,
     /// A bug to plant, if any.
     pub plant: Plant,
-    /// Whether to run the schedules that reach the product's known bugs (see
-    /// [`KnownBug`]); off in the suite until they are fixed.
-    pub known_bugs: bool,
-}
-
-/// Bugs of the product this simulation found and that are not fixed yet, and the schedules
-/// that reach them, which the suite leaves out (with `known_bugs` off) until they are fixed.
-///
-/// - **A campaign's stock view depends on the order of its streams' events.** The campaigns
-///   projection adds each bucket's moves to the campaign's counters, but the subscription
-///   runtime keeps order only within a stream, and a message redelivered after a crash comes
-///   after later ones. Two ways the result then differs from the log: a bucket's move that
-///   arrives before the campaign's `CampaignCreated` is dropped (the view does not exist yet)
-///   while its version counts as applied, in `MemoryProjections` and in Redis alike (seeds 298
-///   and 287: a reservation lost, `available` too high for good); and `MemoryProjections`
-///   clamps each counter at zero, so a sale recorded in one bucket before the reservation
-///   recorded in another leaves `reserved` one too high (seed 904; Redis adds with `HINCRBY`
-///   and does not clamp). Reached with projection deliveries out of order
-///   (`GROUPBUY_SIM_KNOWN_BUGS=1`).
-///
-/// Found and fixed: **a stale holding.** A campaign writer decided from the holdings it
-/// cached, which lacked a reservation when another instance's writer made it, or when the
-/// writer's own append of it was stored but its reply lost. For an order then confirmed or
-/// cancelled, the plan found no reserved units to sell or release and took no step on the
-/// holding, so the append did not conflict: the order ended confirmed and never sold, or
-/// cancelled and never released (seeds 11 with two saga instances, 111 with lost replies).
-/// The writer now reads such holdings from the log (`CampaignWriter::load_holdings`), and
-/// every run has one or two saga instances whose appends may lose their replies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KnownBug {
-    /// See above.
-    StockViewDependsOnOrder,
 }
 
 /// A run that kept every invariant.
@@ -245,8 +213,6 @@ pub struct World {
     runtime: tokio::runtime::Runtime,
     rng: SimRng,
     rates: Rates,
-    /// The known bugs whose schedules this run reaches.
-    known_bugs: Vec<KnownBug>,
     now: Timestamp,
     inner: Arc<MemoryEventLog>,
     log: Arc<dyn EventLog>,
@@ -275,11 +241,6 @@ pub struct World {
     consumers: Vec<ProjectionConsumer>,
     model: Model,
     trace: Arc<Mutex<Trace>>,
-}
-
-/// Whether a run of `config` takes the schedules that reach `bug`.
-fn reaches(config: &Config, _bug: KnownBug) -> bool {
-    config.known_bugs
 }
 
 impl World {
@@ -333,10 +294,6 @@ impl World {
             orders_max: rng.between(4, 24) as usize,
             rng,
             rates,
-            known_bugs: [KnownBug::StockViewDependsOnOrder]
-                .into_iter()
-                .filter(|&bug| reaches(config, bug))
-                .collect(),
             now,
             gateway: CommandHandler::new(log.clone(), handler_options.clone()),
             provider: CommandHandler::new(log.clone(), handler_options.clone()),
@@ -910,12 +867,6 @@ impl World {
         }
         let queue = queues[self.rng.below(queues.len())];
         let index = self.pick(self.projection_queues[queue].len());
-        // In order unless known bugs are run: see [`KnownBug::StockViewDependsOnOrder`].
-        let index = if self.known_bugs.contains(&KnownBug::StockViewDependsOnOrder) {
-            index
-        } else {
-            0
-        };
         let message = self.projection_queues[queue][index].clone();
         let name = ProjectionName::ALL[queue];
         let crash = self.rng.chance(self.rates.crash);
