@@ -648,15 +648,7 @@ impl World {
                 now: self.now,
             }
         };
-        let context = Context {
-            metadata: Metadata {
-                actor: Some("operator".into()),
-                ..Metadata::default()
-            },
-            command_id: Ulid(self.rng.bits()),
-            idempotency: None,
-            new_stream: false,
-        };
+        let context = self.command_by("operator");
         let stream = stream_id::<CampaignAggregate>(terms.campaign_id);
         let crash = self.crash_point();
         let outcome = run_step(
@@ -676,6 +668,19 @@ impl World {
         }
     }
 
+    /// A command's context: `actor` sends it, to a stream that exists, with a fresh id.
+    fn command_by<S>(&mut self, actor: &str) -> Context<'static, S> {
+        Context {
+            metadata: Metadata {
+                actor: Some(actor.into()),
+                ..Metadata::default()
+            },
+            command_id: Ulid(self.rng.bits()),
+            idempotency: None,
+            new_stream: false,
+        }
+    }
+
     /// A customer cancels one of their orders.
     fn cancel(&mut self) -> String {
         if self.accepted.is_empty() {
@@ -686,15 +691,7 @@ impl World {
             reason: CancelReason::Customer,
             now: self.now,
         };
-        let context = Context {
-            metadata: Metadata {
-                actor: Some("customer".into()),
-                ..Metadata::default()
-            },
-            command_id: Ulid(self.rng.bits()),
-            idempotency: None,
-            new_stream: false,
-        };
+        let context = self.command_by("customer");
         let stream = stream_id::<OrderAggregate>(order_id);
         let crash = self.crash_point();
         let outcome = run_step(
