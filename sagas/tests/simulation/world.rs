@@ -23,14 +23,14 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 use chrono::TimeZone;
-use commands::handler::{Context, HandlerOptions};
+use commands::handler::{Context, Executed, HandlerOptions};
 use commands::log::memory::MemoryEventLog;
 use commands::subscription::{Dedupe, Handler, Seen};
 use commands::{stream_id, CommandError, CommandHandler, EventLog, LogCursor};
 use domain::campaign::{CampaignAggregate, CampaignCommand, NewCampaign};
 use domain::order::{CancelReason, OrderAggregate, OrderCommand};
 use domain::store::Store;
-use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp, UserId};
+use domain::{Aggregate, CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp, UserId};
 use projections::{MemoryProjections, ProjectionConsumer, ProjectionName, ReadModel};
 use sagas::campaign_writer::{
     load_orders, CampaignWriter, OrderState, WakeUp, Woken, WriterOptions,
@@ -607,13 +607,10 @@ impl World {
             idempotency: None,
             new_stream: true,
         };
-        let stream = stream_id::<OrderAggregate>(request.order_id);
-        let crash = self.crash_point();
-        let outcome = run_step(
-            &self.runtime,
-            self.gateway
-                .execute::<OrderAggregate>(&stream, &command, &context),
-            crash,
+        let outcome = self.gateway_executes::<OrderAggregate>(
+            &stream_id::<OrderAggregate>(request.order_id),
+            &command,
+            &context,
         );
         let what = format!(
             "place {} x{} by {}",
@@ -629,7 +626,6 @@ impl World {
                 format!("{what}: {error}")
             }
             None => {
-                self.gateway = CommandHandler::new(self.log.clone(), self.handler_options.clone());
                 self.resend.push(request);
                 format!("{what}: the gateway crashed")
             }
@@ -649,23 +645,37 @@ impl World {
             }
         };
         let context = self.command_by("operator");
-        let stream = stream_id::<CampaignAggregate>(terms.campaign_id);
-        let crash = self.crash_point();
-        let outcome = run_step(
-            &self.runtime,
-            self.gateway
-                .execute::<CampaignAggregate>(&stream, &command, &context),
-            crash,
+        let outcome = self.gateway_executes::<CampaignAggregate>(
+            &stream_id::<CampaignAggregate>(terms.campaign_id),
+            &command,
+            &context,
         );
         let what = format!("operator: {command:?} on {}", terms.campaign_id);
         match outcome {
             Some(Ok(_)) => format!("{what}: done"),
             Some(Err(error)) => format!("{what}: {error}"),
-            None => {
-                self.gateway = CommandHandler::new(self.log.clone(), self.handler_options.clone());
-                format!("{what}: the gateway crashed")
-            }
+            None => format!("{what}: the gateway crashed"),
         }
+    }
+
+    /// The gateway's handler executes `command`, perhaps crashing at one of its await
+    /// points: then `None`, and the gateway starts again with nothing in memory.
+    fn gateway_executes<A: Aggregate>(
+        &mut self,
+        stream: &str,
+        command: &A::Command,
+        context: &Context<'_, A::State>,
+    ) -> Option<Result<Executed<A>, CommandError>> {
+        let crash = self.crash_point();
+        let outcome = run_step(
+            &self.runtime,
+            self.gateway.execute::<A>(stream, command, context),
+            crash,
+        );
+        if outcome.is_none() {
+            self.gateway = CommandHandler::new(self.log.clone(), self.handler_options.clone());
+        }
+        outcome
     }
 
     /// A command's context: `actor` sends it, to a stream that exists, with a fresh id.
@@ -692,21 +702,15 @@ impl World {
             now: self.now,
         };
         let context = self.command_by("customer");
-        let stream = stream_id::<OrderAggregate>(order_id);
-        let crash = self.crash_point();
-        let outcome = run_step(
-            &self.runtime,
-            self.gateway
-                .execute::<OrderAggregate>(&stream, &command, &context),
-            crash,
+        let outcome = self.gateway_executes::<OrderAggregate>(
+            &stream_id::<OrderAggregate>(order_id),
+            &command,
+            &context,
         );
         match outcome {
             Some(Ok(_)) => format!("cancel {order_id}: done"),
             Some(Err(error)) => format!("cancel {order_id}: {error}"),
-            None => {
-                self.gateway = CommandHandler::new(self.log.clone(), self.handler_options.clone());
-                format!("cancel {order_id}: the gateway crashed")
-            }
+            None => format!("cancel {order_id}: the gateway crashed"),
         }
     }
 
