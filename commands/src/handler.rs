@@ -202,9 +202,19 @@ impl CommandHandler {
 
     /// Folds a stream: from its snapshot if one of the current shape exists, then its tail.
     pub async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<Loaded<A>, CommandError> {
+        self.load_from::<A>(stream_id, A::State::default()).await
+    }
+
+    /// Folds a stream whose history starts before its first event, at `origin` (a payment's
+    /// stream starts with its first answer, folded onto the payment its order requested).
+    pub async fn load_from<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        origin: A::State,
+    ) -> Result<Loaded<A>, CommandError> {
         let (state, version) = match self.local.cached::<A>(stream_id) {
             Some(cached) => cached,
-            None => self.load_snapshot::<A>(stream_id).await?,
+            None => self.load_snapshot::<A>(stream_id, origin).await?,
         };
         let loaded = self.fold_tail::<A>(stream_id, state, version).await?;
         self.local
@@ -215,6 +225,7 @@ impl CommandHandler {
     async fn load_snapshot<A: Aggregate>(
         &self,
         stream_id: &str,
+        origin: A::State,
     ) -> Result<(A::State, u64), CommandError> {
         Ok(match self.log.load_snapshot(stream_id).await? {
             Some(snapshot) if snapshot.state_version == A::STATE_VERSION => {
@@ -222,11 +233,11 @@ impl CommandHandler {
                     Ok(state) => (state, snapshot.stream_version),
                     Err(error) => {
                         tracing::warn!(%stream_id, %error, "unreadable snapshot ignored");
-                        (A::State::default(), 0)
+                        (origin, 0)
                     }
                 }
             }
-            _ => (A::State::default(), 0),
+            _ => (origin, 0),
         })
     }
 
@@ -268,6 +279,19 @@ impl CommandHandler {
         command: &A::Command,
         context: &Context<'_, A::State>,
     ) -> Result<Executed<A>, CommandError> {
+        self.execute_from::<A>(stream_id, &A::State::default(), command, context)
+            .await
+    }
+
+    /// [`CommandHandler::execute`] on a stream whose history starts at `origin`
+    /// ([`CommandHandler::load_from`]).
+    pub async fn execute_from<A: Aggregate>(
+        &self,
+        stream_id: &str,
+        origin: &A::State,
+        command: &A::Command,
+        context: &Context<'_, A::State>,
+    ) -> Result<Executed<A>, CommandError> {
         let attempts = self.options.conflict_retries_max + 1;
         let lock = self.local.lock_for(stream_id);
         let _turn = lock.lock().await;
@@ -277,7 +301,7 @@ impl CommandHandler {
             // Refusals and no-ops are only trusted on a fresh read.
             let optimistic = (attempt == 0)
                 .then(|| match context.new_stream {
-                    true => Some((A::State::default(), 0)),
+                    true => Some((origin.clone(), 0)),
                     false => self.local.cached::<A>(stream_id),
                 })
                 .flatten()
@@ -288,7 +312,7 @@ impl CommandHandler {
             let (loaded, events) = match optimistic {
                 Some(decided) => decided,
                 None => {
-                    let loaded = self.load::<A>(stream_id).await?;
+                    let loaded = self.load_from::<A>(stream_id, origin.clone()).await?;
                     let events = A::decide(&loaded.state, command)?;
                     (loaded, events)
                 }

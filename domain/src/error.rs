@@ -60,9 +60,6 @@ pub enum DomainError {
     /// The order is not in a state that allows this step (for example confirming a pending one).
     #[error("order is not awaiting this step")]
     OrderNotReady,
-    /// The payment exists already for another order.
-    #[error("payment already exists")]
-    PaymentAlreadyExists,
     /// No such payment.
     #[error("payment not found")]
     PaymentNotFound,
@@ -98,7 +95,6 @@ impl DomainError {
             DomainError::OrderNotFound => "order_not_found",
             DomainError::OrderAlreadyFinal => "order_already_final",
             DomainError::OrderNotReady => "order_not_ready",
-            DomainError::PaymentAlreadyExists => "payment_already_exists",
             DomainError::PaymentNotFound => "payment_not_found",
             DomainError::PaymentAlreadyFinal => "payment_already_final",
             DomainError::DeadlineNotReached => "deadline_not_reached",

@@ -1,5 +1,11 @@
 //! A payment: requested for an order, then settled by the provider's word or by its deadline.
 //!
+//! The request is the order's own `OrderAwaitingPayment`, which names the payment and its
+//! deadline, and the order holds the amount: so the payment's stream starts with the first
+//! answer, and its state is folded onto the payment its order requested
+//! ([`Payment::requested_by`]). Logs written before that start the stream with
+//! `PaymentRequested`, which folds to the same payment.
+//!
 //! A success that arrives after the deadline is still recorded: the customer's money was taken,
 //! and the saga owes them a refund. That is why `TimedOut -> Succeeded -> Refunded` is a path.
 
@@ -7,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::check_text;
 use crate::limits::PROVIDER_REFERENCE_CHARS_MAX;
+use crate::order::Order;
 use crate::{Aggregate, Cents, DomainError, OrderId, PaymentId, Timestamp};
 
 /// Where a payment stands.
@@ -40,28 +47,29 @@ pub struct Payment {
     pub status: PaymentStatus,
     /// The provider's id for it, once the provider answered.
     pub provider_reference: Option<String>,
-    /// When it was requested.
-    pub requested_at: Timestamp,
-    /// When it last changed.
-    pub updated_at: Timestamp,
+    /// When it last changed: `None` until the provider or the deadline answered.
+    pub updated_at: Option<Timestamp>,
+}
+
+impl Payment {
+    /// The payment `order` requested when it went to awaiting payment, pending: what its
+    /// stream's answers are folded onto. `None` for an order that never asked for one.
+    pub fn requested_by(order: &Order) -> Option<Payment> {
+        Some(Payment {
+            payment_id: order.payment_id?,
+            order_id: order.order_id,
+            amount_cents: order.amount_cents,
+            deadline: order.payment_deadline?,
+            status: PaymentStatus::Pending,
+            provider_reference: None,
+            updated_at: None,
+        })
+    }
 }
 
 /// What can be asked of a payment stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PaymentCommand {
-    /// Asks the provider for money.
-    Request {
-        /// The new payment's id.
-        payment_id: PaymentId,
-        /// The order it pays for.
-        order_id: OrderId,
-        /// How much.
-        amount_cents: Cents,
-        /// When it times out.
-        deadline: Timestamp,
-        /// Now.
-        now: Timestamp,
-    },
     /// The provider says it succeeded.
     Succeed {
         /// The provider's id for it.
@@ -92,7 +100,8 @@ pub enum PaymentCommand {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
 pub enum PaymentEvent {
-    /// Payment was requested.
+    /// Payment was requested. No longer written: the order's `OrderAwaitingPayment` is the
+    /// request; kept so that older logs still fold.
     PaymentRequested {
         /// Which payment.
         payment_id: PaymentId,
@@ -137,6 +146,8 @@ pub struct PaymentAggregate;
 
 impl Aggregate for PaymentAggregate {
     const CATEGORY: &'static str = "payment";
+    // 2: no `requested_at`; `updated_at` only once answered.
+    const STATE_VERSION: u32 = 2;
     type State = Option<Payment>;
     type Command = PaymentCommand;
     type Event = PaymentEvent;
@@ -145,44 +156,11 @@ impl Aggregate for PaymentAggregate {
         state: &Option<Payment>,
         command: &PaymentCommand,
     ) -> Result<Vec<PaymentEvent>, DomainError> {
-        let payment = match (state, command) {
-            (
-                None,
-                PaymentCommand::Request {
-                    payment_id,
-                    order_id,
-                    amount_cents,
-                    deadline,
-                    now,
-                },
-            ) => {
-                if *amount_cents == Cents::ZERO {
-                    return Err(DomainError::InvalidInput {
-                        field: "amount_cents",
-                        problem: "must be positive",
-                    });
-                }
-                return Ok(vec![PaymentEvent::PaymentRequested {
-                    payment_id: *payment_id,
-                    order_id: *order_id,
-                    amount_cents: *amount_cents,
-                    deadline: *deadline,
-                    at: *now,
-                }]);
-            }
-            (Some(payment), PaymentCommand::Request { order_id, .. }) => {
-                return if payment.order_id == *order_id {
-                    Ok(vec![])
-                } else {
-                    Err(DomainError::PaymentAlreadyExists)
-                };
-            }
-            (None, _) => return Err(DomainError::PaymentNotFound),
-            (Some(payment), _) => payment,
+        let Some(payment) = state else {
+            return Err(DomainError::PaymentNotFound);
         };
         use PaymentStatus::*;
         match (command, payment.status) {
-            (PaymentCommand::Request { .. }, _) => unreachable!("handled above"),
             (
                 PaymentCommand::Succeed {
                     provider_reference,
@@ -249,10 +227,17 @@ impl Aggregate for PaymentAggregate {
             order_id,
             amount_cents,
             deadline,
-            at,
+            ..
         } = *event
         {
-            assert!(state.is_none(), "payment {payment_id} requested twice");
+            // An older log: the stream starts with the request, which is also the payment the
+            // order requested when the fold started from it.
+            assert!(
+                state.as_ref().is_none_or(
+                    |p| p.status == PaymentStatus::Pending && p.payment_id == payment_id
+                ),
+                "payment {payment_id} requested twice"
+            );
             return Some(Payment {
                 payment_id,
                 order_id,
@@ -260,12 +245,12 @@ impl Aggregate for PaymentAggregate {
                 deadline,
                 status: PaymentStatus::Pending,
                 provider_reference: None,
-                requested_at: at,
-                updated_at: at,
+                updated_at: None,
             });
         }
-        let mut payment =
-            state.unwrap_or_else(|| panic!("event on a payment never requested: {event:?}"));
+        let mut payment = state.unwrap_or_else(|| {
+            panic!("an answer folded without the payment its order requested: {event:?}")
+        });
         match event {
             PaymentEvent::PaymentRequested { .. } => unreachable!("handled above"),
             PaymentEvent::PaymentSucceeded {
@@ -278,7 +263,7 @@ impl Aggregate for PaymentAggregate {
                 ));
                 payment.status = PaymentStatus::Succeeded;
                 payment.provider_reference = Some(provider_reference.clone());
-                payment.updated_at = *at;
+                payment.updated_at = Some(*at);
             }
             PaymentEvent::PaymentFailed {
                 provider_reference,
@@ -287,17 +272,17 @@ impl Aggregate for PaymentAggregate {
                 assert_eq!(payment.status, PaymentStatus::Pending);
                 payment.status = PaymentStatus::Failed;
                 payment.provider_reference = Some(provider_reference.clone());
-                payment.updated_at = *at;
+                payment.updated_at = Some(*at);
             }
             PaymentEvent::PaymentTimedOut { at } => {
                 assert_eq!(payment.status, PaymentStatus::Pending);
                 payment.status = PaymentStatus::TimedOut;
-                payment.updated_at = *at;
+                payment.updated_at = Some(*at);
             }
             PaymentEvent::PaymentRefunded { at } => {
                 assert_eq!(payment.status, PaymentStatus::Succeeded);
                 payment.status = PaymentStatus::Refunded;
-                payment.updated_at = *at;
+                payment.updated_at = Some(*at);
             }
         }
         Some(payment)

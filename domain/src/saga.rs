@@ -31,7 +31,8 @@ pub enum SagaStep {
     ReserveStock,
     /// The reservation was refused: reject the order.
     RejectOrder,
-    /// Ask for the money.
+    /// Ask for the money. No longer a step of its own: the order's move to awaiting payment
+    /// is the request. Kept so that older logs' saga records still read.
     RequestPayment,
     /// Move the order to awaiting payment.
     AwaitPayment,
@@ -85,16 +86,9 @@ pub enum Action {
     ReserveStock,
     /// Reject the order.
     RejectOrder(RejectReason),
-    /// Request payment, timing out at `deadline`.
-    RequestPayment {
-        /// The payment's id (the order's, see [`payment_id_of`]).
-        payment_id: PaymentId,
-        /// When it times out.
-        deadline: Timestamp,
-    },
-    /// Move the order to awaiting payment.
+    /// Move the order to awaiting payment, which requests its payment.
     AwaitPayment {
-        /// The payment.
+        /// The payment (the order's id, see [`payment_id_of`]).
         payment_id: PaymentId,
         /// Its deadline.
         deadline: Timestamp,
@@ -119,7 +113,6 @@ impl Action {
         match self {
             Action::ReserveStock => SagaStep::ReserveStock,
             Action::RejectOrder(_) => SagaStep::RejectOrder,
-            Action::RequestPayment { .. } => SagaStep::RequestPayment,
             Action::AwaitPayment { .. } => SagaStep::AwaitPayment,
             Action::TimeOutPayment => SagaStep::TimeOutPayment,
             Action::ConfirmOrder(_) => SagaStep::ConfirmOrder,
@@ -137,8 +130,9 @@ pub fn payment_id_of(order_id: OrderId) -> PaymentId {
 }
 
 /// The next step for `order`, given where its units are (in the customer's holding), why the
-/// campaign refused to reserve them (when it just did), its payment, the campaign's payment
-/// timeout and the time.
+/// campaign refused to reserve them (when it just did), its payment (the one it requested,
+/// folded with its answers: [`Payment::requested_by`]), the campaign's payment timeout and the
+/// time.
 pub fn plan(
     order: &Order,
     held: Option<ReservationState>,
@@ -162,10 +156,11 @@ pub fn plan(
                 Some(reason) => Plan::Act(Action::RejectOrder(reason)),
                 None => Plan::Act(Action::ReserveStock),
             },
-            (Some(_), None) => Plan::Act(Action::RequestPayment {
+            (Some(_), None) => Plan::Act(Action::AwaitPayment {
                 payment_id: payment_id_of(order.order_id),
                 deadline: now + chrono::Duration::seconds(i64::from(payment_timeout_seconds)),
             }),
+            // Requested by an older log's `PaymentRequested` before the order moved.
             (Some(_), Some(payment)) => Plan::Act(Action::AwaitPayment {
                 payment_id: payment.payment_id,
                 deadline: payment.deadline,
@@ -216,7 +211,8 @@ pub struct OrderFacts {
     pub order: Option<Order>,
     /// The customer's holding in the order's campaign.
     pub holding: Holding,
-    /// The order's payment, once requested.
+    /// The order's payment, once requested: [`Payment::requested_by`] the order, folded with
+    /// its stream's answers.
     pub payment: Option<Payment>,
 }
 
@@ -395,6 +391,7 @@ pub fn advance(
                     now,
                 };
                 order = on_order(order, command, &mut advanced)?;
+                payment = payment.or_else(|| Payment::requested_by(&order));
             }
             Action::ConfirmOrder(payment_id) => {
                 order = on_order(
@@ -405,19 +402,6 @@ pub fn advance(
             }
             Action::CancelOrder(reason) => {
                 order = on_order(order, OrderCommand::Cancel { reason, now }, &mut advanced)?;
-            }
-            Action::RequestPayment {
-                payment_id,
-                deadline,
-            } => {
-                let command = PaymentCommand::Request {
-                    payment_id,
-                    order_id: order.order_id,
-                    amount_cents: order.amount_cents,
-                    deadline,
-                    now,
-                };
-                payment = on_payment(payment, command, &mut advanced)?;
             }
             Action::TimeOutPayment => {
                 payment = on_payment(payment, PaymentCommand::TimeOut { now }, &mut advanced)?;

@@ -226,7 +226,6 @@ impl From<DomainError> for ApiError {
             | DomainError::StoreAlreadyExists
             | DomainError::CampaignAlreadyExists
             | DomainError::OrderAlreadyExists
-            | DomainError::PaymentAlreadyExists
             | DomainError::CampaignClosed
             | DomainError::CampaignNotOpen
             | DomainError::SoldOut

@@ -225,6 +225,7 @@ struct OrderFacts {
 
 #[derive(Default)]
 struct PaymentFacts {
+    /// Its order, when an older log's `PaymentRequested` named it.
     order_id: Option<OrderId>,
     succeeded: bool,
     succeeded_at: Option<Timestamp>,
@@ -635,9 +636,11 @@ impl Replay {
             PaymentEvent::PaymentRefunded { .. } => {
                 facts.refunded = true;
                 let succeeded = facts.succeeded;
-                let cancelled = facts
-                    .order_id
-                    .and_then(|o| self.orders.get(&o))
+                // An order's payment has the order's id; an older log's request names it too.
+                let order_id = facts.order_id.unwrap_or(OrderId::from_ulid(id.ulid()));
+                let cancelled = self
+                    .orders
+                    .get(&order_id)
                     .is_some_and(|o| o.status == OrderStatus::Cancelled);
                 if !succeeded || !cancelled {
                     self.violation(
@@ -890,7 +893,12 @@ mod tests {
 
     use super::*;
 
-    async fn append(log: &MemoryEventLog, stream_id: &str, after: u64, event: &OrderEvent) {
+    async fn append<E: serde::Serialize>(
+        log: &MemoryEventLog,
+        stream_id: &str,
+        after: u64,
+        event: &E,
+    ) {
         log.append(AppendRequest {
             streams: vec![StreamAppend {
                 stream_id: stream_id.to_owned(),
@@ -971,5 +979,63 @@ mod tests {
                 assert!(detail.contains("past its deadline"), "{detail}");
             }
         }
+    }
+
+    /// The violations of `kind` in a log-only audit.
+    async fn violations(log: &MemoryEventLog, kind: &str) -> Vec<String> {
+        let report = audit(log, None, &AuditOptions::default(), &|_| {})
+            .await
+            .unwrap();
+        report
+            .violations
+            .into_iter()
+            .filter(|v| v.kind == kind)
+            .map(|v| format!("{}: {}", v.stream_id, v.detail))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_refund_is_checked_against_the_order_whose_request_started_the_payment() {
+        // The payment's stream starts with its first answer: the order's move to awaiting
+        // payment was the request, and the payment has the order's id.
+        let log = MemoryEventLog::new();
+        let deadline = Utc::now() + chrono::Duration::hours(1);
+        let cancelled = order(&log, Some(deadline)).await;
+        let not_cancelled = order(&log, Some(deadline)).await;
+        let at = Utc::now();
+        append(
+            &log,
+            &cancelled,
+            2,
+            &OrderEvent::OrderCancelled {
+                reason: domain::order::CancelReason::Customer,
+                at,
+            },
+        )
+        .await;
+        for order_stream in [&cancelled, &not_cancelled] {
+            let payment_stream = order_stream.replace("order-", "payment-");
+            let succeeded = PaymentEvent::PaymentSucceeded {
+                provider_reference: "psp-1".into(),
+                at,
+            };
+            append(&log, &payment_stream, 0, &succeeded).await;
+            append(
+                &log,
+                &payment_stream,
+                1,
+                &PaymentEvent::PaymentRefunded { at },
+            )
+            .await;
+        }
+        let found = violations(&log, "order_inconsistent").await;
+        let refunds: Vec<&String> = found.iter().filter(|v| v.contains("refunded")).collect();
+        assert_eq!(refunds.len(), 1, "{found:?}");
+        let payment_of_not_cancelled = not_cancelled.replace("order-", "payment-");
+        assert!(
+            refunds[0].starts_with(&payment_of_not_cancelled)
+                && refunds[0].contains("the order not cancelled"),
+            "{found:?}"
+        );
     }
 }

@@ -88,9 +88,9 @@ struct OrderRecord {
     updated_at: i64,
 }
 
+/// A payment as its answers left it; its amount is its order's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PaymentRecord {
-    amount_cents: Cents,
     status: PaymentStatus,
     updated_at: i64,
 }
@@ -247,17 +247,22 @@ impl Views {
                 status,
                 at,
             } => {
-                if let Some((order_id, amount_cents)) = requested {
+                if let Some((order_id, _)) = requested {
                     self.order_payments.insert(*order_id, *payment_id);
                     self.payments.insert(
                         *payment_id,
                         PaymentRecord {
-                            amount_cents: *amount_cents,
                             status: *status,
                             updated_at: *at,
                         },
                     );
-                } else if let Some(payment) = self.payments.get_mut(payment_id) {
+                } else {
+                    // The first answer starts the record: the order's move to awaiting
+                    // payment was the request.
+                    let payment = self.payments.entry(*payment_id).or_insert(PaymentRecord {
+                        status: *status,
+                        updated_at: *at,
+                    });
                     payment.status = *status;
                     payment.updated_at = payment.updated_at.max(*at);
                 }
@@ -285,7 +290,7 @@ impl Views {
                 PaymentView {
                     payment_id,
                     status: p.status,
-                    amount_cents: p.amount_cents,
+                    amount_cents: order.amount_cents,
                 },
                 p.updated_at,
             ),

@@ -159,11 +159,11 @@ pub enum Op {
         /// When.
         at: i64,
     },
-    /// A payment was requested, or its status changed.
+    /// A payment was answered (or, in an older log, requested in its own stream).
     Payment {
         /// Which.
         payment_id: PaymentId,
-        /// Its order and amount, on the request.
+        /// Its order and amount, on an older log's request.
         requested: Option<(OrderId, Cents)>,
         /// Where it stands now.
         status: PaymentStatus,

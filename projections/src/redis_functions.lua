@@ -11,7 +11,7 @@
 --   R:meta      {status, position, events}      R:sv       stream id -> last version applied
 --   R:c:<id>    a campaign (hash)               R:c, R:cs:<store>  campaign ids (zsets)
 --   R:o:<id>    an order (hash)                 R:pay:<id> a payment (hash)
---   R:op:<order> the payment requested for an order
+--   R:op:<order> the payment an older log requested for an order in the payment's stream
 --   R:o, R:os:<status>, R:u:<user>, R:us:<user>:<status>, R:co:<campaign>,
 --   R:cos:<campaign>:<status>   order ids (zsets, score 0: ULIDs sort by time)
 --   R:cf:<campaign> the campaign's orders counted by status (`rejected:<reason>`, ...)
@@ -123,7 +123,8 @@ local function run_op(r, op)
     if op.requested then
       redis.call('HSET', key, 'amount', op.requested[2], 'status', op.status, 'updated', op.at)
       redis.call('SET', r .. ':op:' .. op.requested[1], op.payment_id)
-    elseif redis.call('EXISTS', key) == 1 then
+    else
+      -- The first answer starts the hash: the order's move to awaiting payment was the request.
       redis.call('HSET', key, 'status', op.status)
       bump_updated(key, op.at)
     end

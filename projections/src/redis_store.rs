@@ -298,7 +298,7 @@ fn order_of(reply: OrderReply) -> Result<OrderView, ReadModelError> {
         } else {
             let payment_id: PaymentId = payment_id.parse().ok()?;
             Some(if p.is_empty() {
-                // Requested by the order, not yet recorded by the payment's own stream.
+                // Requested by the order, not yet answered.
                 (
                     PaymentView {
                         payment_id,
@@ -312,7 +312,7 @@ fn order_of(reply: OrderReply) -> Result<OrderView, ReadModelError> {
                     PaymentView {
                         payment_id,
                         status: unsnake(p.get("status")?)?,
-                        amount_cents: Cents::new(field(&p, "amount")?),
+                        amount_cents: fields.amount_cents,
                     },
                     field(&p, "updated")?,
                 )

@@ -6,7 +6,8 @@
 //! [`domain::saga::advance`] for each against state it keeps in memory (the campaign's terms,
 //! its bucket of stock, the customers' holdings), and appends everything those wake-ups decided
 //! in one atomic append: the holdings' reservations, one `StockMoved` for the bucket, the
-//! payments requested, the orders' new states and the saga's records. Every stream of that
+//! orders' new states (an order's move to awaiting payment is its payment's request) and the
+//! payments' timeouts and refunds. Every stream of that
 //! append is at the version the writer decided on, so the log's unique `(stream, version)`
 //! rule still settles every race: with another instance's writer, a customer's cancel or a
 //! payment's answer. A conflict reloads what the batch read and decides it again, a bounded
@@ -124,9 +125,10 @@ pub async fn load_orders(
         let events = read_all_of(log, &streams).await?;
         for &id in chunk {
             let order = fold::<OrderAggregate>(&events, &stream_id::<OrderAggregate>(id))?;
-            let payment = fold::<PaymentAggregate>(
+            let payment = fold_from::<PaymentAggregate>(
                 &events,
                 &stream_id::<PaymentAggregate>(payment_id_of(id)),
+                order.0.as_ref().and_then(Payment::requested_by),
             )?;
             states.insert(
                 id,
@@ -180,7 +182,17 @@ fn fold<A: Aggregate>(
     events: &HashMap<String, Vec<RecordedEvent>>,
     stream: &str,
 ) -> Result<(A::State, u64), LogError> {
-    let mut state = A::State::default();
+    fold_from::<A>(events, stream, A::State::default())
+}
+
+/// Folds one stream of `events` whose history starts at `origin` (a payment's, at the payment
+/// its order requested).
+fn fold_from<A: Aggregate>(
+    events: &HashMap<String, Vec<RecordedEvent>>,
+    stream: &str,
+    origin: A::State,
+) -> Result<(A::State, u64), LogError> {
+    let mut state = origin;
     let mut version = 0;
     for recorded in events.get(stream).map_or(&[][..], Vec::as_slice) {
         assert_eq!(

@@ -1,9 +1,10 @@
 //! The payment provider, and the one way its answer enters the log.
 //!
-//! The saga asks a [`PaymentProvider`] for money once the payment is requested in the log. The
-//! provider answers later, through [`settle`]: the webhook (`POST /v1/payments/webhook`) for
-//! the [`External`] provider, a timer for the [`Simulated`] one. A settlement's command id
-//! derives from what was said, so a repeated delivery of the same answer has one effect.
+//! The saga asks a [`PaymentProvider`] for money once the order awaits its payment in the log
+//! (that event is the request). The provider answers later, through [`settle`]: the webhook
+//! (`POST /v1/payments/webhook`) for the [`External`] provider, a timer for the [`Simulated`]
+//! one. A settlement's command id derives from what was said, so a repeated delivery of the
+//! same answer has one effect.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -12,8 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use commands::handler::Context;
 use commands::{stream_id, CommandError, CommandHandler, Executed};
-use domain::payment::{PaymentAggregate, PaymentCommand};
-use domain::{Cents, PaymentId};
+use domain::order::OrderAggregate;
+use domain::payment::{Payment, PaymentAggregate, PaymentCommand};
+use domain::{Cents, OrderId, PaymentId};
 use schemas::Metadata;
 use tracing::Instrument;
 
@@ -106,9 +108,38 @@ impl PaymentProvider for Simulated {
     }
 }
 
-/// Records the provider's answer for a payment. The command id derives from the payment,
-/// the outcome and the provider's reference, so a repeated answer is stored once; a contrary
-/// answer after a final one is refused by the payment ([`domain::DomainError`]).
+/// The payment as the log has it: the one its order requested (an order's payment has the
+/// order's id), folded with its stream's answers; `None` when no order requested it.
+pub async fn load(
+    handler: &CommandHandler,
+    payment_id: PaymentId,
+) -> Result<Option<Payment>, CommandError> {
+    let requested = requested(handler, payment_id).await?;
+    let stream = stream_id::<PaymentAggregate>(payment_id);
+    Ok(handler
+        .load_from::<PaymentAggregate>(&stream, requested)
+        .await?
+        .state)
+}
+
+/// The payment the order of `payment_id` requested, if it did.
+async fn requested(
+    handler: &CommandHandler,
+    payment_id: PaymentId,
+) -> Result<Option<Payment>, CommandError> {
+    let order_id = OrderId::from_ulid(payment_id.ulid());
+    let order = handler
+        .load::<OrderAggregate>(&stream_id::<OrderAggregate>(order_id))
+        .await?
+        .state;
+    Ok(order.as_ref().and_then(Payment::requested_by))
+}
+
+/// Records the provider's answer for a payment, on the payment its order requested. The
+/// command id derives from the payment, the outcome and the provider's reference, so a
+/// repeated answer is stored once; a contrary answer after a final one is refused by the
+/// payment ([`domain::DomainError`]), and an answer for a payment no order requested with
+/// `PaymentNotFound`.
 pub async fn settle(
     handler: &CommandHandler,
     payment_id: PaymentId,
@@ -140,9 +171,11 @@ pub async fn settle(
         idempotency: None,
         new_stream: false,
     };
+    let requested = requested(handler, payment_id).await?;
     handler
-        .execute::<PaymentAggregate>(
+        .execute_from::<PaymentAggregate>(
             &stream_id::<PaymentAggregate>(payment_id),
+            &requested,
             &command,
             &context,
         )

@@ -43,6 +43,7 @@ on_both_stores!(
     a_reader_waiting_for_its_writes_hears_at_once_that_no_version_is_live,
     a_campaigns_funnel_follows_its_orders_and_counts_each_event_once,
     a_campaigns_stock_adds_its_buckets_moves_in_whatever_order_they_come,
+    an_orders_payment_is_pending_until_its_first_answer_starts_its_record,
 );
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -218,6 +219,81 @@ async fn a_campaigns_funnel_follows_its_orders_and_counts_each_event_once(
     assert_eq!(
         store.funnel(unknown).await.unwrap(),
         projections::Funnel::default()
+    );
+}
+
+/// The order's move to awaiting payment is the payment's request: the payment's stream starts
+/// with its first answer, which may reach the projection before or after the order's move.
+async fn an_orders_payment_is_pending_until_its_first_answer_starts_its_record(
+    store: Arc<dyn ProjectionStore>,
+) {
+    use domain::order::OrderStatus::AwaitingPayment;
+    use domain::payment::PaymentStatus::{Pending, Refunded, Succeeded};
+    live(store.as_ref()).await;
+    let campaign_id = CampaignId::from_ulid(Ulid::new());
+    let name = ProjectionName::Orders;
+    let payment_of = |order_id: OrderId| domain::PaymentId::from_ulid(order_id.ulid());
+    let awaiting = |order_id: OrderId| {
+        let mut changes = order_changes(campaign_id, order_id, &[(AwaitingPayment, "")]);
+        if let Op::OrderStatus { payment_id, .. } = &mut changes[1].ops[0] {
+            *payment_id = Some(payment_of(order_id));
+        }
+        changes
+    };
+    let answer = |order_id: OrderId, version: u64, status, at| Change {
+        stream_id: format!("payment-{}", payment_of(order_id)),
+        version,
+        position: 10 + version,
+        ops: vec![Op::Payment {
+            payment_id: payment_of(order_id),
+            requested: None,
+            status,
+            at,
+        }],
+    };
+    let payment = |view: Option<projections::OrderView>| {
+        let payment = view
+            .expect("the order is there")
+            .payment
+            .expect("a payment");
+        (payment.status, payment.amount_cents)
+    };
+    let amount = domain::Cents::new(500);
+
+    // The order's move first: pending, with the order's amount, until the answer comes.
+    let first = OrderId::from_ulid(Ulid::new());
+    store.apply_all(name, &awaiting(first)).await.unwrap();
+    assert_eq!(
+        payment(store.order(first).await.unwrap()),
+        (Pending, amount)
+    );
+    store
+        .apply_all(name, &[answer(first, 1, Succeeded, 3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        payment(store.order(first).await.unwrap()),
+        (Succeeded, amount)
+    );
+    store
+        .apply_all(name, &[answer(first, 2, Refunded, 4)])
+        .await
+        .unwrap();
+    let view = store.order(first).await.unwrap().unwrap();
+    assert_eq!(view.payment.as_ref().unwrap().status, Refunded);
+    assert_eq!(view.updated_at, projections::ops::timestamp(4));
+
+    // The answer first: the order shows it as soon as it names its payment.
+    let second = OrderId::from_ulid(Ulid::new());
+    store
+        .apply_all(name, &[answer(second, 1, Succeeded, 3)])
+        .await
+        .unwrap();
+    assert_eq!(store.order(second).await.unwrap(), None);
+    store.apply_all(name, &awaiting(second)).await.unwrap();
+    assert_eq!(
+        payment(store.order(second).await.unwrap()),
+        (Succeeded, amount)
     );
 }
 

@@ -253,7 +253,7 @@ fn one_trace_runs_from_the_request_through_the_saga_and_the_read_models() {
     }
 
     // The saga's steps run inside its handling, and their events name the steps' span: the
-    // wake-up that reserved the units also requested the payment and awaited it.
+    // wake-up that reserved the units also moved the order to await its payment.
     let steps: Vec<&Span> = spans.iter().filter(|s| s.name == "saga_step").collect();
     let reserve = steps
         .iter()
@@ -261,7 +261,7 @@ fn one_trace_runs_from_the_request_through_the_saga_and_the_read_models() {
         .unwrap_or_else(|| panic!("no reserve_stock step in the trace: {steps:#?}"));
     assert_eq!(
         reserve.attributes.get("steps").map(String::as_str),
-        Some("reserve_stock,request_payment,await_payment")
+        Some("reserve_stock,await_payment")
     );
     let reserve_parent = by_id[reserve.parent_span_id.as_str()];
     assert_eq!(reserve_parent.name, "event");

@@ -2,6 +2,7 @@ use chrono::TimeZone;
 use ulid::Ulid;
 
 use super::*;
+use crate::order::Order;
 use crate::scenario::given;
 
 fn at(seconds: i64) -> Timestamp {
@@ -14,16 +15,6 @@ const DEADLINE: i64 = 600;
 
 fn order(n: u64) -> OrderId {
     OrderId::from_ulid(Ulid::from_parts(3, n.into()))
-}
-
-fn request(order_n: u64, amount: u64) -> PaymentCommand {
-    PaymentCommand::Request {
-        payment_id: PaymentId::from_ulid(Ulid::from_parts(4, 1)),
-        order_id: order(order_n),
-        amount_cents: Cents::new(amount),
-        deadline: at(DEADLINE),
-        now: at(0),
-    }
 }
 
 fn requested() -> PaymentEvent {
@@ -76,39 +67,59 @@ fn refunded() -> PaymentEvent {
     PaymentEvent::PaymentRefunded { at: at(900) }
 }
 
-// --- request ---
+// --- the request: the order's, or an older log's `PaymentRequested` ---
 
-#[test]
-fn given_nothing_when_requested_then_payment_requested_pending() {
-    let payment = given::<PaymentAggregate>([])
-        .when(request(1, 2_500))
-        .then([requested()])
-        .unwrap();
-    assert_eq!(payment.status, PaymentStatus::Pending);
+fn awaiting_order() -> Order {
+    Order {
+        order_id: order(1),
+        user_id: crate::UserId::from_ulid(Ulid::from_parts(5, 1)),
+        campaign_id: crate::CampaignId::from_ulid(Ulid::from_parts(6, 1)),
+        quantity: 1,
+        unit_price_cents: Cents::new(2_500),
+        amount_cents: Cents::new(2_500),
+        status: crate::order::OrderStatus::AwaitingPayment,
+        rejection: None,
+        cancellation: None,
+        payment_id: Some(PaymentId::from_ulid(Ulid::from_parts(4, 1))),
+        payment_deadline: Some(at(DEADLINE)),
+        created_at: at(0),
+        updated_at: at(0),
+    }
 }
 
 #[test]
-fn given_nothing_when_requested_for_nothing_then_invalid_input() {
-    given::<PaymentAggregate>([])
-        .when(request(1, 0))
-        .then_err(DomainError::InvalidInput {
-            field: "amount_cents",
-            problem: "must be positive",
-        });
+fn an_order_awaiting_payment_requested_the_payment_an_older_log_recorded_on_its_own() {
+    let from_the_order = Payment::requested_by(&awaiting_order()).unwrap();
+    let from_the_stream = PaymentAggregate::evolve(None, &requested()).unwrap();
+    assert_eq!(from_the_order, from_the_stream);
+    assert_eq!(from_the_order.status, PaymentStatus::Pending);
+    // An older stream folded onto the order's request stays the same payment.
+    assert_eq!(
+        PaymentAggregate::evolve(Some(from_the_order.clone()), &requested()),
+        Some(from_the_order)
+    );
 }
 
 #[test]
-fn given_a_payment_when_requested_again_for_the_same_order_then_nothing_happens() {
-    given::<PaymentAggregate>([requested()])
-        .when(request(1, 2_500))
-        .then_nothing();
+fn an_order_that_never_awaited_payment_requested_none() {
+    let placed = Order {
+        status: crate::order::OrderStatus::Pending,
+        payment_id: None,
+        payment_deadline: None,
+        ..awaiting_order()
+    };
+    assert_eq!(Payment::requested_by(&placed), None);
 }
 
 #[test]
-fn given_a_payment_when_requested_for_another_order_then_payment_already_exists() {
-    given::<PaymentAggregate>([requested()])
-        .when(request(2, 2_500))
-        .then_err(DomainError::PaymentAlreadyExists);
+fn the_answers_fold_onto_the_payment_its_order_requested() {
+    let requested = Payment::requested_by(&awaiting_order());
+    let decided = PaymentAggregate::decide(&requested, &succeed(5)).unwrap();
+    assert_eq!(decided, [succeeded(5)]);
+    let paid = PaymentAggregate::evolve(requested, &succeeded(5)).unwrap();
+    assert_eq!(paid.status, PaymentStatus::Succeeded);
+    assert_eq!(paid.provider_reference.as_deref(), Some("psp-1"));
+    assert_eq!(paid.updated_at, Some(at(5)));
 }
 
 #[test]

@@ -58,8 +58,7 @@ fn payment(status: PaymentStatus) -> Payment {
         deadline: at(60),
         status,
         provider_reference: None,
-        requested_at: at(1),
-        updated_at: at(1),
+        updated_at: None,
     }
 }
 
@@ -76,7 +75,7 @@ fn step(
 // --- plan ---
 
 #[test]
-fn a_placed_order_reserves_then_requests_payment_then_awaits_it() {
+fn a_placed_order_reserves_then_awaits_its_payment() {
     let pending = order(OrderStatus::Pending);
     assert_eq!(
         step(&pending, None, None, 1),
@@ -84,11 +83,13 @@ fn a_placed_order_reserves_then_requests_payment_then_awaits_it() {
     );
     assert_eq!(
         step(&pending, Some(ReservationState::Reserved), None, 1),
-        Plan::Act(Action::RequestPayment {
+        Plan::Act(Action::AwaitPayment {
             payment_id: payment_id_of(pending.order_id),
             deadline: at(61),
         })
     );
+    // An older log requested the payment in a stream of its own before the order moved: the
+    // order awaits that payment, with its deadline.
     assert_eq!(
         step(
             &pending,
@@ -259,7 +260,7 @@ fn advanced(wake: Result<Wake, DomainError>) -> Advanced {
 }
 
 #[test]
-fn a_placed_order_is_reserved_requested_and_awaited_in_one_wake_up() {
+fn a_placed_order_is_reserved_and_awaits_payment_in_one_wake_up() {
     let campaign = campaign_with(10, 3);
     let placed = order(OrderStatus::Pending);
     let mut facts = facts(placed.clone());
@@ -267,17 +268,14 @@ fn a_placed_order_is_reserved_requested_and_awaited_in_one_wake_up() {
     let moved = advanced(advance(&mut facts, &mut bucket, at(5)));
     assert_eq!(
         moved.steps,
-        [
-            SagaStep::ReserveStock,
-            SagaStep::RequestPayment,
-            SagaStep::AwaitPayment
-        ]
+        [SagaStep::ReserveStock, SagaStep::AwaitPayment]
     );
     assert_eq!((moved.reserved_units, moved.released_units), (2, 0));
     assert_eq!(bucket.available_units, 8);
     assert_eq!(moved.next, Next::WaitUntil(at(65)));
     assert_eq!(moved.holding.len(), 1);
-    assert_eq!(moved.payment.len(), 1);
+    // The order's move is the request: the payment's stream starts with its first answer.
+    assert!(moved.payment.is_empty());
     assert_eq!(
         moved.order,
         [OrderEvent::OrderAwaitingPayment {
@@ -290,7 +288,10 @@ fn a_placed_order_is_reserved_requested_and_awaited_in_one_wake_up() {
         facts.holding.of(placed.order_id),
         Some(ReservationState::Reserved)
     );
-    assert_eq!(facts.order.unwrap().status, OrderStatus::AwaitingPayment);
+    let order = facts.order.unwrap();
+    assert_eq!(order.status, OrderStatus::AwaitingPayment);
+    assert_eq!(facts.payment, Payment::requested_by(&order));
+    assert_eq!(facts.payment.unwrap().status, PaymentStatus::Pending);
 }
 
 #[test]

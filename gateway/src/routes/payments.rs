@@ -8,11 +8,10 @@
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
-use commands::{stream_id, CommandError};
-use domain::payment::{Payment, PaymentAggregate};
+use commands::CommandError;
 use domain::PaymentId;
 use hmac::{Hmac, Mac};
-use sagas::payments::{settle, Outcome};
+use sagas::payments::{self, settle, Outcome};
 use schemas::Metadata;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -158,9 +157,7 @@ pub async fn webhook(
     )?;
     let message: WebhookBody = body.parse()?;
     let payment_id: PaymentId = field_id(&message.payment_id, "payment_id")?;
-    let stream = stream_id::<PaymentAggregate>(payment_id);
-    let current: Option<Payment> = state.handler.load::<PaymentAggregate>(&stream).await?.state;
-    if current.is_none() {
+    if payments::load(&state.handler, payment_id).await?.is_none() {
         return Err(ApiError::NotFound {
             code: "payment_not_found",
             what: "payment",
@@ -190,7 +187,7 @@ pub async fn webhook(
             if !matches!(error, domain::DomainError::InvalidInput { .. }) =>
         {
             tracing::warn!(%payment_id, %error, "webhook answer refused by the payment");
-            state.handler.load::<PaymentAggregate>(&stream).await?.state
+            payments::load(&state.handler, payment_id).await?
         }
         Err(error) => return Err(error.into()),
     };

@@ -225,6 +225,11 @@ impl Model {
                 let order_id: OrderId = id.parse().map_err(|_| "order id")?;
                 let state = self.orders.remove(&order_id);
                 if let Some(order) = OrderAggregate::evolve(state, &event) {
+                    // An order awaiting payment requested it: the payment's stream starts with
+                    // its first answer.
+                    if let Some(requested) = Payment::requested_by(&order) {
+                        self.payments.entry(order_id).or_insert(requested);
+                    }
                     self.orders.insert(order_id, order);
                 }
             }
@@ -232,6 +237,9 @@ impl Model {
                 let event: PaymentEvent = schemas::from_envelope(envelope).map_err(undecodable)?;
                 let order_id: OrderId = id.parse().map_err(|_| "payment id")?;
                 let state = self.payments.remove(&order_id);
+                if state.is_none() && !matches!(event, PaymentEvent::PaymentRequested { .. }) {
+                    return Err(format!("payment {order_id} answered, never requested"));
+                }
                 if let Some(payment) = PaymentAggregate::evolve(state, &event) {
                     self.payments.insert(order_id, payment);
                 }
