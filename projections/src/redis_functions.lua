@@ -99,9 +99,10 @@ local function run_op(r, op)
     local found = redis.call('HMGET', key, 'status', 'user', 'campaign', 'reason')
     local old, user, campaign, old_reason = found[1], found[2], found[3], found[4]
     if old then
-      redis.call('HSET', key, 'status', op.status, 'reason', op.reason)
       if op.payment_id then
-        redis.call('HSET', key, 'pay', op.payment_id)
+        redis.call('HSET', key, 'status', op.status, 'reason', op.reason, 'pay', op.payment_id)
+      else
+        redis.call('HSET', key, 'status', op.status, 'reason', op.reason)
       end
       bump_updated(key, op.at)
       if old ~= op.status then
@@ -133,9 +134,34 @@ local function run_op(r, op)
   end
 end
 
+-- A tally (a table by version root) of what one call applied there: the furthest position and
+-- how many events, written to each root's meta once, by note_applied, when the call ends.
+local function count_applied(t, r, position)
+  local seen = t[r]
+  if not seen then
+    t[r] = { position = position, events = 1 }
+  else
+    seen.events = seen.events + 1
+    if greater(position, seen.position) then
+      seen.position = position
+    end
+  end
+end
+
+local function note_applied(t)
+  for r, seen in pairs(t) do
+    local meta = r .. ':meta'
+    local reached = redis.call('HGET', meta, 'position')
+    if not reached or greater(seen.position, reached) then
+      redis.call('HSET', meta, 'position', seen.position)
+    end
+    redis.call('HINCRBY', meta, 'events', seen.events)
+  end
+end
+
 -- Applies one change to the version root r when its stream version is new there (and, with
--- in_order, next). Returns whether it did.
-local function apply_change(r, stream, version, position, ops_json, in_order)
+-- in_order, next), counting it in the tally t. Returns whether it did.
+local function apply_change(t, r, stream, version, position, ops_json, in_order)
   local done = tonumber(redis.call('HGET', r .. ':sv', stream) or '0')
   local v = tonumber(version)
   if v <= done or (in_order and v ~= done + 1) then
@@ -145,12 +171,7 @@ local function apply_change(r, stream, version, position, ops_json, in_order)
     run_op(r, op)
   end
   redis.call('HSET', r .. ':sv', stream, version)
-  local meta = r .. ':meta'
-  local reached = redis.call('HGET', meta, 'position')
-  if not reached or greater(position, reached) then
-    redis.call('HSET', meta, 'position', position)
-  end
-  redis.call('HINCRBY', meta, 'events', 1)
+  count_applied(t, r, position)
   return true
 end
 
@@ -160,12 +181,15 @@ redis.register_function('groupbuy_apply', function(_, args)
   local base = args[1]
   local live = redis.call('GET', base .. ':live')
   local applied = 0
+  local t = {}
   for _, v in ipairs(redis.call('SMEMBERS', base .. ':writing')) do
     local is_live = (v == live)
-    if apply_change(root(base, v), args[3], args[4], args[5], args[6], not is_live) and is_live then
+    if apply_change(t, root(base, v), args[3], args[4], args[5], args[6], not is_live)
+        and is_live then
       applied = 1
     end
   end
+  note_applied(t)
   redis.call('INCR', args[2])
   return { live or '', applied }
 end)
@@ -178,17 +202,19 @@ redis.register_function('groupbuy_apply_all', function(_, args)
   local live = redis.call('GET', base .. ':live')
   local writing = redis.call('SMEMBERS', base .. ':writing')
   local result = { live or '' }
+  local t = {}
   for i = 3, #args, 4 do
     local applied = 0
     for _, v in ipairs(writing) do
       local is_live = (v == live)
-      if apply_change(root(base, v), args[i], args[i + 1], args[i + 2], args[i + 3], not is_live)
-          and is_live then
+      if apply_change(t, root(base, v), args[i], args[i + 1], args[i + 2], args[i + 3],
+          not is_live) and is_live then
         applied = 1
       end
     end
     table.insert(result, applied)
   end
+  note_applied(t)
   redis.call('INCR', args[2])
   return result
 end)
@@ -239,9 +265,11 @@ redis.register_function('groupbuy_rebuild', function(_, args)
   end
   redis.call('PEXPIRE', base .. ':lease', args[3])
   local r = root(base, v)
+  local t = {}
   for i = 4, #args, 4 do
-    apply_change(r, args[i], args[i + 1], args[i + 2], args[i + 3], false)
+    apply_change(t, r, args[i], args[i + 1], args[i + 2], args[i + 3], false)
   end
+  note_applied(t)
   return 1
 end)
 
