@@ -285,11 +285,39 @@ pub fn advance(
     bucket: &mut Bucket<'_>,
     now: Timestamp,
 ) -> Result<Wake, DomainError> {
-    let Some(mut order) = facts.order.clone() else {
+    let Some(order) = facts.order.clone() else {
         return Ok(Wake::Advanced(Advanced::default()));
     };
+    // The holding is moved on in place, not copied: a customer's holding has an entry per live
+    // order, and a wake-up changes only its own order's entry and the live units, which are
+    // put back when the wake-up does not go through.
+    let kept = (
+        facts.holding.live_units,
+        facts.holding.orders.get(&order.order_id).copied(),
+    );
+    let woken = advance_in_place(order, facts, bucket, now);
+    if !matches!(woken, Ok(Wake::Advanced(_))) {
+        let (live_units, held) = kept;
+        let order_id = facts.order.as_ref().expect("checked above").order_id;
+        facts.holding.live_units = live_units;
+        match held {
+            Some(held) => facts.holding.orders.insert(order_id, held),
+            None => facts.holding.orders.remove(&order_id),
+        };
+    }
+    woken
+}
+
+/// [`advance`], moving `facts.holding` on as it goes (even when it then fails), and the order,
+/// the payment and the bucket only when the whole wake-up succeeds.
+fn advance_in_place(
+    mut order: Order,
+    facts: &mut OrderFacts,
+    bucket: &mut Bucket<'_>,
+    now: Timestamp,
+) -> Result<Wake, DomainError> {
     let campaign = bucket.campaign;
-    let mut holding = facts.holding.clone();
+    let holding = &mut facts.holding;
     let mut payment = facts.payment.clone();
     let mut available = bucket.available_units;
     let mut advanced = Advanced::default();
@@ -329,7 +357,7 @@ pub fn advance(
                     per_user_limit: campaign.per_user_limit,
                     now,
                 };
-                let events = match HoldingAggregate::decide(&holding, &reserve) {
+                let events = match HoldingAggregate::decide(holding, &reserve) {
                     Err(DomainError::LimitExceeded) => {
                         refused = Some(RejectReason::LimitExceeded);
                         continue;
@@ -345,7 +373,11 @@ pub fn advance(
                 }
                 available -= order.quantity;
                 advanced.reserved_units += order.quantity;
-                holding = apply::<HoldingAggregate>(holding, events, &mut advanced.holding);
+                *holding = apply::<HoldingAggregate>(
+                    std::mem::take(holding),
+                    events,
+                    &mut advanced.holding,
+                );
             }
             Action::ReleaseStock(reason) => {
                 let release = HoldingCommand::Release {
@@ -356,14 +388,18 @@ pub fn advance(
                     reason,
                     now,
                 };
-                let events = HoldingAggregate::decide(&holding, &release)?;
+                let events = HoldingAggregate::decide(holding, &release)?;
                 let units = holding
                     .orders
                     .get(&order.order_id)
                     .map_or(0, |held| held.quantity);
                 available = available.checked_add(units).expect("unit count overflow");
                 advanced.released_units += units;
-                holding = apply::<HoldingAggregate>(holding, events, &mut advanced.holding);
+                *holding = apply::<HoldingAggregate>(
+                    std::mem::take(holding),
+                    events,
+                    &mut advanced.holding,
+                );
             }
             Action::SellStock => {
                 let sell = HoldingCommand::Sell {
@@ -372,11 +408,15 @@ pub fn advance(
                     user_id: order.user_id,
                     now,
                 };
-                let events = HoldingAggregate::decide(&holding, &sell)?;
+                let events = HoldingAggregate::decide(holding, &sell)?;
                 if !events.is_empty() {
                     advanced.sold_units += order.quantity;
                 }
-                holding = apply::<HoldingAggregate>(holding, events, &mut advanced.holding);
+                *holding = apply::<HoldingAggregate>(
+                    std::mem::take(holding),
+                    events,
+                    &mut advanced.holding,
+                );
             }
             Action::RejectOrder(reason) => {
                 order = on_order(order, OrderCommand::Reject { reason, now }, &mut advanced)?;
@@ -418,7 +458,6 @@ pub fn advance(
         order.order_id
     );
     facts.order = Some(order);
-    facts.holding = holding;
     facts.payment = payment;
     bucket.available_units = available;
     Ok(Wake::Advanced(advanced))

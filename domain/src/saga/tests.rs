@@ -327,6 +327,7 @@ fn an_order_a_short_bucket_cannot_cover_asks_for_units_when_other_buckets_may_ha
         Ok(Wake::NeedsUnits(2))
     );
     assert_eq!(facts.order, Some(placed), "nothing changed");
+    assert_eq!(facts.holding, Holding::default(), "nothing changed");
     assert_eq!(bucket.available_units, 1);
 }
 
