@@ -18,8 +18,9 @@
 //! ([`WriterOptions::holdings_cached_max`]).
 //!
 //! A campaign's stock may be spread over several buckets (`stock_buckets`). Each writer has a
-//! home bucket, picked from the instance so that writers of different instances append to
-//! different streams. When its bucket cannot cover an order it moves units in from the bucket
+//! home bucket, a hash of a number the instance drew, so that writers of different instances
+//! mostly append to different streams; two that drew the same home conflict on it, and the one
+//! that conflicts moves to the home its next number gives, until they part. When its bucket cannot cover an order it moves units in from the bucket
 //! that has the most, in the same append; only when every bucket is empty is an order
 //! rejected as sold out. See docs/adr/0010-flash-sale-engine.md.
 
@@ -243,8 +244,8 @@ type Reply = oneshot::Sender<Result<Woken, SagaError>>;
 pub struct CampaignWriters {
     handler: CommandHandler,
     options: WriterOptions,
-    /// Picks each writer's home bucket: writers of different instances start at different
-    /// buckets.
+    /// Picks each writer's home bucket: writers of different instances mostly start at
+    /// different buckets.
     instance: u64,
     writers: Mutex<HashMap<CampaignId, mpsc::Sender<(WakeUp, Reply)>>>,
 }
@@ -539,6 +540,11 @@ impl CampaignWriter {
         CampaignWriter::new(handler, campaign_id, options, instance)
     }
 
+    /// The bucket this writer appends to, once it has read the campaign.
+    pub fn home_bucket(&self) -> Option<u32> {
+        self.stock.as_ref().map(|stock| stock.home)
+    }
+
     /// Decides `wake_ups` (one per order) and appends them as one batch of the queue would
     /// be, reading the time from `clock` before each attempt instead of the wall clock.
     pub async fn decide_batch(
@@ -559,13 +565,7 @@ impl CampaignWriter {
         let failed =
             |count: usize, error: SagaError| (0..count).map(|_| Err(error.clone())).collect();
         let attempts = self.options.conflict_attempts_max.max(1);
-        let mut conflicted: Option<String> = None;
         for attempt in 1..=attempts {
-            if let Some(stream_id) = conflicted.take() {
-                if let Err(error) = self.reload(wake_ups, &stream_id).await {
-                    return failed(wake_ups.len(), error);
-                }
-            }
             let decided = match self.decide_once(wake_ups, clock).await {
                 Ok(decided) => decided,
                 Err(error) => return failed(wake_ups.len(), error),
@@ -591,7 +591,11 @@ impl CampaignWriter {
                 Err(LogError::Conflict { stream_id, .. }) => {
                     tracing::debug!(campaign_id = %self.campaign_id, %stream_id, attempt, "batch conflicted; deciding it again");
                     metrics::counter!("groupbuy_campaign_writer_conflicts_total").increment(1);
-                    conflicted = Some(stream_id);
+                    // Forgotten at once, not at the next attempt: after the last one, the next
+                    // batch must not decide on it again.
+                    if let Err(error) = self.reload(wake_ups, &stream_id).await {
+                        return failed(wake_ups.len(), error);
+                    }
                 }
                 Err(error) => return failed(wake_ups.len(), error.into()),
             }
@@ -620,7 +624,19 @@ impl CampaignWriter {
                     }
                 }
             }
-            "campaign" | "stock" => self.stock = None,
+            "campaign" | "stock" => {
+                let home = self.stock.as_ref().map(|s| s.home);
+                if home.is_some_and(|home| bucket_stream(self.campaign_id, home) == stream_id)
+                    && self.options.home_bucket.is_none()
+                {
+                    // Another instance's writer may have picked the same home (a home is a
+                    // hash of the instance): move to another, picked the same way from the
+                    // next number of this instance's own sequence, so that two writers that
+                    // met part after a few conflicts.
+                    self.instance = next_instance(self.instance);
+                }
+                self.stock = None;
+            }
             _ => {
                 let ids: Vec<OrderId> = wake_ups.iter().map(|w| w.order_id).collect();
                 let mut states = load_orders(self.handler.log().as_ref(), &ids).await?;
@@ -1110,6 +1126,15 @@ fn with_available(campaign: &Campaign, available: u32) -> Campaign {
         available_units: available,
         ..campaign.clone()
     }
+}
+
+/// The number after `instance` in its sequence (splitmix64): where a writer whose home
+/// conflicted picks its next home, deterministically for the simulation.
+fn next_instance(instance: u64) -> u64 {
+    let mut z = instance.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// The home bucket of this instance's writer for a campaign.

@@ -11,11 +11,13 @@ use commands::{stream_id, CommandHandler, EventLog};
 use domain::campaign::{Campaign, CampaignAggregate, CampaignCommand, NewCampaign};
 use domain::holding::{HoldingAggregate, ReservationState};
 use domain::order::{OrderAggregate, OrderCommand};
-use domain::{CampaignId, Cents, OrderId, StoreId, UserId};
+use domain::{Aggregate, CampaignId, Cents, OrderId, StoreId, UserId};
 use gateway::app::{Mirror, ReadModels, Storage};
 use harness::{expect_json, spawn_app_tuned, Backend, TestApp, OPERATOR_TOKEN};
 use reqwest::StatusCode;
-use sagas::campaign_writer::{other_buckets, WriterOptions};
+use sagas::campaign_writer::{
+    other_buckets, CampaignWriter, OrderState, WakeUp, Woken, WriterOptions,
+};
 use sagas::deadlines::MemoryDeadlines;
 use sagas::order_saga::OrderSaga;
 use sagas::payments::External;
@@ -26,6 +28,7 @@ use ulid::Ulid;
 on_both_logs!(
     writers_of_two_instances_sell_exactly_the_quota_across_buckets,
     one_batch_takes_from_another_bucket_as_often_as_its_orders_need,
+    writers_that_drew_the_same_home_bucket_part_after_conflicting,
 );
 
 const QUOTA: u32 = 50;
@@ -261,6 +264,48 @@ async fn one_batch_takes_from_another_bucket_as_often_as_its_orders_need(log: Ar
         (0, 20),
         "every unit went to an order, none was left behind: {stock:?}"
     );
+}
+
+/// Two instances' writers whose homes (a hash of a number each instance drew) are the same
+/// bucket conflict on it in every batch, each deciding on the other's last append; the one
+/// that conflicts moves home, so after a few batches they append to different buckets.
+async fn writers_that_drew_the_same_home_bucket_part_after_conflicting(log: Arc<dyn EventLog>) {
+    let handler = CommandHandler::new(Arc::clone(&log), HandlerOptions::default());
+    let campaign_id = create_campaign_with(&handler, 1_000, 1_000, 2).await;
+    let writer = |instance| {
+        let handler = CommandHandler::new(Arc::clone(&log), HandlerOptions::default());
+        CampaignWriter::detached(handler, campaign_id, WriterOptions::default(), instance)
+    };
+    // 0 and 2 have the same home of two buckets, whatever the campaign's id.
+    let (mut first, mut second) = (writer(0), writer(2));
+    // A customer each, so that the writers meet only on the stock.
+    let customers = [
+        UserId::from_ulid(Ulid::new()),
+        UserId::from_ulid(Ulid::new()),
+    ];
+    let mut homes = Vec::new();
+    for _ in 0..12 {
+        for (writer, user) in [(&mut first, customers[0]), (&mut second, customers[1])] {
+            let placed = place(&handler, campaign_id, user).await;
+            let event = schemas::from_envelope(&placed).unwrap();
+            let order = OrderAggregate::evolve(None, &event).unwrap();
+            let mut wake_ups = [WakeUp {
+                order_id: order.order_id,
+                state: OrderState::placed(order),
+                cause: Metadata::default(),
+                caused_at: None,
+            }];
+            let outcomes = writer.decide_batch(&mut wake_ups, &chrono::Utc::now).await;
+            assert!(
+                matches!(outcomes[..], [Ok(Woken::Waiting { .. })]),
+                "{outcomes:?}"
+            );
+        }
+        homes.push((first.home_bucket().unwrap(), second.home_bucket().unwrap()));
+    }
+    assert_eq!(homes[0].0, homes[0].1, "they started at the same home");
+    let (last_first, last_second) = *homes.last().unwrap();
+    assert_ne!(last_first, last_second, "they never parted: {homes:?}");
 }
 
 /// A second instance of `first`'s deployment: the same database, mirror and read models.
