@@ -178,6 +178,33 @@ async fn read_all_of(
     Ok(by_stream)
 }
 
+/// Folds the events of `stream` after `version` onto `state`, the stream's state at `version`.
+async fn read_on<A: Aggregate>(
+    log: &dyn EventLog,
+    stream: &str,
+    mut state: A::State,
+    mut version: u64,
+) -> Result<(A::State, u64), LogError> {
+    let page_max = commands::log::READ_EVENTS_MAX;
+    loop {
+        let page = log.read_stream(stream, version, page_max).await?;
+        let done = page.len() < page_max;
+        for recorded in &page {
+            assert_eq!(
+                recorded.envelope.stream_version,
+                version + 1,
+                "stream {stream} is not contiguous"
+            );
+            let event: A::Event = schemas::from_envelope(&recorded.envelope)?;
+            state = A::evolve(state, &event);
+            version = recorded.envelope.stream_version;
+        }
+        if done {
+            return Ok((state, version));
+        }
+    }
+}
+
 /// Folds one stream of `events`: its state and version.
 fn fold<A: Aggregate>(
     events: &HashMap<String, Vec<RecordedEvent>>,
@@ -339,6 +366,9 @@ pub struct CampaignWriter {
     stock: Option<Stock>,
     /// Holdings by customer, with their stream versions.
     holdings: HashMap<UserId, (Holding, u64)>,
+    /// Customers whose remembered holding may be behind its stream (a batch of theirs
+    /// conflicted): read on from the remembered version before they are decided on again.
+    stale: HashSet<UserId>,
 }
 
 /// The campaign and this writer's bucket, as the log last had them.
@@ -475,6 +505,7 @@ impl CampaignWriter {
             instance,
             stock: None,
             holdings: HashMap::new(),
+            stale: HashSet::new(),
         }
     }
 
@@ -618,9 +649,12 @@ impl CampaignWriter {
         let category = stream_id.split_once('-').map_or(stream_id, |(c, _)| c);
         match category {
             "holding" => {
+                // Another instance's writer sold to the same customers: their holdings are
+                // read on from where this writer left them (a customer's holding stream grows
+                // with their orders, so reading it whole again costs more the longer the sale).
                 for wake_up in wake_ups.iter() {
                     if let Some(order) = &wake_up.state.order {
-                        self.holdings.remove(&order.user_id);
+                        self.stale.insert(order.user_id);
                     }
                 }
             }
@@ -653,6 +687,10 @@ impl CampaignWriter {
     fn remember(&mut self, holdings: HashMap<UserId, (Holding, u64)>, mut stock: Stock) {
         if self.holdings.len() + holdings.len() > self.options.holdings_cached_max {
             self.holdings.clear();
+            self.stale.clear();
+        }
+        for user in holdings.keys() {
+            self.stale.remove(user);
         }
         let before = self.stock.as_ref().map_or(0, |s| s.home_version);
         let stream = bucket_stream(self.campaign_id, stock.home);
@@ -1051,8 +1089,8 @@ impl CampaignWriter {
         Ok(())
     }
 
-    /// The holdings of the customers of `wake_ups`: remembered ones, and the rest read in one
-    /// go.
+    /// The holdings of the customers of `wake_ups`: remembered ones, those a conflict left
+    /// stale read on from their remembered versions, and the rest read in one go.
     ///
     /// A remembered holding is trusted to reserve: if it is stale, the reservation appends at
     /// its old version and conflicts. It is not trusted to sell or release units it does not
@@ -1067,11 +1105,18 @@ impl CampaignWriter {
     ) -> Result<HashMap<UserId, (Holding, u64)>, SagaError> {
         let mut holdings = HashMap::with_capacity(wake_ups.len());
         let mut missing: HashSet<UserId> = HashSet::new();
+        let mut behind: HashMap<UserId, (Holding, u64)> = HashMap::new();
         for wake_up in wake_ups {
             let Some(order) = &wake_up.state.order else {
                 continue;
             };
             let user = order.user_id;
+            if self.stale.contains(&user) && !missing.contains(&user) {
+                if let Some(remembered) = self.holdings.get(&user) {
+                    behind.entry(user).or_insert_with(|| remembered.clone());
+                    continue;
+                }
+            }
             let known = self.holdings.get(&user).filter(|(holding, _)| {
                 order.status == OrderStatus::Pending || holding.of(order.order_id).is_some()
             });
@@ -1098,6 +1143,16 @@ impl CampaignWriter {
                 holdings.insert(user, loaded);
             }
         }
+        let log = self.handler.log().as_ref();
+        let caught_up = behind
+            .into_iter()
+            .map(|(user, (holding, version))| async move {
+                let stream = holding_stream(self.campaign_id, user);
+                read_on::<HoldingAggregate>(log, &stream, holding, version)
+                    .await
+                    .map(|loaded| (user, loaded))
+            });
+        holdings.extend(futures::future::try_join_all(caught_up).await?);
         Ok(holdings)
     }
 }
