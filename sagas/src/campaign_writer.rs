@@ -188,18 +188,8 @@ async fn read_on<A: Aggregate>(
     let page_max = commands::log::READ_EVENTS_MAX;
     loop {
         let page = log.read_stream(stream, version, page_max).await?;
-        let done = page.len() < page_max;
-        for recorded in &page {
-            assert_eq!(
-                recorded.envelope.stream_version,
-                version + 1,
-                "stream {stream} is not contiguous"
-            );
-            let event: A::Event = schemas::from_envelope(&recorded.envelope)?;
-            state = A::evolve(state, &event);
-            version = recorded.envelope.stream_version;
-        }
-        if done {
+        (state, version) = fold_onto::<A>(stream, state, version, &page)?;
+        if page.len() < page_max {
             return Ok((state, version));
         }
     }
@@ -220,9 +210,18 @@ fn fold_from<A: Aggregate>(
     stream: &str,
     origin: A::State,
 ) -> Result<(A::State, u64), LogError> {
-    let mut state = origin;
-    let mut version = 0;
-    for recorded in events.get(stream).map_or(&[][..], Vec::as_slice) {
+    let recorded = events.get(stream).map_or(&[][..], Vec::as_slice);
+    fold_onto::<A>(stream, origin, 0, recorded)
+}
+
+/// Applies `recorded`, the events of `stream` that follow `version`, to `state`.
+fn fold_onto<A: Aggregate>(
+    stream: &str,
+    mut state: A::State,
+    mut version: u64,
+    recorded: &[RecordedEvent],
+) -> Result<(A::State, u64), LogError> {
+    for recorded in recorded {
         assert_eq!(
             recorded.envelope.stream_version,
             version + 1,
