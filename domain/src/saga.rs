@@ -291,14 +291,14 @@ pub fn advance(
     // The holding is moved on in place, not copied: a customer's holding has an entry per live
     // order, and a wake-up changes only its own order's entry and the live units, which are
     // put back when the wake-up does not go through.
+    let order_id = order.order_id;
     let kept = (
         facts.holding.live_units,
-        facts.holding.orders.get(&order.order_id).copied(),
+        facts.holding.orders.get(&order_id).copied(),
     );
     let woken = advance_in_place(order, facts, bucket, now);
     if !matches!(woken, Ok(Wake::Advanced(_))) {
         let (live_units, held) = kept;
-        let order_id = facts.order.as_ref().expect("checked above").order_id;
         facts.holding.live_units = live_units;
         match held {
             Some(held) => facts.holding.orders.insert(order_id, held),

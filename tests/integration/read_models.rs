@@ -251,20 +251,13 @@ async fn an_orders_payment_is_pending_until_its_first_answer_starts_its_record(
             at,
         }],
     };
-    let payment = |view: Option<projections::OrderView>| {
-        let payment = view
-            .expect("the order is there")
-            .payment
-            .expect("a payment");
-        (payment.status, payment.amount_cents)
-    };
     let amount = domain::Cents::new(500);
 
     // The order's move first: pending, with the order's amount, until the answer comes.
     let first = OrderId::from_ulid(Ulid::new());
     store.apply_all(name, &awaiting(first)).await.unwrap();
     assert_eq!(
-        payment(store.order(first).await.unwrap()),
+        payment_shown(store.as_ref(), first).await,
         (Pending, amount)
     );
     store
@@ -272,7 +265,7 @@ async fn an_orders_payment_is_pending_until_its_first_answer_starts_its_record(
         .await
         .unwrap();
     assert_eq!(
-        payment(store.order(first).await.unwrap()),
+        payment_shown(store.as_ref(), first).await,
         (Succeeded, amount)
     );
     store
@@ -292,9 +285,22 @@ async fn an_orders_payment_is_pending_until_its_first_answer_starts_its_record(
     assert_eq!(store.order(second).await.unwrap(), None);
     store.apply_all(name, &awaiting(second)).await.unwrap();
     assert_eq!(
-        payment(store.order(second).await.unwrap()),
+        payment_shown(store.as_ref(), second).await,
         (Succeeded, amount)
     );
+}
+
+/// The status and amount of the payment `order_id`'s view shows.
+async fn payment_shown(
+    store: &dyn ProjectionStore,
+    order_id: OrderId,
+) -> (domain::payment::PaymentStatus, domain::Cents) {
+    let view = store.order(order_id).await.unwrap();
+    let payment = view
+        .expect("the order is there")
+        .payment
+        .expect("a payment");
+    (payment.status, payment.amount_cents)
 }
 
 /// A change of `stream_id` that moves a campaign's units by `[total, available, reserved,
