@@ -1,6 +1,7 @@
 //! The event log: append with expected versions, read streams, read the global log in an
 //! order that never skips a late commit, snapshots and idempotency records.
 
+mod committed;
 pub mod memory;
 pub mod postgres;
 

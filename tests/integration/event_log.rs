@@ -7,6 +7,7 @@ use std::time::Duration;
 use commands::group_commit::{GroupCommit, GroupCommitOptions};
 use commands::idempotency::{IdempotencyKey, IdempotencyRecord, StoredResponse};
 use commands::log::memory::MemoryEventLog;
+use commands::log::postgres::PgEventLog;
 use commands::log::Snapshot;
 use commands::{AppendRequest, EventLog, LogCursor, LogError, NewEvent, StreamAppend};
 use domain::campaign::CampaignEvent;
@@ -625,6 +626,54 @@ async fn a_reader_never_passes_a_transaction_that_commits_late_and_delivers_it_a
         "the late commit comes first, then everything after it, once each"
     );
     assert!(rest[0].envelope.global_position < rest[1].envelope.global_position);
+}
+
+/// The Postgres log reads the events its own process committed from memory, and the others
+/// from the database: a reader sees the same events in the same order either way, pages that
+/// mix both included, and an event it took from memory is read from the database next time.
+#[tokio::test]
+async fn events_committed_here_read_back_as_the_database_holds_them() {
+    let db = TestDb::new().await;
+    let process = || PgEventLog::new(db.log().pool().clone());
+    let (here, elsewhere, reader) = (process(), process(), process());
+    let (ours, theirs) = (stream(), stream());
+    for version in 0..5 {
+        let seconds = version as i64;
+        here.append(append(
+            &ours,
+            2 * version,
+            vec![event(seconds), event(seconds)],
+        ))
+        .await
+        .unwrap();
+        elsewhere
+            .append(append(&theirs, version, vec![event(seconds)]))
+            .await
+            .unwrap();
+    }
+    let from_database = read_settled(&reader, LogCursor::default(), 15).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut paged = Vec::new();
+    while paged.len() < from_database.len() && tokio::time::Instant::now() < deadline {
+        let after = paged
+            .last()
+            .map_or(LogCursor::default(), |e: &commands::RecordedEvent| e.cursor);
+        let page = here.read_all(after, 4).await.unwrap();
+        if page.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        paged.extend(page);
+    }
+    assert_eq!(
+        paged, from_database,
+        "paged through memory and the database"
+    );
+    assert_eq!(
+        here.read_all(LogCursor::default(), 100).await.unwrap(),
+        from_database,
+        "read again, from the database"
+    );
 }
 
 #[tokio::test]

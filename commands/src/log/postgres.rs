@@ -8,6 +8,9 @@
 //!   events of transactions older than the oldest one still running (the snapshot's `xmin`).
 //!   A transaction that took an early position but commits late therefore holds readers back
 //!   instead of being skipped. See `docs/adr/0002-global-log-order.md`.
+//! - The events this process committed are kept in memory until the global log's reader (the
+//!   relay) takes them, so that it reads from the database only their cursors and the events
+//!   other processes committed (`super::committed`).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,6 +24,7 @@ use tokio::sync::watch;
 use ulid::Ulid;
 use uuid::Uuid;
 
+use super::committed::Committed;
 use super::{
     check_request, AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot,
 };
@@ -53,6 +57,7 @@ impl Default for PgLogOptions {
 pub struct PgEventLog {
     pool: PgPool,
     appends: watch::Sender<u64>,
+    committed: Committed,
 }
 
 /// Inserts the events of a whole group commit; a row whose stream's predecessor version is
@@ -78,7 +83,7 @@ WHERE e.follows_version = 0
    OR (SELECT true FROM events p WHERE p.stream_id = e.stream_id AND p.stream_version = e.follows_version)
 ORDER BY e.ord
 {conflicts}
-RETURNING event_id, global_position, transaction_id::text";
+RETURNING event_id, global_position, transaction_id::text, recorded_at";
 
 /// Records the Idempotency-Keys of a group commit. On the careful path a key recorded already
 /// (and not expired) is left alone and not returned; on the quick path it fails the statement.
@@ -112,6 +117,12 @@ const SELECT_KEYS: &str =
      k.response_body FROM UNNEST($1::text[], $2::text[]) AS u(scope, key) \
      CROSS JOIN LATERAL (SELECT * FROM idempotency_keys k WHERE k.scope = u.scope \
      AND k.key = u.key AND k.created_at >= now() - make_interval(secs => $3) OFFSET 0) k";
+
+/// The cursors of the next events of the global log after `($1, $2)`, at most `$3`.
+const SELECT_NEXT_CURSORS: &str = "SELECT global_position, transaction_id::text FROM events \
+     WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
+     AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+     ORDER BY events.transaction_id, events.global_position LIMIT $3";
 
 const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
      schema_version, data, metadata, recorded_at, transaction_id::text AS transaction_id FROM events";
@@ -177,6 +188,7 @@ impl PgEventLog {
         PgEventLog {
             pool,
             appends: watch::channel(0).0,
+            committed: Committed::default(),
         }
     }
 
@@ -191,6 +203,77 @@ impl PgEventLog {
         &self.pool
     }
 
+    /// The next `limit` events of the global log after `after`, read whole from the database.
+    async fn read_all_rows(
+        &self,
+        after: LogCursor,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let sql = format!(
+            "{SELECT_EVENT} WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
+             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY events.transaction_id, events.global_position LIMIT $3"
+        );
+        // Qualified on purpose: a bare `transaction_id` here would name the text column of the
+        // select list, sorting xids as strings ("100" before "99"), which both reorders the
+        // log and defeats the index (every read sorted the whole rest of the table).
+        let rows = sqlx::query(&sql)
+            .bind(after.transaction_id as i64)
+            .bind(after.global_position as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(recorded_event).collect()
+    }
+
+    /// The next `limit` events of the global log after `after`: their cursors from the
+    /// database, the events this process committed from memory, the others read whole.
+    async fn read_all_kept(
+        &self,
+        after: LogCursor,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, LogError> {
+        let cursors = sqlx::query(SELECT_NEXT_CURSORS)
+            .bind(after.transaction_id as i64)
+            .bind(after.global_position as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| cursor_of(row, 0, 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let positions: Vec<u64> = cursors.iter().map(|c| c.global_position).collect();
+        let mut events = self.committed.take(&positions);
+        let missing: Vec<i64> = (positions.iter().zip(&events))
+            .filter(|(_, kept)| kept.is_none())
+            .map(|(&position, _)| position as i64)
+            .collect();
+        if !missing.is_empty() {
+            let sql = format!("{SELECT_EVENT} WHERE global_position = ANY($1)");
+            let mut read: std::collections::HashMap<u64, RecordedEvent> = sqlx::query(&sql)
+                .bind(&missing)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| recorded_event(row).map(|e| (e.cursor.global_position, e)))
+                .collect::<Result<_, _>>()?;
+            for (position, slot) in positions.iter().zip(&mut events) {
+                if slot.is_none() {
+                    *slot = read.remove(position);
+                }
+            }
+        }
+        events
+            .into_iter()
+            .zip(&cursors)
+            .map(|(event, cursor)| {
+                event.ok_or_else(|| {
+                    LogError::Corrupt(format!("event at {cursor:?} listed but not read"))
+                })
+            })
+            .collect()
+    }
+
     async fn cursors_of(&self, event_ids: &[Uuid]) -> Result<Vec<LogCursor>, LogError> {
         let rows = sqlx::query(
             "SELECT global_position, transaction_id::text FROM events WHERE event_id = ANY($1)",
@@ -202,6 +285,13 @@ impl PgEventLog {
     }
 }
 
+/// A row the insert stored.
+struct StoredRow {
+    event_id: Uuid,
+    cursor: LogCursor,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// One request of a group commit on its way through the transaction.
 struct Pending {
     /// Its place in the batch, and so of its outcome.
@@ -209,8 +299,8 @@ struct Pending {
     request: AppendRequest,
     /// Its events' ids, in order.
     event_ids: Vec<Uuid>,
-    /// Rows of it the insert stored: (event id, cursor).
-    stored: Vec<(Uuid, LogCursor)>,
+    /// Rows of it the insert stored.
+    stored: Vec<StoredRow>,
     /// Whether its key, if it has one, was recorded (and kept: a request that lost a row
     /// takes its key out again).
     key_recorded: bool,
@@ -225,10 +315,37 @@ impl Pending {
         self.stored.len() == self.event_ids.len()
     }
 
+    /// Moves a committed request's events out, as the log now records them.
+    fn take_recorded(&mut self) -> Vec<RecordedEvent> {
+        let rows: std::collections::HashMap<Uuid, &StoredRow> =
+            self.stored.iter().map(|row| (row.event_id, row)).collect();
+        let mut recorded = Vec::with_capacity(self.stored.len());
+        for stream in std::mem::take(&mut self.request.streams) {
+            for (offset, event) in stream.events.into_iter().enumerate() {
+                let row = rows[&Uuid::from(event.event_id)];
+                recorded.push(RecordedEvent {
+                    cursor: row.cursor,
+                    envelope: Envelope {
+                        event_id: event.event_id,
+                        stream_id: stream.stream_id.clone(),
+                        stream_version: stream.expected_version + offset as u64 + 1,
+                        global_position: row.cursor.global_position,
+                        event_type: event.event.event_type,
+                        schema_version: event.event.schema_version,
+                        recorded_at: row.recorded_at,
+                        metadata: event.metadata,
+                        data: event.event.data,
+                    },
+                });
+            }
+        }
+        recorded
+    }
+
     /// Notes the first stream of this request whose events the insert did not all store.
     fn note_lost(&mut self) {
         let stored: std::collections::HashSet<Uuid> =
-            self.stored.iter().map(|(id, _)| *id).collect();
+            self.stored.iter().map(|row| row.event_id).collect();
         self.lost = self
             .request
             .streams
@@ -415,9 +532,13 @@ impl PgEventLog {
             .fetch_all(&mut *tx)
             .await?;
         for row in &rows {
-            let id: Uuid = row.get(0);
+            let event_id: Uuid = row.get(0);
             let cursor = cursor_of(row, 1, 2).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            pending[owner[&id]].stored.push((id, cursor));
+            pending[owner[&event_id]].stored.push(StoredRow {
+                event_id,
+                cursor,
+                recorded_at: row.get(3),
+            });
         }
         Ok(())
     }
@@ -434,7 +555,7 @@ impl PgEventLog {
             .collect();
         let positions: Vec<i64> = broken
             .iter()
-            .flat_map(|p| p.stored.iter().map(|(_, c)| c.global_position as i64))
+            .flat_map(|p| p.stored.iter().map(|row| row.cursor.global_position as i64))
             .collect();
         if !positions.is_empty() {
             sqlx::query("DELETE FROM events WHERE global_position = ANY($1)")
@@ -561,6 +682,12 @@ impl EventLog for PgEventLog {
                         .iter()
                         .any(|p| p.complete() && !p.event_ids.is_empty())
                     {
+                        self.committed.keep(
+                            pending
+                                .iter_mut()
+                                .filter(|p| p.complete())
+                                .flat_map(Pending::take_recorded),
+                        );
                         self.appends.send_modify(|n| *n += 1);
                     }
                     for p in &pending {
@@ -568,7 +695,12 @@ impl EventLog for PgEventLog {
                             p.complete() && (p.key_recorded || p.request.idempotency.is_none());
                         outcomes[p.index] = Some(if stored {
                             Ok(Appended {
-                                last: p.stored.iter().map(|(_, c)| *c).max().unwrap_or_default(),
+                                last: p
+                                    .stored
+                                    .iter()
+                                    .map(|row| row.cursor)
+                                    .max()
+                                    .unwrap_or_default(),
                                 replayed: false,
                             })
                         } else {
@@ -627,21 +759,11 @@ impl EventLog for PgEventLog {
         after: LogCursor,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        let sql = format!(
-            "{SELECT_EVENT} WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY events.transaction_id, events.global_position LIMIT $3"
-        );
-        // Qualified on purpose: a bare `transaction_id` here would name the text column of the
-        // select list, sorting xids as strings ("100" before "99"), which both reorders the
-        // log and defeats the index (every read sorted the whole rest of the table).
-        let rows = sqlx::query(&sql)
-            .bind(after.transaction_id as i64)
-            .bind(after.global_position as i64)
-            .bind(limit.min(super::READ_EVENTS_MAX) as i64)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(recorded_event).collect()
+        let limit = limit.min(super::READ_EVENTS_MAX);
+        if self.committed.is_empty() {
+            return self.read_all_rows(after, limit).await;
+        }
+        self.read_all_kept(after, limit).await
     }
 
     async fn load_snapshot(&self, stream_id: &str) -> Result<Option<Snapshot>, LogError> {
