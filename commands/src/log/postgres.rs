@@ -145,6 +145,9 @@ fn cause_of(error: &sqlx::Error) -> String {
     }
 }
 
+/// How long a pooled connection sits idle before it is checked on its way out of the pool.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 /// Postgres' SQLSTATE for a unique violation.
 const UNIQUE_VIOLATION: &str = "23505";
 
@@ -178,6 +181,19 @@ impl PgEventLog {
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_connections_max)
             .acquire_timeout(options.acquire_timeout)
+            // sqlx pings a connection (a round trip to the server) each time it leaves the
+            // pool, and again each time it comes back. A busy log takes a connection for
+            // every statement, so only one that sat idle for a while is pinged on the way
+            // out: that is the one a restarted or unreachable server may have broken.
+            .test_before_acquire(false)
+            .before_acquire(|connection, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_PING {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect)
             .await?;
         Ok(PgEventLog::new(pool))
