@@ -96,15 +96,21 @@ local function run_op(r, op)
   elseif kind == 'order_status' then
     local id = op.order_id
     local key = r .. ':o:' .. id
-    local found = redis.call('HMGET', key, 'status', 'user', 'campaign', 'reason')
-    local old, user, campaign, old_reason = found[1], found[2], found[3], found[4]
+    local found = redis.call('HMGET', key, 'status', 'user', 'campaign', 'reason', 'updated')
+    local old, user, campaign, old_reason, updated = found[1], found[2], found[3], found[4],
+      found[5]
     if old then
+      -- One write for the status, the payment and the time (as bump_updated would set it).
+      local fields = { 'status', op.status, 'reason', op.reason }
       if op.payment_id then
-        redis.call('HSET', key, 'status', op.status, 'reason', op.reason, 'pay', op.payment_id)
-      else
-        redis.call('HSET', key, 'status', op.status, 'reason', op.reason)
+        table.insert(fields, 'pay')
+        table.insert(fields, op.payment_id)
       end
-      bump_updated(key, op.at)
+      if not updated or greater(op.at, updated) then
+        table.insert(fields, 'updated')
+        table.insert(fields, op.at)
+      end
+      redis.call('HSET', key, unpack(fields))
       if old ~= op.status then
         for _, set in ipairs(order_sets(r, user, campaign, old)) do
           redis.call('ZREM', set, id)

@@ -44,6 +44,7 @@ on_both_stores!(
     a_campaigns_funnel_follows_its_orders_and_counts_each_event_once,
     a_campaigns_stock_adds_its_buckets_moves_in_whatever_order_they_come,
     an_orders_payment_is_pending_until_its_first_answer_starts_its_record,
+    an_orders_status_follows_its_events_and_its_time_only_moves_forward,
 );
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -219,6 +220,45 @@ async fn a_campaigns_funnel_follows_its_orders_and_counts_each_event_once(
     assert_eq!(
         store.funnel(unknown).await.unwrap(),
         projections::Funnel::default()
+    );
+}
+
+/// Every status change of an order shows, and the order's time is the latest of its events'
+/// times: a change stamped earlier (another instance's clock) does not move it back.
+async fn an_orders_status_follows_its_events_and_its_time_only_moves_forward(
+    store: Arc<dyn ProjectionStore>,
+) {
+    use domain::order::OrderStatus::{AwaitingPayment, Cancelled};
+    live(store.as_ref()).await;
+    let order_id = OrderId::from_ulid(Ulid::new());
+    let mut changes = order_changes(
+        CampaignId::from_ulid(Ulid::new()),
+        order_id,
+        &[(AwaitingPayment, ""), (Cancelled, "payment_timeout")],
+    );
+    for (change, stamped) in changes.iter_mut().zip([5, 3, 7]) {
+        match &mut change.ops[0] {
+            Op::Order { at, .. } | Op::OrderStatus { at, .. } => *at = stamped,
+            op => panic!("not an order's op: {op:?}"),
+        }
+    }
+    let mut shown = Vec::new();
+    for change in &changes {
+        store
+            .apply_all(ProjectionName::Orders, std::slice::from_ref(change))
+            .await
+            .unwrap();
+        let view = store.order(order_id).await.unwrap().expect("the order");
+        shown.push((view.status, view.updated_at));
+    }
+    let at = projections::ops::timestamp;
+    assert_eq!(
+        shown,
+        [
+            (domain::order::OrderStatus::Pending, at(5)),
+            (AwaitingPayment, at(5)),
+            (Cancelled, at(7)),
+        ]
     );
 }
 
