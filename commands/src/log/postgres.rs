@@ -118,10 +118,13 @@ const SELECT_KEYS: &str =
      CROSS JOIN LATERAL (SELECT * FROM idempotency_keys k WHERE k.scope = u.scope \
      AND k.key = u.key AND k.created_at >= now() - make_interval(secs => $3) OFFSET 0) k";
 
-/// The cursors of the next events of the global log after `($1, $2)`, at most `$3`.
-const SELECT_NEXT_CURSORS: &str = "SELECT global_position, transaction_id::text FROM events \
-     WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-     AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
+/// The next events of the global log after the cursor `($1, $2)`, at most `$3`: only those of
+/// transactions older than the oldest one still running, in `(transaction_id, global_position)`
+/// order. Qualified on purpose: a bare `transaction_id` would name the text column of a select
+/// list, sorting xids as strings ("100" before "99"), which both reorders the log and defeats
+/// the index (every read sorted the whole rest of the table).
+const NEXT_IN_LOG_ORDER: &str = "WHERE (transaction_id, global_position) > \
+     ($1::bigint::text::xid8, $2) AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
      ORDER BY events.transaction_id, events.global_position LIMIT $3";
 
 const SELECT_EVENT: &str = "SELECT global_position, event_id, stream_id, stream_version, event_type, \
@@ -225,14 +228,7 @@ impl PgEventLog {
         after: LogCursor,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        let sql = format!(
-            "{SELECT_EVENT} WHERE (transaction_id, global_position) > ($1::bigint::text::xid8, $2) \
-             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot()) \
-             ORDER BY events.transaction_id, events.global_position LIMIT $3"
-        );
-        // Qualified on purpose: a bare `transaction_id` here would name the text column of the
-        // select list, sorting xids as strings ("100" before "99"), which both reorders the
-        // log and defeats the index (every read sorted the whole rest of the table).
+        let sql = format!("{SELECT_EVENT} {NEXT_IN_LOG_ORDER}");
         let rows = sqlx::query(&sql)
             .bind(after.transaction_id as i64)
             .bind(after.global_position as i64)
@@ -249,7 +245,9 @@ impl PgEventLog {
         after: LogCursor,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, LogError> {
-        let cursors = sqlx::query(SELECT_NEXT_CURSORS)
+        let sql =
+            format!("SELECT global_position, transaction_id::text FROM events {NEXT_IN_LOG_ORDER}");
+        let cursors = sqlx::query(&sql)
             .bind(after.transaction_id as i64)
             .bind(after.global_position as i64)
             .bind(limit as i64)
