@@ -9,10 +9,13 @@
 //! - [`memory::MemoryBus`]: in process, the embedded default, with the same delivery
 //!   semantics (durable consumers, explicit acks, redelivery after a negative ack).
 //!
-//! Events travel in batches: one message carries up to [`BATCH_EVENTS_MAX`] consecutive events
-//! of the log (a JSON array of envelopes), so the broker's cost per message is paid once per
-//! batch, not once per event: a flash sale writes several events per order, and every consumer
-//! reads them all. A message's id names its first and last event, so a relay that publishes
+//! Events travel in partitions and in batches. Each stream belongs to one of the bus's
+//! [`Bus::partitions`] ([`partition::partition_of`]), and a consumer runs one durable consumer
+//! per partition, so that instances can share the work a partition at a time
+//! (docs/adr/0012-partitions-by-campaign-and-customer.md). One message carries up to
+//! [`BATCH_EVENTS_MAX`] events of one partition, in log order (a JSON array of envelopes), so
+//! the broker's cost per message is paid once per batch, not once per event: a flash sale
+//! writes several events per order, and every consumer reads them all. A message's id names its first and last event, so a relay that publishes
 //! the same events again within JetStream's duplicate window is not stored twice. A consumer
 //! reads each event's data and metadata only when it wants the event ([`Delivery::events_where`]):
 //! most consumers want a small share of what a sale writes.
@@ -23,8 +26,10 @@
 
 pub mod jetstream;
 pub mod memory;
+pub mod partition;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -55,7 +60,9 @@ pub mod header {
     pub const EVENTS: &str = "Groupbuy-Events";
     /// The log cursor of the message's first event, `<transaction id>:<global position>`.
     pub const FIRST_CURSOR: &str = "Groupbuy-First-Cursor";
-    /// The log cursor of its last event; the relay resumes after it.
+    /// The log cursor up to which every event is in this message or in one stored before it
+    /// (its last event's, unless events of other partitions came in between); a relay that
+    /// finds this message last on the bus resumes after it.
     pub const LOG_CURSOR: &str = "Groupbuy-Log-Cursor";
     /// The trace ids of the message's events (`trace_id` in their metadata), each once, in
     /// log order, separated by spaces: where to find a request's events on the bus.
@@ -80,45 +87,88 @@ pub mod header {
     pub const LOG_ID: &str = "Groupbuy-Log-Id";
 }
 
-/// The events of the log in messages: consecutive events, at most [`BATCH_EVENTS_MAX`] and
-/// [`BATCH_BYTES_MAX`] bytes each.
-pub(crate) fn batches(events: &[RecordedEvent]) -> Result<Vec<Batch<'_>>, BusError> {
-    let mut batches = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    let mut encoded: Vec<Vec<u8>> = Vec::new();
-    for (i, event) in events.iter().enumerate() {
+/// The events of the log in messages: each partition's events in log order, at most
+/// [`BATCH_EVENTS_MAX`] and [`BATCH_BYTES_MAX`] bytes a message, the messages in the order of
+/// their first events. Each message carries the cursor a relay may resume after once it is
+/// stored ([`Batch::resume`]).
+pub(crate) fn batches(
+    events: &[RecordedEvent],
+    partitions: u16,
+) -> Result<Vec<Batch<'_>>, BusError> {
+    let mut filling: Vec<Filling<'_>> = Vec::new();
+    // The message each partition is filling, as an index into `filling`.
+    let mut open: HashMap<u16, usize> = HashMap::new();
+    let mut message_of = Vec::with_capacity(events.len());
+    for event in events {
         let body = serde_json::to_vec(&event.envelope)?;
-        let full = i > start
-            && (i - start >= BATCH_EVENTS_MAX || bytes + body.len() + 1 > BATCH_BYTES_MAX);
-        if full {
-            batches.push(Batch::new(&events[start..i], std::mem::take(&mut encoded)));
-            start = i;
-            bytes = 0;
-        }
-        bytes += body.len() + 1;
-        encoded.push(body);
+        let partition = partition::partition_of(&event.envelope.stream_id, partitions);
+        let index = match open.get(&partition) {
+            Some(&i) if !filling[i].full_for(body.len()) => i,
+            _ => {
+                filling.push(Filling::new(partition));
+                open.insert(partition, filling.len() - 1);
+                filling.len() - 1
+            }
+        };
+        filling[index].push(event, body);
+        message_of.push(index);
     }
-    if start < events.len() {
-        batches.push(Batch::new(&events[start..], encoded));
+    // Once message i is stored, so are those before it (JetStream stores a publisher's
+    // messages in the order they were sent, and loses only a tail): every event up to the
+    // last one before an event of a later message is then stored.
+    let mut resume: Vec<Option<LogCursor>> = vec![None; filling.len()];
+    let mut reached = 0;
+    for (event, &index) in events.iter().zip(&message_of) {
+        reached = reached.max(index);
+        resume[reached] = Some(event.cursor);
+    }
+    let mut batches = Vec::with_capacity(filling.len());
+    let mut last_resume = None;
+    for (message, resume) in filling.into_iter().zip(resume) {
+        // The first message holds the first event, so every message has a resume point.
+        let resume = resume
+            .or(last_resume)
+            .expect("the first message holds the first event");
+        last_resume = Some(resume);
+        batches.push(message.finish(resume));
     }
     Ok(batches)
 }
 
-/// One message's worth of events.
-pub(crate) struct Batch<'a> {
-    /// The events.
-    pub events: &'a [RecordedEvent],
-    /// The body: a JSON array of their envelopes.
-    pub payload: Bytes,
+/// A message of one partition being filled.
+struct Filling<'a> {
+    partition: u16,
+    events: Vec<&'a RecordedEvent>,
+    encoded: Vec<Vec<u8>>,
+    bytes: usize,
 }
 
-impl<'a> Batch<'a> {
-    fn new(events: &'a [RecordedEvent], encoded: Vec<Vec<u8>>) -> Batch<'a> {
-        let mut payload =
-            Vec::with_capacity(encoded.iter().map(|e| e.len() + 1).sum::<usize>() + 1);
+impl<'a> Filling<'a> {
+    fn new(partition: u16) -> Self {
+        Filling {
+            partition,
+            events: Vec::new(),
+            encoded: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Whether an event of `len` bytes no longer fits; a single larger event still goes.
+    fn full_for(&self, len: usize) -> bool {
+        !self.events.is_empty()
+            && (self.events.len() >= BATCH_EVENTS_MAX || self.bytes + len + 1 > BATCH_BYTES_MAX)
+    }
+
+    fn push(&mut self, event: &'a RecordedEvent, body: Vec<u8>) {
+        self.bytes += body.len() + 1;
+        self.events.push(event);
+        self.encoded.push(body);
+    }
+
+    fn finish(self, resume: LogCursor) -> Batch<'a> {
+        let mut payload = Vec::with_capacity(self.bytes + 1);
         payload.push(b'[');
-        for (i, body) in encoded.iter().enumerate() {
+        for (i, body) in self.encoded.iter().enumerate() {
             if i > 0 {
                 payload.push(b',');
             }
@@ -126,11 +176,28 @@ impl<'a> Batch<'a> {
         }
         payload.push(b']');
         Batch {
-            events,
+            partition: self.partition,
+            events: self.events,
             payload: Bytes::from(payload),
+            resume,
         }
     }
+}
 
+/// One message's worth of events.
+pub(crate) struct Batch<'a> {
+    /// The partition its events travel in.
+    pub partition: u16,
+    /// The events, in log order.
+    pub events: Vec<&'a RecordedEvent>,
+    /// The body: a JSON array of their envelopes.
+    pub payload: Bytes,
+    /// Once this message is stored, every event of the log up to this cursor is: where a
+    /// relay resumes when this is the last message the bus holds.
+    pub resume: LogCursor,
+}
+
+impl<'a> Batch<'a> {
     /// The message id: the first and the last event's ids.
     pub fn id(&self) -> String {
         let first = self.events.first().expect("a batch has events");
@@ -143,16 +210,11 @@ impl<'a> Batch<'a> {
         self.events.first().expect("a batch has events").cursor
     }
 
-    /// The last event's cursor.
-    pub fn last(&self) -> LogCursor {
-        self.events.last().expect("a batch has events").cursor
-    }
-
     /// The distinct trace ids of its events, in order, and the trace context of the first
     /// traced one.
     pub fn traces(&self) -> (Vec<&'a str>, Option<TraceParent>) {
         let mut ids: Vec<&'a str> = Vec::new();
-        for event in self.events {
+        for event in &self.events {
             if let Some(id) = event.envelope.metadata.trace_id.as_deref() {
                 if !ids.contains(&id) {
                     ids.push(id);
@@ -177,6 +239,8 @@ pub struct ConsumerOptions {
     pub max_in_flight: usize,
     /// How long a delivery may stay unacknowledged before the bus delivers it again.
     pub ack_wait: Duration,
+    /// The partition it reads (`<prefix>.events.<partition>`), or `None` for every event.
+    pub partition: Option<u16>,
     /// Remove the consumer after it has had no subscriber this long; `None` keeps it. For
     /// consumers of one process only (an in-memory read model), which nobody resumes.
     pub inactive_threshold: Option<Duration>,
@@ -190,6 +254,7 @@ impl ConsumerOptions {
             // Messages, each a batch of up to `BATCH_EVENTS_MAX` events.
             max_in_flight: 16,
             ack_wait: Duration::from_secs(10),
+            partition: None,
             inactive_threshold: None,
         }
     }
@@ -377,6 +442,9 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes `events` in order, in batches, and returns once the bus has stored every one.
     /// A batch it already holds (by message id) is not stored twice.
     async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError>;
+
+    /// How many partitions it publishes the log in (see [`partition`]).
+    fn partitions(&self) -> u16;
 
     /// How far the bus holds the log, so a relay can republish what the bus lost.
     async fn published(&self) -> Result<Published, BusError>;
@@ -576,14 +644,14 @@ mod tests {
     #[test]
     fn events_go_in_batches_bounded_in_events_and_bytes_and_read_back_whole() {
         let many: Vec<RecordedEvent> = (1..=1_201).map(|n| recorded(n, 10)).collect();
-        let sizes: Vec<usize> = batches(&many)
+        let sizes: Vec<usize> = batches(&many, 1)
             .unwrap()
             .iter()
             .map(|b| b.events.len())
             .collect();
         assert_eq!(sizes, [500, 500, 201]);
         let large: Vec<RecordedEvent> = (1..=4).map(|n| recorded(n, 300_000)).collect();
-        let sizes: Vec<usize> = batches(&large)
+        let sizes: Vec<usize> = batches(&large, 1)
             .unwrap()
             .iter()
             .map(|b| b.events.len())
@@ -595,17 +663,17 @@ mod tests {
         );
         let huge = [recorded(1, 2_000_000)];
         assert_eq!(
-            batches(&huge).unwrap().len(),
+            batches(&huge, 1).unwrap().len(),
             1,
             "an event larger than the cap goes alone"
         );
 
-        let batch = &batches(&many).unwrap()[2];
+        let batch = &batches(&many, 1).unwrap()[2];
         let back = decode(&batch.payload).unwrap();
         assert_eq!(back.len(), 201);
         assert_eq!(back[0], many[1_000].envelope);
         assert_eq!(batch.first(), many[1_000].cursor);
-        assert_eq!(batch.last(), many[1_200].cursor);
+        assert_eq!(batch.resume, many[1_200].cursor);
         assert_eq!(
             batch.id(),
             format!(
@@ -613,9 +681,69 @@ mod tests {
                 many[1_000].envelope.event_id, many[1_200].envelope.event_id
             )
         );
+        assert_eq!(
+            batches(&many, 1)
+                .unwrap()
+                .iter()
+                .map(|b| b.resume)
+                .collect::<Vec<_>>(),
+            [many[499].cursor, many[999].cursor, many[1_200].cursor],
+            "with one partition a message resumes after its own last event"
+        );
         // A message from before batches still reads as one event.
         let single = serde_json::to_vec(&many[0].envelope).unwrap();
         assert_eq!(decode(&single).unwrap(), vec![many[0].envelope.clone()]);
+    }
+
+    #[test]
+    fn each_partition_gets_its_events_in_order_and_every_message_a_safe_resume_point() {
+        let streams = ["campaign-a", "campaign-b", "campaign-c", "campaign-d"];
+        let parts: Vec<u16> = streams
+            .iter()
+            .map(|s| partition::partition_of(s, 4))
+            .collect();
+        let mut events: Vec<RecordedEvent> = (1..=1_200).map(|n| recorded(n, 10)).collect();
+        for (i, event) in events.iter_mut().enumerate() {
+            // Mostly a and b; c only at the end, so its message comes last.
+            let stream = if i >= 1_190 { 2 } else { i % 2 };
+            event.envelope.stream_id = streams[stream].into();
+        }
+        let sent = batches(&events, 4).unwrap();
+        // The partitions of a and b may coincide; either way every message holds one
+        // partition's events, in log order, and all of them are sent exactly once.
+        let mut seen: Vec<u64> = Vec::new();
+        for batch in &sent {
+            assert!(batch.events.len() <= BATCH_EVENTS_MAX);
+            for event in &batch.events {
+                let stream = streams
+                    .iter()
+                    .position(|s| *s == event.envelope.stream_id)
+                    .unwrap();
+                assert_eq!(parts[stream], batch.partition);
+            }
+            assert!(batch.events.windows(2).all(|w| w[0].cursor < w[1].cursor));
+            assert_eq!(decode(&batch.payload).unwrap().len(), batch.events.len());
+            seen.extend(batch.events.iter().map(|e| e.cursor.global_position));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (1..=1_200).collect::<Vec<_>>());
+        // A message's resume point: every event up to it is in it or in one sent before.
+        for (i, batch) in sent.iter().enumerate() {
+            let before: Vec<u64> = sent[..=i]
+                .iter()
+                .flat_map(|b| b.events.iter().map(|e| e.cursor.global_position))
+                .collect();
+            let resume = batch.resume.global_position;
+            assert!((1..=resume).all(|n| before.contains(&n)), "message {i}");
+            if i > 0 {
+                assert!(batch.resume >= sent[i - 1].resume);
+            }
+        }
+        assert_eq!(
+            sent.last().unwrap().resume,
+            events.last().unwrap().cursor,
+            "the last message sent completes the batch"
+        );
     }
 
     #[test]

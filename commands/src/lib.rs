@@ -8,7 +8,8 @@
 //!   with the expected version, retrying with jitter when another writer got there first.
 //! - [`relay`] mirrors the log into the [`bus`] (JetStream, or in process), one active relay
 //!   among all instances; [`subscription`] is the runtime sagas and projections consume it
-//!   through: durable consumers, per-stream order, dedupe, retries and dead letters.
+//!   through: durable consumers, per-stream order, dedupe, retries and dead letters;
+//!   [`lease`] shares a consumer's partitions among instances.
 //! - [`trace`] carries one trace from the request through the events it records to everything
 //!   that handles them.
 //! - [`idempotency`] holds the Idempotency-Key records the gateway completes in the same
@@ -18,6 +19,7 @@ pub mod bus;
 pub mod group_commit;
 pub mod handler;
 pub mod idempotency;
+pub mod lease;
 pub mod log;
 pub mod periodic;
 pub mod relay;

@@ -24,7 +24,7 @@
 //!   recorded it; the handler sees the event with its metadata naming that span, so what it
 //!   does for the event continues the trace.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
@@ -34,12 +34,12 @@ use async_trait::async_trait;
 use futures::FutureExt;
 use schemas::{Envelope, EventHead};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 use ulid::Ulid;
 
-use crate::bus::{Bus, ConsumerOptions, Delivery, Letter};
+use crate::bus::{Bus, ConsumerOptions, Deliveries, Delivery, Letter};
 
 /// Why a handler could not handle an event; it is retried, then dead-lettered.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -483,18 +483,111 @@ impl Subscription {
         Arc::clone(&self.shared.stats)
     }
 
-    /// Consumes until `shutdown` resolves, subscribing again whenever the subscription
-    /// breaks. Deliveries already taken are handled before it returns.
+    /// Consumes every partition until `shutdown` resolves, subscribing again whenever the
+    /// subscription breaks. Deliveries already taken are handled before it returns. For a
+    /// process that is alone on its bus (the embedded default, or a read model of its own).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let runtime = self.shared;
+        let lanes = Lanes::start(&runtime);
+        let in_flight = Arc::new(Semaphore::new(
+            runtime.options.consumer.max_in_flight.max(1),
+        ));
+        read(
+            &runtime,
+            &runtime.options.consumer,
+            &lanes,
+            None,
+            &in_flight,
+            shutdown,
+        )
+        .await;
+        lanes.finish().await;
+    }
+
+    /// Consumes the partitions `assignment` grants, one durable consumer each
+    /// (`<name>-p<partition>`), until `shutdown` resolves. A partition taken away is let go
+    /// cleanly: no new deliveries, those already taken handled and acknowledged, those the
+    /// bus sent meanwhile handed back; then it leaves [`Assignment::running`], and the lease
+    /// can go to another instance.
+    pub async fn run_partitioned(
+        self,
+        mut assignment: Assignment,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let runtime = self.shared;
-        let options = &runtime.options;
-        let in_flight = Arc::new(Semaphore::new(options.consumer.max_in_flight.max(1)));
-        let (lanes, workers): (Vec<_>, Vec<_>) = (0..options.lanes.max(1))
+        let lanes = Arc::new(Lanes::start(&runtime));
+        let mut readers: HashMap<u16, PartitionReader> = HashMap::new();
+        loop {
+            let granted = assignment.granted.borrow_and_update().clone();
+            for &partition in &granted {
+                readers
+                    .entry(partition)
+                    .or_insert_with(|| PartitionReader::start(&runtime, &lanes, partition));
+            }
+            for (partition, reader) in &mut readers {
+                if !granted.contains(partition) {
+                    reader.stop();
+                }
+            }
+            readers.retain(|_, reader| !reader.task.is_finished());
+            assignment
+                .running
+                .send_replace(readers.keys().copied().collect());
+            tokio::select! {
+                _ = &mut shutdown => break,
+                changed = assignment.granted.changed() => {
+                    if changed.is_err() {
+                        // The leases are gone with their keeper: hold nothing.
+                        assignment.granted = watch::channel(BTreeSet::new()).1;
+                    }
+                }
+                // Look again for readers that finished letting go.
+                _ = tokio::time::sleep(REAP_EVERY) => {}
+            }
+        }
+        for reader in readers.values_mut() {
+            reader.stop();
+        }
+        for (_, reader) in readers {
+            let _ = reader.task.await;
+        }
+        assignment.running.send_replace(BTreeSet::new());
+        if let Ok(lanes) = Arc::try_unwrap(lanes) {
+            lanes.finish().await;
+        }
+    }
+}
+
+/// The partitions a subscription may consume, and what it tells back.
+pub struct Assignment {
+    /// The partitions this process holds the lease of now.
+    pub granted: watch::Receiver<BTreeSet<u16>>,
+    /// The partitions the subscription still consumes: one stays here, after it left
+    /// `granted`, until its deliveries are handled, and its lease may go only then.
+    pub running: watch::Sender<BTreeSet<u16>>,
+}
+
+/// How often a partitioned subscription looks for partitions it finished letting go.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+/// How long a reader letting go of a partition waits for more deliveries to hand back.
+const HAND_BACK_IDLE: Duration = Duration::from_millis(100);
+
+/// The workers that handle deliveries, each in order.
+struct Lanes {
+    senders: Vec<mpsc::UnboundedSender<(Delivery, OwnedSemaphorePermit)>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    round_robin: AtomicU64,
+    ordering: Ordering,
+}
+
+impl Lanes {
+    fn start(runtime: &Arc<Runtime>) -> Lanes {
+        let (senders, workers) = (0..runtime.options.lanes.max(1))
             .map(|_| {
                 let (send, mut receive) =
                     mpsc::unbounded_channel::<(Delivery, OwnedSemaphorePermit)>();
-                let runtime = Arc::clone(&runtime);
+                let runtime = Arc::clone(runtime);
                 let worker = tokio::spawn(async move {
                     while let Some((delivery, _permit)) = receive.recv().await {
                         runtime.process(delivery).await;
@@ -503,61 +596,170 @@ impl Subscription {
                 (send, worker)
             })
             .unzip();
-        let mut round_robin = 0usize;
-        'subscribe: loop {
-            let subscribed = tokio::select! {
-                _ = &mut shutdown => break 'subscribe,
-                subscribed = runtime.bus.subscribe(&options.consumer) => subscribed,
-            };
-            let mut deliveries = match subscribed {
-                Ok(deliveries) => deliveries,
-                Err(error) => {
-                    tracing::warn!(consumer = %options.consumer.name, %error, "cannot subscribe");
-                    tokio::select! {
-                        _ = &mut shutdown => break 'subscribe,
-                        _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => continue 'subscribe,
-                    }
-                }
-            };
-            loop {
-                let permit = tokio::select! {
-                    _ = &mut shutdown => break 'subscribe,
-                    permit = Arc::clone(&in_flight).acquire_owned() => {
-                        permit.expect("the semaphore is never closed")
-                    }
-                };
-                let delivery = tokio::select! {
-                    _ = &mut shutdown => break 'subscribe,
-                    delivery = deliveries.next() => delivery,
-                };
-                let delivery = match delivery {
-                    Some(Ok(delivery)) => delivery,
-                    Some(Err(error)) => {
-                        tracing::warn!(consumer = %options.consumer.name, %error, "subscription broke; subscribing again");
-                        break;
-                    }
-                    None => break,
-                };
-                let lane = match options.ordering {
-                    // One lane: a batch holds many streams, so stream order is delivery order.
-                    Ordering::PerStream => 0,
-                    Ordering::Unordered => {
-                        round_robin = round_robin.wrapping_add(1);
-                        round_robin % lanes.len()
-                    }
-                };
-                lanes[lane]
-                    .send((delivery, permit))
-                    .expect("lane workers live as long as their senders");
-            }
-            tokio::select! {
-                _ = &mut shutdown => break 'subscribe,
-                _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
-            }
+        Lanes {
+            senders,
+            workers,
+            round_robin: AtomicU64::new(0),
+            ordering: runtime.options.ordering,
         }
-        drop(lanes);
-        for worker in workers {
+    }
+
+    /// Hands a delivery of `partition` (`None`: of any) to its lane. With per-stream order
+    /// a partition's deliveries all go to one lane, in the order they came: a partition holds
+    /// every event of its streams.
+    fn send(&self, partition: Option<u16>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+        let lane = match (self.ordering, partition) {
+            (Ordering::PerStream, None) => 0,
+            (Ordering::PerStream, Some(partition)) => usize::from(partition) % self.senders.len(),
+            (Ordering::Unordered, _) => {
+                let n = self.round_robin.fetch_add(1, AtomicOrdering::Relaxed);
+                (n % self.senders.len() as u64) as usize
+            }
+        };
+        self.senders[lane]
+            .send((delivery, permit))
+            .expect("lane workers live as long as their senders");
+    }
+
+    /// Waits for the workers to handle what they were handed.
+    async fn finish(self) {
+        drop(self.senders);
+        for worker in self.workers {
             let _ = worker.await;
+        }
+    }
+}
+
+/// The task reading one partition's durable consumer.
+struct PartitionReader {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PartitionReader {
+    fn start(runtime: &Arc<Runtime>, lanes: &Arc<Lanes>, partition: u16) -> PartitionReader {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = Arc::clone(runtime);
+        let lanes = Arc::clone(lanes);
+        let task = tokio::spawn(async move {
+            let consumer = ConsumerOptions {
+                name: format!("{}-p{partition}", runtime.options.consumer.name),
+                partition: Some(partition),
+                ..runtime.options.consumer.clone()
+            };
+            let max_in_flight = runtime.options.consumer.max_in_flight.max(1);
+            let in_flight = Arc::new(Semaphore::new(max_in_flight));
+            read(
+                &runtime,
+                &consumer,
+                &lanes,
+                Some(partition),
+                &in_flight,
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+            // Let go only once every delivery taken is handled and acknowledged.
+            let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
+            let _ = in_flight.acquire_many(all).await;
+        });
+        PartitionReader {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Reads the durable consumer `consumer`, handing each delivery to its lane under a permit of
+/// `in_flight`, subscribing again whenever the subscription breaks, until `stop` resolves.
+/// Deliveries the bus sent that were not taken yet are handed back to it then.
+async fn read(
+    runtime: &Arc<Runtime>,
+    consumer: &ConsumerOptions,
+    lanes: &Lanes,
+    partition: Option<u16>,
+    in_flight: &Arc<Semaphore>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut deliveries = loop {
+        let subscribed = tokio::select! {
+            _ = &mut stop => return,
+            subscribed = runtime.bus.subscribe(consumer) => subscribed,
+        };
+        let mut deliveries = match subscribed {
+            Ok(deliveries) => deliveries,
+            Err(error) => {
+                tracing::warn!(consumer = %consumer.name, %error, "cannot subscribe");
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => continue,
+                }
+            }
+        };
+        if take(
+            &mut deliveries,
+            consumer,
+            lanes,
+            partition,
+            in_flight,
+            &mut stop,
+        )
+        .await
+        {
+            break deliveries;
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+        }
+    };
+    // What the bus sent for a partition let go and nobody took goes back now rather than
+    // after the ack wait: the partition's next holder gets it at once.
+    if partition.is_some() {
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(HAND_BACK_IDLE, deliveries.next()).await
+        {
+            retry(&delivery, Duration::ZERO, &consumer.name).await;
+        }
+    }
+}
+
+/// Takes deliveries into their lanes until `stop` resolves (true) or the subscription breaks
+/// (false).
+async fn take(
+    deliveries: &mut Box<dyn Deliveries>,
+    consumer: &ConsumerOptions,
+    lanes: &Lanes,
+    partition: Option<u16>,
+    in_flight: &Arc<Semaphore>,
+    stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+) -> bool {
+    loop {
+        let permit = tokio::select! {
+            _ = &mut *stop => return true,
+            permit = Arc::clone(in_flight).acquire_owned() => {
+                permit.expect("the semaphore is never closed")
+            }
+        };
+        let delivery = tokio::select! {
+            _ = &mut *stop => return true,
+            delivery = deliveries.next() => delivery,
+        };
+        match delivery {
+            Some(Ok(delivery)) => lanes.send(partition, delivery, permit),
+            Some(Err(error)) => {
+                tracing::warn!(consumer = %consumer.name, %error, "subscription broke; subscribing again");
+                return false;
+            }
+            None => return false,
         }
     }
 }

@@ -14,6 +14,7 @@ use commands::bus::memory::MemoryBus;
 use commands::bus::{Bus, BusError};
 use commands::group_commit::{GroupCommit, GroupCommitOptions};
 use commands::handler::HandlerOptions;
+use commands::lease::PgPartitionLeases;
 use commands::log::memory::MemoryEventLog;
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 use commands::relay::postgres::PgRelayLeases;
@@ -32,6 +33,7 @@ use sagas::deadlines::{Deadlines, MemoryDeadlines, PgDeadlines};
 use sagas::order_saga::OrderSaga;
 use sagas::payments::{External, PaymentProvider, Simulated};
 use sagas::sweeper::{Sweep, Sweeper};
+use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -199,6 +201,7 @@ pub struct Application {
     relay: Relay,
     projectors: Vec<Subscription>,
     saga: Subscription,
+    consumption: Consumption,
     deadlines: Arc<dyn Deadlines>,
     order_saga: Arc<OrderSaga>,
     limits: Limits,
@@ -215,6 +218,9 @@ pub struct Opened {
     pub leases: Arc<dyn RelayLeases>,
     /// The saga's payment deadlines.
     pub deadlines: Arc<dyn Deadlines>,
+    /// Where instances lease the partitions of shared consumers: the log's database, or
+    /// `None` for the embedded log, whose one process consumes every partition.
+    pub partition_leases: Option<PgConnectOptions>,
 }
 
 /// Connects (and migrates) the configured event log, with the stores that go with it. Its
@@ -228,6 +234,7 @@ pub async fn open_log(storage: &Storage) -> Result<Opened, StartupError> {
             log: group_committed(Arc::new(MemoryEventLog::new())),
             leases: Arc::new(MemoryRelayLeases::new()),
             deadlines: Arc::new(MemoryDeadlines::new()),
+            partition_leases: None,
         },
         Storage::Postgres { url, options } => {
             let log = PgEventLog::connect(url, options).await?;
@@ -235,6 +242,7 @@ pub async fn open_log(storage: &Storage) -> Result<Opened, StartupError> {
             let leases = PgRelayLeases::new((*log.pool().connect_options()).clone(), "events");
             let deadlines = PgDeadlines::new(log.pool().clone());
             Opened {
+                partition_leases: Some((*log.pool().connect_options()).clone()),
                 log: group_committed(Arc::new(log)),
                 leases: Arc::new(leases),
                 deadlines: Arc::new(deadlines),
@@ -256,6 +264,43 @@ pub async fn open_read_models(
     })
 }
 
+/// Whether each process needs projection consumers of its own: read models in memory are one
+/// process's own, so on a shared mirror each process consumes every event into its own, with a
+/// consumer that goes away once the process does.
+fn own_projection_consumers(read_models: &ReadModels, mirror: &Mirror) -> bool {
+    matches!(read_models, ReadModels::Embedded) && matches!(mirror, Mirror::JetStream(_))
+}
+
+/// How this process's subscriptions consume the bus.
+struct Consumption {
+    /// Where shared consumers lease their partitions; `None`: this process consumes them all.
+    partition_leases: Option<PgConnectOptions>,
+    /// How many partitions the bus publishes in.
+    partitions: u16,
+    /// Whether the projections' consumers are this process's own (never shared).
+    own_projection_consumers: bool,
+}
+
+impl Consumption {
+    /// Runs `subscription` of the consumer `name` until `stop`: over the partitions this
+    /// instance leases when the consumer is shared, else over all of them.
+    fn run(
+        &self,
+        subscription: Subscription,
+        name: &str,
+        shared: bool,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        match (&self.partition_leases, shared) {
+            (Some(connect), true) => {
+                let leases = PgPartitionLeases::new(connect.clone(), name, self.partitions);
+                tokio::spawn(subscription.run_partitioned(leases.start(), stop))
+            }
+            _ => tokio::spawn(subscription.run(stop)),
+        }
+    }
+}
+
 /// The subscriptions feeding each projection of `store` from `bus`.
 fn projectors(
     bus: &Arc<dyn Bus>,
@@ -263,10 +308,7 @@ fn projectors(
     read_models: &ReadModels,
     mirror: &Mirror,
 ) -> Vec<Subscription> {
-    // Read models in memory are one process's own: on a shared mirror each process needs a
-    // consumer of its own, which goes away once the process does.
-    let own_consumer =
-        matches!(read_models, ReadModels::Embedded) && matches!(mirror, Mirror::JetStream(_));
+    let own_consumer = own_projection_consumers(read_models, mirror);
     ProjectionName::ALL
         .into_iter()
         .map(|name| {
@@ -359,8 +401,10 @@ impl Application {
             log,
             leases,
             deadlines,
+            partition_leases,
         } = open_log(&settings.storage).await?;
         let bus = open_bus(&settings.mirror).await?;
+        let bus_partitions = bus.partitions();
         // Refuses a mirror that holds another deployment's log, before anything is consumed.
         bus.bind_log(&log.identity().await?).await?;
         let relay = Relay::new(
@@ -456,6 +500,14 @@ impl Application {
             listener,
             state,
             relay,
+            consumption: Consumption {
+                partition_leases,
+                partitions: bus_partitions,
+                own_projection_consumers: own_projection_consumers(
+                    &settings.read_models,
+                    &settings.mirror,
+                ),
+            },
             projectors,
             saga,
             deadlines,
@@ -497,8 +549,11 @@ impl Application {
         let runs = |role| self.roles.runs(role);
         let mut tasks = Vec::new();
         if runs(Role::Projections) {
-            for projector in self.projectors {
-                tasks.push(tokio::spawn(projector.run(wait_stop(stopped.clone()))));
+            let shared = !self.consumption.own_projection_consumers;
+            for (projector, name) in self.projectors.into_iter().zip(ProjectionName::ALL) {
+                let name = format!("projection-{name}");
+                let stop = wait_stop(stopped.clone());
+                tasks.push(self.consumption.run(projector, &name, shared, stop));
             }
             if let Some(every) = self.heal_read_models_every {
                 tasks.push(tokio::spawn(heal_read_models(
@@ -514,7 +569,8 @@ impl Application {
             tasks.push(tokio::spawn(self.relay.run(wait_stop(stopped.clone()))));
         }
         if runs(Role::Saga) {
-            tasks.push(tokio::spawn(self.saga.run(wait_stop(stopped.clone()))));
+            let stop = wait_stop(stopped.clone());
+            tasks.push(self.consumption.run(self.saga, "order-saga", true, stop));
         }
         if runs(Role::Deadlines) {
             let order_saga = self.order_saga;

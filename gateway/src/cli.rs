@@ -232,6 +232,17 @@ pub struct ServeArgs {
     /// First token of the JetStream subjects (and of the stream names, upper-cased).
     #[arg(long, env = "GROUPBUY_NATS_PREFIX", default_value = "groupbuy")]
     pub nats_prefix: String,
+    /// Partitions the JetStream mirror carries the log in. Instances share each consumer a
+    /// partition at a time, so this bounds how many can share it; every instance of a
+    /// deployment needs the same number, changed only with a drain (see
+    /// docs/adr/0012-partitions-by-campaign-and-customer.md).
+    #[arg(
+        long,
+        env = "GROUPBUY_PARTITIONS",
+        default_value_t = commands::bus::partition::PARTITIONS_DEFAULT,
+        value_parser = clap::value_parser!(u16).range(1..=i64::from(commands::bus::partition::PARTITIONS_MAX))
+    )]
+    pub partitions: u16,
     /// Redis URL of the read models, shared by every instance. Unset: read models in this
     /// instance's memory, built from the log at start. Needs DATABASE_URL.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
@@ -339,6 +350,7 @@ impl ServeArgs {
         let mirror = match &self.nats_url {
             Some(url) => Mirror::JetStream(JetStreamSettings {
                 prefix: self.nats_prefix.clone(),
+                partitions: self.partitions,
                 ..JetStreamSettings::new(url)
             }),
             None => Mirror::Embedded,

@@ -13,6 +13,7 @@ use commands::bus::memory::MemoryBus;
 use commands::bus::{
     header, Bus, BusError, ConsumerOptions, Deliveries, Letter, Published, StoredLetter,
 };
+use commands::lease::PgPartitionLeases;
 use commands::log::memory::MemoryEventLog;
 use commands::relay::postgres::PgRelayLeases;
 use commands::relay::{MemoryRelayLeases, Relay, RelayLeases, RelayOptions, RelayStatus};
@@ -172,7 +173,7 @@ impl Rig {
         match &self.mirror {
             Mirror::Memory(bus) => bus.publish_raw(Bytes::from_static(b"{not json")),
             Mirror::JetStream(bus, streams) => {
-                let subject = streams.settings.log_subject();
+                let subject = streams.settings.partition_subject(0);
                 bus.context()
                     .publish(subject, Bytes::from_static(b"{not json"))
                     .await
@@ -429,6 +430,10 @@ impl Bus for KilledAfterPublish {
         Ok(())
     }
 
+    fn partitions(&self) -> u16 {
+        self.inner.partitions()
+    }
+
     async fn published(&self) -> Result<Published, BusError> {
         self.inner.published().await
     }
@@ -640,6 +645,125 @@ async fn a_standby_relay_takes_over_within_seconds_when_the_leader_dies() {
     .await;
 }
 
+/// One instance of a shared consumer: its subscription over the partitions it leases.
+struct Instance {
+    recorder: Arc<Recorder>,
+    stats: Arc<SubscriptionStats>,
+    running: watch::Receiver<std::collections::BTreeSet<u16>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Rig {
+    /// Starts an instance of the consumer `name`, leasing its share of `partitions`.
+    fn instance(&self, name: &str, partitions: u16) -> Instance {
+        let connect = (*self
+            .db
+            .as_ref()
+            .expect("on Postgres")
+            .log()
+            .pool()
+            .connect_options())
+        .clone();
+        let assignment = PgPartitionLeases::new(connect, name, partitions)
+            .with_tick(Duration::from_millis(100))
+            .start();
+        let running = assignment.running.subscribe();
+        let recorder = Arc::new(Recorder::default());
+        let mut options = SubscriptionOptions::new(name);
+        options.consumer.ack_wait = Duration::from_secs(2);
+        let subscription = Subscription::new(
+            Arc::clone(&self.bus),
+            options,
+            Arc::clone(&self.dedupe),
+            recorder.clone(),
+        );
+        let stats = subscription.stats();
+        let (stop, mut stopped) = watch::channel(false);
+        tokio::spawn(subscription.run_partitioned(assignment, async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }));
+        Instance {
+            recorder,
+            stats,
+            running,
+            stop,
+        }
+    }
+}
+
+/// Every event handled by exactly one of `instances`, once, each stream in order by one
+/// instance alone.
+fn assert_shared_exactly_once_in_order(instances: &[&Instance], ids: &[Ulid]) {
+    let mut times: HashMap<Ulid, u32> = HashMap::new();
+    let mut owner: HashMap<String, usize> = HashMap::new();
+    for (i, instance) in instances.iter().enumerate() {
+        let seen = instance.recorder.seen.lock().unwrap();
+        for (id, n) in &seen.times {
+            *times.entry(*id).or_default() += n;
+        }
+        for (stream, versions) in &seen.streams {
+            let first = *owner.entry(stream.clone()).or_insert(i);
+            assert_eq!(first, i, "stream {stream} handled by two instances at once");
+            let expected: Vec<u64> = (1..=versions.len() as u64).collect();
+            assert_eq!(versions, &expected, "stream {stream} out of order");
+        }
+    }
+    assert!(times.values().all(|n| *n == 1), "an event handled twice");
+    assert_eq!(times.len(), ids.len());
+    assert!(
+        ids.iter().all(|id| times.contains_key(id)),
+        "an event never handled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_share_a_consumer_a_partition_at_a_time_and_rebalance_when_one_goes() {
+    let partitions = 6;
+    let rig = Rig::real(JetStreamSettings {
+        partitions,
+        ..fast_settings()
+    })
+    .await;
+    let first = rig.instance("shared", partitions);
+    let second = rig.instance("shared", partitions);
+    let settled = |a: &Instance, b: &Instance| {
+        let (a, b) = (a.running.borrow().clone(), b.running.borrow().clone());
+        a.len() == 3 && b.len() == 3 && a.is_disjoint(&b)
+    };
+    wait_until(|| settled(&first, &second), "three partitions each").await;
+    let (_status, _relay) = rig.relay(None);
+    let before = write_concurrently(&rig.log, 4, 10, 50).await;
+    let handled = |instances: &[&Instance]| -> usize {
+        instances.iter().map(|i| *i.recorder.changed.borrow()).sum()
+    };
+    wait_until(|| handled(&[&first, &second]) >= 200, "every event handled").await;
+    assert_shared_exactly_once_in_order(&[&first, &second], &before);
+    for instance in [&first, &second] {
+        assert!(*instance.recorder.changed.borrow() > 0, "an instance idled");
+        // One consumer a partition: nothing came early, nothing came twice.
+        assert_eq!(get(&instance.stats.early), 0);
+        assert_eq!(get(&instance.stats.duplicates), 0);
+    }
+
+    // The first instance goes: the second takes its partitions and all that follows.
+    let first_handled = *first.recorder.changed.borrow();
+    let _ = first.stop.send(true);
+    wait_until(
+        || second.running.borrow().len() == usize::from(partitions),
+        "the second instance holds every partition",
+    )
+    .await;
+    let after = write_concurrently(&rig.log, 4, 10, 50).await;
+    let all: Vec<Ulid> = before.iter().chain(&after).copied().collect();
+    wait_until(
+        || handled(&[&first, &second]) >= 400,
+        "every later event handled",
+    )
+    .await;
+    assert_eq!(*first.recorder.changed.borrow(), first_handled);
+    assert_shared_exactly_once_in_order(&[&first, &second], &all);
+}
+
 /// The first `count` events of the log, once they are all below the watermark.
 async fn settled(log: &dyn EventLog, count: usize) -> Vec<RecordedEvent> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -697,7 +821,12 @@ async fn the_relay_and_consumers_resume_after_nats_is_killed_and_restarted() {
 
 #[tokio::test]
 async fn jetstream_messages_carry_batches_of_events_with_their_cursors() {
-    let rig = Rig::real(harness::bus::unique_settings(&harness::bus::nats_url())).await;
+    // One partition: every event in one message.
+    let rig = Rig::real(JetStreamSettings {
+        partitions: 1,
+        ..harness::bus::unique_settings(&harness::bus::nats_url())
+    })
+    .await;
     let ids = write_concurrently(&rig.log, 1, 1, 3).await;
     // The watermark is server-wide: another test's open transaction may hold it back a while.
     let mut events = settled(rig.log.as_ref(), 3).await;
@@ -736,7 +865,10 @@ async fn jetstream_messages_carry_batches_of_events_with_their_cursors() {
         format!("{} {}", first.trace_id_hex(), second.trace_id_hex())
     );
     assert_eq!(h(header::TRACEPARENT), first.header());
-    assert_eq!(message.subject.as_str(), streams.settings.log_subject());
+    assert_eq!(
+        message.subject.as_str(),
+        streams.settings.partition_subject(0)
+    );
     let body: Vec<Envelope> = serde_json::from_slice(&message.payload).unwrap();
     let envelopes: Vec<Envelope> = events.iter().map(|e| e.envelope.clone()).collect();
     assert_eq!(
@@ -920,7 +1052,7 @@ async fn a_bus_bound_to_one_log_refuses_another_and_hands_over_its_messages_as_u
     let body = serde_json::to_vec(&[events[0].envelope.clone()]).unwrap();
     again
         .context()
-        .publish_with_headers(streams.settings.log_subject(), foreign, body.into())
+        .publish_with_headers(streams.settings.partition_subject(0), foreign, body.into())
         .await
         .unwrap()
         .await

@@ -3,9 +3,10 @@
 //! Two streams, both declared here in full so the code is the one place their configuration
 //! lives (see docs/adr/0005-jetstream-mirror.md):
 //!
-//! - `<PREFIX>_EVENTS` holds the mirror of the log, in batches of consecutive events, on the
-//!   subject `<prefix>.events.log` (messages of earlier versions, one event each, were on
-//!   `<prefix>.events.<category>.<stream id>`; consumers still read them);
+//! - `<PREFIX>_EVENTS` holds the mirror of the log, in batches of one partition's events, on
+//!   the subject `<prefix>.events.<partition>` (earlier versions published every batch on
+//!   `<prefix>.events.log`, and before that one event a message on
+//!   `<prefix>.events.<category>.<stream id>`: a consumer of every event still reads them);
 //! - `<PREFIX>_DEAD_LETTERS` holds what consumers gave up on, on
 //!   `<prefix>.dead.<consumer>`.
 //!
@@ -47,6 +48,9 @@ pub struct JetStreamSettings {
     /// How long the mirror keeps events. The Postgres log keeps them for ever; a consumer
     /// that falls further behind than this rebuilds from the log.
     pub max_age: Duration,
+    /// How many partitions the log is published in (see [`crate::bus::partition`]). Changed
+    /// only with a drain: a stream's events in flight must not cross partitions.
+    pub partitions: u16,
 }
 
 impl JetStreamSettings {
@@ -57,6 +61,7 @@ impl JetStreamSettings {
             prefix: "groupbuy".into(),
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
+            partitions: super::partition::PARTITIONS_DEFAULT,
         }
     }
 
@@ -85,9 +90,9 @@ impl JetStreamSettings {
         self.stream_name("DEAD_LETTERS")
     }
 
-    /// The subject batches of the log are published on.
-    pub fn log_subject(&self) -> String {
-        format!("{}.events.log", self.prefix)
+    /// The subject the batches of partition `partition` are published on.
+    pub fn partition_subject(&self, partition: u16) -> String {
+        format!("{}.events.{partition}", self.prefix)
     }
 
     /// The subject of a consumer's dead letters.
@@ -251,7 +256,7 @@ impl JetStreamBus {
         }
         headers.insert(header::EVENTS, batch.events.len().to_string());
         headers.insert(header::FIRST_CURSOR, format_cursor(batch.first()));
-        headers.insert(header::LOG_CURSOR, format_cursor(batch.last()));
+        headers.insert(header::LOG_CURSOR, format_cursor(batch.resume));
         let (trace_ids, first) = batch.traces();
         if !trace_ids.is_empty() {
             headers.insert(header::TRACE_IDS, trace_ids.join(" "));
@@ -268,7 +273,7 @@ impl Bus for JetStreamBus {
     async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
         // Send every batch first and collect the acks after, so they are all in flight at
         // once; JetStream stores them in the order they were sent.
-        let batches = batches(events)?;
+        let batches = batches(events, self.settings.partitions)?;
         let mut acks = Vec::with_capacity(batches.len());
         for batch in &batches {
             let message = PublishMessage::build()
@@ -276,7 +281,7 @@ impl Bus for JetStreamBus {
                 .headers(self.headers(batch));
             let ack = self
                 .context
-                .send_publish(self.settings.log_subject(), message)
+                .send_publish(self.settings.partition_subject(batch.partition), message)
                 .await
                 .map_err(BusError::unavailable)?;
             acks.push(ack);
@@ -285,6 +290,10 @@ impl Bus for JetStreamBus {
             ack.await.map_err(BusError::unavailable)?;
         }
         Ok(())
+    }
+
+    fn partitions(&self) -> u16 {
+        self.settings.partitions
     }
 
     async fn published(&self) -> Result<Published, BusError> {
@@ -365,7 +374,10 @@ impl Bus for JetStreamBus {
             .get_stream(self.settings.events_stream())
             .await
             .map_err(BusError::unavailable)?;
-        let filter_subject = format!("{}.events.>", self.settings.prefix);
+        let filter_subject = match options.partition {
+            Some(partition) => self.settings.partition_subject(partition),
+            None => format!("{}.events.>", self.settings.prefix),
+        };
         let config = pull::Config {
             durable_name: Some(options.name.clone()),
             deliver_policy: DeliverPolicy::All,

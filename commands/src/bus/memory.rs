@@ -22,9 +22,17 @@ use super::{
 use crate::log::{LogCursor, RecordedEvent};
 
 /// A bus in memory.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryBus {
     shared: Arc<Shared>,
+    partitions: u16,
+}
+
+impl Default for MemoryBus {
+    /// One partition: the embedded default is one process, which consumes every partition.
+    fn default() -> Self {
+        MemoryBus::with_partitions(1)
+    }
 }
 
 #[derive(Default)]
@@ -47,6 +55,7 @@ struct Inner {
 
 struct Message {
     subject: String,
+    partition: Option<u16>,
     payload: Bytes,
     cursor: Option<LogCursor>,
 }
@@ -94,6 +103,14 @@ impl MemoryBus {
         MemoryBus::default()
     }
 
+    /// An empty bus publishing in `partitions` partitions (at least 1).
+    pub fn with_partitions(partitions: u16) -> Self {
+        MemoryBus {
+            shared: Arc::default(),
+            partitions: partitions.max(1),
+        }
+    }
+
     /// Messages stored so far.
     pub fn len(&self) -> usize {
         lock(&self.shared.inner).messages.len()
@@ -120,6 +137,7 @@ impl MemoryBus {
         let mut inner = lock(&self.shared.inner);
         inner.messages.push(Message {
             subject: "events.raw".into(),
+            partition: None,
             payload,
             cursor: None,
         });
@@ -131,22 +149,26 @@ impl MemoryBus {
 #[async_trait]
 impl Bus for MemoryBus {
     async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BusError> {
-        let batches = batches(events)?;
+        let batches = batches(events, self.partitions)?;
         let mut inner = lock(&self.shared.inner);
         for batch in batches {
             if !inner.message_ids.insert(batch.id()) {
                 continue;
             }
-            let cursor = Some(batch.last());
             inner.messages.push(Message {
-                subject: "events.log".into(),
+                subject: format!("events.{}", batch.partition),
+                partition: Some(batch.partition),
                 payload: batch.payload,
-                cursor,
+                cursor: Some(batch.resume),
             });
         }
         drop(inner);
         self.shared.changed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    fn partitions(&self) -> u16 {
+        self.partitions
     }
 
     async fn bind_log(&self, _log_id: &str) -> Result<(), BusError> {
@@ -244,6 +266,15 @@ impl MemoryDeliveries {
             ..
         } = &mut *inner;
         let state = consumers.entry(self.options.name.clone()).or_default();
+        // A consumer of one partition passes over the others' messages (and raw ones).
+        if let Some(partition) = self.options.partition {
+            while messages
+                .get(state.next)
+                .is_some_and(|m| m.partition != Some(partition))
+            {
+                state.next += 1;
+            }
+        }
         let now = Instant::now();
         let due = state
             .redeliver

@@ -2,6 +2,7 @@
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderValue, StatusCode};
+use commands::bus::partition::order_ulid;
 use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -136,7 +137,13 @@ pub async fn place(
             let request: PlaceOrder = body.parse()?;
             let campaign_id: CampaignId = field_id(&request.campaign_id, "campaign_id")?;
             let unit_price_cents = state.prices.of(&state.handler, campaign_id).await?;
-            let order_id = OrderId::from_ulid(crate::ids::new_ulid());
+            // The id carries the key of the campaign and customer: the order's events travel in
+            // its customer's partition (commands::bus::partition).
+            let order_id = OrderId::from_ulid(order_ulid(
+                crate::ids::new_ulid(),
+                campaign_id,
+                user_id,
+            ));
             let command = OrderCommand::Place {
                 order_id,
                 user_id,
