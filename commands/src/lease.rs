@@ -18,15 +18,12 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 
-use crate::subscription::Assignment;
+use crate::subscription::{Assignment, LET_GO_WAIT};
 
 /// Member locks take the second key from here up; partitions sit below it.
 const MEMBER_BASE: i32 = 1 << 20;
 /// How often a keeper looks at its leases unless configured.
 pub const TICK_DEFAULT: Duration = Duration::from_secs(2);
-/// Longest a keeper waits for its subscription to finish with a partition it lets go of; after
-/// that it lets go anyway (the subscription is stuck, and the next holder deduplicates).
-const LET_GO_WAIT: Duration = Duration::from_secs(30);
 
 /// Keeps the leases of one consumer's partitions on Postgres.
 #[derive(Clone, Debug)]

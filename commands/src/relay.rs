@@ -39,6 +39,12 @@ pub struct RelayOptions {
     /// How long the leader waits for a local append before reading the log again; bounds how
     /// late it sees appends made by other instances.
     pub poll_interval: Duration,
+    /// Under a steady stream of appends, how long after a read that did not fill a batch the
+    /// leader lets events gather before it reads again. A read's events go out in a message
+    /// per partition, and a message costs the broker and every consumer about as much
+    /// whatever it carries: without a pause, a busy log goes out in many messages of a few
+    /// events each.
+    pub linger: Duration,
     /// How often a standby tries to take the lease.
     pub standby_poll: Duration,
     /// Pause after a failure before trying again.
@@ -50,6 +56,7 @@ impl Default for RelayOptions {
         RelayOptions {
             batch_events: 1_000,
             poll_interval: Duration::from_millis(20),
+            linger: Duration::from_millis(5),
             standby_poll: Duration::from_secs(1),
             retry_after_error: Duration::from_secs(1),
         }
@@ -226,12 +233,19 @@ impl Relay {
                 }
                 continue;
             };
-            // Read the next batch while this one's acks come back.
-            appends.borrow_and_update();
-            let (published, next) = tokio::join!(
-                self.bus.publish(&batch),
-                self.log.read_all(last, self.options.batch_events)
-            );
+            // Read the next batch while this one's acks come back; after a batch that did not
+            // fill, once more events have gathered.
+            let linger = if batch.len() < self.options.batch_events {
+                self.options.linger
+            } else {
+                Duration::ZERO
+            };
+            let read_next = async {
+                tokio::time::sleep(linger).await;
+                appends.borrow_and_update();
+                self.log.read_all(last, self.options.batch_events).await
+            };
+            let (published, next) = tokio::join!(self.bus.publish(&batch), read_next);
             published?;
             lease.save(last).await?;
             cursor = last;

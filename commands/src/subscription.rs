@@ -570,8 +570,13 @@ pub struct Assignment {
 
 /// How often a partitioned subscription looks for partitions it finished letting go.
 const REAP_EVERY: Duration = Duration::from_millis(100);
-/// How long a reader letting go of a partition waits for more deliveries to hand back.
-const HAND_BACK_IDLE: Duration = Duration::from_millis(100);
+/// Longest a reader letting go of a partition waits for the deliveries it took to be handled.
+pub const LET_GO_WAIT: Duration = Duration::from_secs(30);
+/// How long a reader letting go of a partition hands back the deliveries still coming.
+const HAND_BACK_FOR: Duration = Duration::from_millis(200);
+/// How long a delivery handed back waits before the bus delivers it again, to the partition's
+/// next holder: longer than [`HAND_BACK_FOR`].
+const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// The workers that handle deliveries, each in order.
 struct Lanes {
@@ -660,9 +665,15 @@ impl PartitionReader {
                 },
             )
             .await;
-            // Let go only once every delivery taken is handled and acknowledged.
+            // Let go only once every delivery taken is handled and acknowledged, or once a
+            // stuck handler has had long enough: the bus delivers what it holds again.
             let all = u32::try_from(max_in_flight).unwrap_or(u32::MAX);
-            let _ = in_flight.acquire_many(all).await;
+            if tokio::time::timeout(LET_GO_WAIT, in_flight.acquire_many(all))
+                .await
+                .is_err()
+            {
+                tracing::warn!(consumer = %runtime.name(), partition, "deliveries of a partition let go of are still being handled; letting go anyway");
+            }
         });
         PartitionReader {
             stop: Some(stop),
@@ -721,13 +732,13 @@ async fn read(
             _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
         }
     };
-    // What the bus sent for a partition let go and nobody took goes back now rather than
-    // after the ack wait: the partition's next holder gets it at once.
+    // What the bus sent for a partition let go and nobody took goes back rather than wait for
+    // the ack wait. It comes back after a delay: sooner, it would come back to this reader,
+    // which still pulls until it is dropped.
     if partition.is_some() {
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(HAND_BACK_IDLE, deliveries.next()).await
-        {
-            retry(&delivery, Duration::ZERO, &consumer.name).await;
+        let until = Instant::now() + HAND_BACK_FOR;
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(until, deliveries.next()).await {
+            retry(&delivery, HAND_BACK_DELAY, &consumer.name).await;
         }
     }
 }

@@ -301,6 +301,8 @@ struct Recorder {
     changed: watch::Sender<usize>,
     /// Fails every time on these events.
     poison: Vec<Ulid>,
+    /// Takes this long over each event, so that deliveries queue up behind it.
+    pause: Duration,
 }
 
 #[derive(Default)]
@@ -314,6 +316,7 @@ struct Seen {
 #[async_trait]
 impl Handler for Recorder {
     async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
+        tokio::time::sleep(self.pause).await;
         if self.poison.contains(&event.event_id) {
             return Err("this event always fails".into());
         }
@@ -647,15 +650,16 @@ async fn a_standby_relay_takes_over_within_seconds_when_the_leader_dies() {
 
 /// One instance of a shared consumer: its subscription over the partitions it leases.
 struct Instance {
-    recorder: Arc<Recorder>,
     stats: Arc<SubscriptionStats>,
     running: watch::Receiver<std::collections::BTreeSet<u16>>,
     stop: watch::Sender<bool>,
 }
 
 impl Rig {
-    /// Starts an instance of the consumer `name`, leasing its share of `partitions`.
-    fn instance(&self, name: &str, partitions: u16) -> Instance {
+    /// Starts an instance of the consumer `name`, leasing its share of `partitions`; what it
+    /// handles goes to `recorder`, which every instance shares, so that it sees each stream's
+    /// events in the order they were handled whichever instance handled them.
+    fn instance(&self, name: &str, partitions: u16, recorder: &Arc<Recorder>) -> Instance {
         let connect = (*self
             .db
             .as_ref()
@@ -668,7 +672,6 @@ impl Rig {
             .with_tick(Duration::from_millis(100))
             .start();
         let running = assignment.running.subscribe();
-        let recorder = Arc::new(Recorder::default());
         let mut options = SubscriptionOptions::new(name);
         options.consumer.ack_wait = Duration::from_secs(2);
         let subscription = Subscription::new(
@@ -683,7 +686,6 @@ impl Rig {
             let _ = stopped.wait_for(|s| *s).await;
         }));
         Instance {
-            recorder,
             stats,
             running,
             stop,
@@ -691,77 +693,89 @@ impl Rig {
     }
 }
 
-/// Every event handled by exactly one of `instances`, once, each stream in order by one
-/// instance alone.
-fn assert_shared_exactly_once_in_order(instances: &[&Instance], ids: &[Ulid]) {
-    let mut times: HashMap<Ulid, u32> = HashMap::new();
-    let mut owner: HashMap<String, usize> = HashMap::new();
-    for (i, instance) in instances.iter().enumerate() {
-        let seen = instance.recorder.seen.lock().unwrap();
-        for (id, n) in &seen.times {
-            *times.entry(*id).or_default() += n;
-        }
-        for (stream, versions) in &seen.streams {
-            let first = *owner.entry(stream.clone()).or_insert(i);
-            assert_eq!(first, i, "stream {stream} handled by two instances at once");
-            let expected: Vec<u64> = (1..=versions.len() as u64).collect();
-            assert_eq!(versions, &expected, "stream {stream} out of order");
-        }
-    }
-    assert!(times.values().all(|n| *n == 1), "an event handled twice");
-    assert_eq!(times.len(), ids.len());
-    assert!(
-        ids.iter().all(|id| times.contains_key(id)),
-        "an event never handled"
-    );
+/// Whether `instances` hold `share` partitions each, none of them twice.
+fn shared_out(instances: &[&Instance], share: usize) -> bool {
+    let mut all = std::collections::BTreeSet::new();
+    instances.iter().all(|instance| {
+        let running = instance.running.borrow();
+        running.len() == share && running.iter().all(|p| all.insert(*p))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instances_share_a_consumer_a_partition_at_a_time_and_rebalance_when_one_goes() {
+async fn instances_share_a_consumer_a_partition_at_a_time_and_rebalance_under_load() {
     let partitions = 6;
     let rig = Rig::real(JetStreamSettings {
         partitions,
         ..fast_settings()
     })
     .await;
-    let first = rig.instance("shared", partitions);
-    let second = rig.instance("shared", partitions);
-    let settled = |a: &Instance, b: &Instance| {
-        let (a, b) = (a.running.borrow().clone(), b.running.borrow().clone());
-        a.len() == 3 && b.len() == 3 && a.is_disjoint(&b)
-    };
-    wait_until(|| settled(&first, &second), "three partitions each").await;
+    // Slow enough that each instance holds deliveries it has not taken yet when it lets go.
+    let recorder = Arc::new(Recorder {
+        pause: Duration::from_millis(1),
+        ..Recorder::default()
+    });
+    let first = rig.instance("shared", partitions, &recorder);
+    let second = rig.instance("shared", partitions, &recorder);
+    wait_until(
+        || shared_out(&[&first, &second], 3),
+        "three partitions each",
+    )
+    .await;
     let (_status, _relay) = rig.relay(None);
     let before = write_concurrently(&rig.log, 4, 10, 50).await;
-    let handled = |instances: &[&Instance]| -> usize {
-        instances.iter().map(|i| *i.recorder.changed.borrow()).sum()
-    };
-    wait_until(|| handled(&[&first, &second]) >= 200, "every event handled").await;
-    assert_shared_exactly_once_in_order(&[&first, &second], &before);
+    recorder
+        .wait_for(before.len(), Duration::from_secs(30))
+        .await;
+    recorder.assert_exactly_once_in_order(&before);
     for instance in [&first, &second] {
-        assert!(*instance.recorder.changed.borrow() > 0, "an instance idled");
+        assert!(get(&instance.stats.handled) > 0, "an instance idled");
         // One consumer a partition: nothing came early, nothing came twice.
         assert_eq!(get(&instance.stats.early), 0);
         assert_eq!(get(&instance.stats.duplicates), 0);
     }
 
-    // The first instance goes: the second takes its partitions and all that follows.
-    let first_handled = *first.recorder.changed.borrow();
+    // A third instance joins while events flow: the others let go of a partition each, which
+    // it takes, and nothing is lost, repeated or reordered on the way.
+    let writing = {
+        let log = Arc::clone(&rig.log);
+        tokio::spawn(async move { write_concurrently(&log, 4, 10, 250).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let third = rig.instance("shared", partitions, &recorder);
+    let during = writing.await.unwrap();
+    wait_until(
+        || shared_out(&[&first, &second, &third], 2),
+        "two partitions each",
+    )
+    .await;
+    let mut all: Vec<Ulid> = before.iter().chain(&during).copied().collect();
+    recorder.wait_for(all.len(), Duration::from_secs(30)).await;
+
+    // The first instance goes: the others take its partitions and all that follows.
     let _ = first.stop.send(true);
     wait_until(
-        || second.running.borrow().len() == usize::from(partitions),
-        "the second instance holds every partition",
+        || shared_out(&[&second, &third], 3),
+        "three partitions each again",
     )
     .await;
+    let handled_by_first = get(&first.stats.handled);
     let after = write_concurrently(&rig.log, 4, 10, 50).await;
-    let all: Vec<Ulid> = before.iter().chain(&after).copied().collect();
-    wait_until(
-        || handled(&[&first, &second]) >= 400,
-        "every later event handled",
-    )
-    .await;
-    assert_eq!(*first.recorder.changed.borrow(), first_handled);
-    assert_shared_exactly_once_in_order(&[&first, &second], &all);
+    all.extend(after);
+    recorder.wait_for(all.len(), Duration::from_secs(30)).await;
+    recorder.assert_exactly_once_in_order(&all);
+    assert_eq!(
+        get(&first.stats.handled),
+        handled_by_first,
+        "a stopped instance handled more"
+    );
+    assert!(
+        get(&third.stats.handled) > 0,
+        "the instance that joined idled"
+    );
+    for instance in [&first, &second, &third] {
+        assert_eq!(get(&instance.stats.duplicates), 0);
+    }
 }
 
 /// The first `count` events of the log, once they are all below the watermark.

@@ -22,9 +22,12 @@
 use domain::{CampaignId, UserId};
 use ulid::Ulid;
 
-/// Partitions of a deployment unless configured: enough to spread over a handful of
-/// instances, few enough that each process runs every consumer over all of them cheaply.
-pub const PARTITIONS_DEFAULT: u16 = 16;
+/// Partitions of a deployment unless configured: up to four instances share each consumer.
+/// More partitions cost every instance: the relay sends a message per partition it has events
+/// for, and each costs the broker and every consumer about the same whatever it carries. One
+/// instance on a flash sale spent about a tenth more CPU an order on 4 partitions than on 1,
+/// and two thirds more on 16 (docs/benchmarks.md, "Partitions").
+pub const PARTITIONS_DEFAULT: u16 = 4;
 /// Most partitions a deployment may have.
 pub const PARTITIONS_MAX: u16 = 1_024;
 
