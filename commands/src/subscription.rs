@@ -534,6 +534,8 @@ impl Subscription {
             assignment
                 .running
                 .send_replace(readers.keys().copied().collect());
+            metrics::gauge!("groupbuy_subscription_partitions", "consumer" => runtime.name().to_owned())
+                .set(readers.len() as f64);
             tokio::select! {
                 _ = &mut shutdown => break,
                 changed = assignment.granted.changed() => {
