@@ -6,7 +6,7 @@
 //! lease: when an instance dies its connection closes and its partitions are free. Each
 //! keeper also holds a member lock on that connection, `(same class, MEMBER_BASE + a random
 //! number)`, so every keeper can count the live members of its consumer in `pg_locks`
-//! without a table or a heartbeat. Every `tick` a keeper aims at `ceil(partitions /
+//! without a table or a heartbeat. Every `tick` (half a second) a keeper aims at `ceil(partitions /
 //! members)` partitions: it lets go of its surplus (once its subscription has finished with
 //! them, see [`Assignment`]) and takes free ones, so the partitions rebalance when an
 //! instance comes or goes.
@@ -22,8 +22,9 @@ use crate::subscription::{Assignment, LET_GO_WAIT};
 
 /// Member locks take the second key from here up; partitions sit below it.
 const MEMBER_BASE: i32 = 1 << 20;
-/// How often a keeper looks at its leases unless configured.
-pub const TICK_DEFAULT: Duration = Duration::from_secs(2);
+/// How often a keeper looks at its leases unless configured: two small queries on its own
+/// connection, often enough that an instance that joins gets its share within about a second.
+pub const TICK_DEFAULT: Duration = Duration::from_millis(500);
 
 /// Keeps the leases of one consumer's partitions on Postgres.
 #[derive(Clone, Debug)]
