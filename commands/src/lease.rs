@@ -110,14 +110,7 @@ impl Session {
         let mut connection = PgConnection::connect_with(&leases.connect).await?;
         loop {
             let member = MEMBER_BASE + rand::random::<i32>().rem_euclid(i32::MAX - MEMBER_BASE);
-            let locked: bool = sqlx::query_scalar(
-                "SELECT pg_try_advisory_lock(hashtext('groupbuy.partitions:' || $1), $2)",
-            )
-            .bind(&leases.consumer)
-            .bind(member)
-            .fetch_one(&mut connection)
-            .await?;
-            if locked {
+            if try_lock(&mut connection, &leases.consumer, member).await? {
                 return Ok(Session {
                     connection,
                     member,
@@ -168,14 +161,7 @@ impl Session {
             if self.held.contains(&partition) {
                 continue;
             }
-            let locked: bool = sqlx::query_scalar(
-                "SELECT pg_try_advisory_lock(hashtext('groupbuy.partitions:' || $1), $2)",
-            )
-            .bind(&leases.consumer)
-            .bind(i32::from(partition))
-            .fetch_one(&mut self.connection)
-            .await?;
-            if locked {
+            if try_lock(&mut self.connection, &leases.consumer, i32::from(partition)).await? {
                 self.held.insert(partition);
             }
         }
@@ -212,6 +198,20 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Takes the lock `key` of `consumer`'s class (a partition, or a member) on `connection`,
+/// unless another session holds it.
+async fn try_lock(
+    connection: &mut PgConnection,
+    consumer: &str,
+    key: i32,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('groupbuy.partitions:' || $1), $2)")
+        .bind(consumer)
+        .bind(key)
+        .fetch_one(connection)
+        .await
 }
 
 /// The partitions each of `members` members aims at.

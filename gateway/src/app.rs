@@ -199,7 +199,8 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     relay: Relay,
-    projectors: Vec<Subscription>,
+    /// Each projection's subscription, with its consumer's name.
+    projectors: Vec<(String, Subscription)>,
     saga: Subscription,
     consumption: Consumption,
     deadlines: Arc<dyn Deadlines>,
@@ -282,32 +283,33 @@ struct Consumption {
 }
 
 impl Consumption {
-    /// Runs `subscription` of the consumer `name` until `stop`: over the partitions this
-    /// instance leases when the consumer is shared, else over all of them.
-    fn run(
+    /// Runs `subscription` of the consumer `name`, which instances share, until `stop`: over
+    /// the partitions this instance leases, or over all of them when there are no leases (the
+    /// embedded log).
+    fn run_shared(
         &self,
         subscription: Subscription,
         name: &str,
-        shared: bool,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
-        match (&self.partition_leases, shared) {
-            (Some(connect), true) => {
+        match &self.partition_leases {
+            Some(connect) => {
                 let leases = PgPartitionLeases::new(connect.clone(), name, self.partitions);
                 tokio::spawn(subscription.run_partitioned(leases.start(), stop))
             }
-            _ => tokio::spawn(subscription.run(stop)),
+            None => tokio::spawn(subscription.run(stop)),
         }
     }
 }
 
-/// The subscriptions feeding each projection of `store` from `bus`.
+/// The subscriptions feeding each projection of `store` from `bus`, with their consumers'
+/// names.
 fn projectors(
     bus: &Arc<dyn Bus>,
     store: &Arc<dyn ProjectionStore>,
     read_models: &ReadModels,
     mirror: &Mirror,
-) -> Vec<Subscription> {
+) -> Vec<(String, Subscription)> {
     let own_consumer = own_projection_consumers(read_models, mirror);
     ProjectionName::ALL
         .into_iter()
@@ -318,7 +320,10 @@ fn projectors(
                 options.consumer.name = format!("{}-{}", options.consumer.name, ulid::Ulid::new());
                 options.consumer.inactive_threshold = Some(Duration::from_secs(600));
             }
-            Subscription::new(Arc::clone(bus), options, consumer.clone(), consumer)
+            let name = consumer.consumer_name();
+            let subscription =
+                Subscription::new(Arc::clone(bus), options, consumer.clone(), consumer);
+            (name, subscription)
         })
         .collect()
 }
@@ -443,10 +448,9 @@ impl Application {
         let projectors = projectors(&bus, &store, &settings.read_models, &settings.mirror);
         let consumers = std::iter::once((Role::Saga, "order-saga".to_owned(), saga.stats()))
             .chain(
-                ProjectionName::ALL
-                    .into_iter()
-                    .zip(&projectors)
-                    .map(|(name, p)| (Role::Projections, format!("projection-{name}"), p.stats())),
+                projectors
+                    .iter()
+                    .map(|(name, p)| (Role::Projections, name.clone(), p.stats())),
             )
             .filter(|(role, _, _)| roles.runs(*role))
             .map(|(_, name, stats)| (name, stats))
@@ -549,11 +553,13 @@ impl Application {
         let runs = |role| self.roles.runs(role);
         let mut tasks = Vec::new();
         if runs(Role::Projections) {
-            let shared = !self.consumption.own_projection_consumers;
-            for (projector, name) in self.projectors.into_iter().zip(ProjectionName::ALL) {
-                let name = format!("projection-{name}");
+            for (name, projector) in self.projectors {
                 let stop = wait_stop(stopped.clone());
-                tasks.push(self.consumption.run(projector, &name, shared, stop));
+                tasks.push(if self.consumption.own_projection_consumers {
+                    tokio::spawn(projector.run(stop))
+                } else {
+                    self.consumption.run_shared(projector, &name, stop)
+                });
             }
             if let Some(every) = self.heal_read_models_every {
                 tasks.push(tokio::spawn(heal_read_models(
@@ -570,7 +576,7 @@ impl Application {
         }
         if runs(Role::Saga) {
             let stop = wait_stop(stopped.clone());
-            tasks.push(self.consumption.run(self.saga, "order-saga", true, stop));
+            tasks.push(self.consumption.run_shared(self.saga, "order-saga", stop));
         }
         if runs(Role::Deadlines) {
             let order_saga = self.order_saga;
