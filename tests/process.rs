@@ -31,7 +31,7 @@ pub fn serve_command(
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("GROUPBUY_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("DATABASE_URL", &db.url)
-        .env("NATS_URL", crate::bus::nats_url())
+        .env("NATS_URL", &streams.settings.url)
         .env("GROUPBUY_NATS_PREFIX", &streams.settings.prefix)
         .env("REDIS_URL", &redis.url)
         .env("GROUPBUY_REDIS_PREFIX", &redis.prefix)
