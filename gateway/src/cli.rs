@@ -226,7 +226,8 @@ pub struct ServeArgs {
     /// PostgreSQL URL of the event log. Unset: the embedded, volatile log.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// NATS URL of the JetStream mirror of the log. Unset: an embedded, in-process mirror.
+    /// NATS URL of the JetStream mirror of the log, or the URLs of several servers of one
+    /// cluster separated by commas. Unset: an embedded, in-process mirror.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
     /// First token of the JetStream subjects (and of the stream names, upper-cased).
@@ -243,6 +244,15 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u16).range(1..=i64::from(commands::bus::partition::PARTITIONS_MAX))
     )]
     pub partitions: u16,
+    /// How many servers of a JetStream cluster keep each of the mirror's streams (1 to 5, at
+    /// most the cluster's size). Raising it on a running deployment replicates the streams.
+    #[arg(
+        long,
+        env = "GROUPBUY_NATS_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=5)
+    )]
+    pub nats_replicas: u8,
     /// Redis URL of the read models, shared by every instance. Unset: read models in this
     /// instance's memory, built from the log at start. Needs DATABASE_URL.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
@@ -351,6 +361,7 @@ impl ServeArgs {
             Some(url) => Mirror::JetStream(JetStreamSettings {
                 prefix: self.nats_prefix.clone(),
                 partitions: self.partitions,
+                replicas: usize::from(self.nats_replicas),
                 ..JetStreamSettings::new(url)
             }),
             None => Mirror::Embedded,

@@ -1,17 +1,19 @@
 //! Chaos: a flash sale on three instances while a seeded schedule of faults hits them, then
 //! the invariants checked through the API and the audit.
 //!
-//! The deployment is real Postgres (a database of the run's own), and a NATS server and a
-//! Redis server the run starts itself ([`OwnNats`], [`OwnRedis`]), so it can kill them without
-//! touching the machine's. Three `groupbuy serve` processes share it: two run every role, the
+//! The deployment is real Postgres (a database of the run's own), and a NATS server (or a
+//! three-node JetStream cluster keeping three replicas of each stream) and a Redis server the
+//! run starts itself ([`OwnNats`], [`OwnRedis`]), so it can kill them without touching the
+//! machine's. Three `groupbuy serve` processes share it: two run every role, the
 //! third runs the relay, the saga, the projections and the deadlines but no HTTP API, so
 //! killing it kills a saga and a projector that serve no customer. Payments are simulated and
 //! a share of them fail, so orders are cancelled and their units released and sold again
 //! while the faults land.
 //!
 //! The seed picks the faults and when they land: `kill -9` of the relay's leader, of a
-//! follower or of the worker, NATS killed and started again on its store, Redis flushed, and
-//! every Postgres backend of the deployment terminated. What the system does between them is
+//! follower or of the worker, NATS killed and started again on its store (every node, or one
+//! node of the cluster), Redis flushed, and every Postgres backend of the deployment
+//! terminated. What the system does between them is
 //! not deterministic (three processes and the kernel schedule it), so a seed replays the
 //! schedule, not the interleaving; [`Verdict`] names the seed of a failed run.
 //!
@@ -25,6 +27,8 @@
 //! seeds and prints a table:
 //! `GROUPBUY_CHAOS_SEEDS=20 cargo test -p groupbuy-tests --test chaos -- --ignored --nocapture many_seeds`;
 //! `GROUPBUY_CHAOS_SEED=<seed>` with `replay` runs one seed with every kind of fault.
+//! `GROUPBUY_CHAOS_NATS_NODES=3` runs the long mode on a JetStream cluster, where the faults
+//! also kill one node at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -35,7 +39,7 @@ use std::time::{Duration, Instant};
 use gateway::loadgen::checks::{self, Outcome};
 use gateway::loadgen::{Order, OrderPage, Stock};
 use harness::bus::unique_settings;
-use harness::process::{free_port, serve_command, wait_until_listening};
+use harness::process::{free_port, serve_command};
 use harness::servers::{OwnNats, OwnRedis};
 use harness::{TestDb, TestRedis, TestStreams};
 use rand::rngs::StdRng;
@@ -71,8 +75,10 @@ enum Fault {
     KillFollower,
     /// `kill -9` of the instance that runs no API: a saga and a projector.
     KillWorker,
-    /// NATS killed and started again on its store.
+    /// NATS killed and started again on its store: every node of a cluster.
     RestartNats,
+    /// One node of the NATS cluster killed and started again on its store.
+    KillNatsNode,
     /// Redis loses every key.
     FlushRedis,
     /// Every Postgres backend of the deployment terminated.
@@ -90,11 +96,14 @@ impl Fault {
     ];
 }
 
-/// A run: its seed, how long customers order, and which faults may land.
+/// A run: its seed, how long customers order, which faults may land, and how many NATS
+/// servers the deployment runs (more than one: a JetStream cluster with a replica of each
+/// stream on every node).
 struct Plan {
     seed: u64,
     sale: Duration,
     faults: Vec<Fault>,
+    nats_nodes: usize,
 }
 
 /// One fault of the schedule: when it lands after the sale starts, and how long what it
@@ -214,8 +223,8 @@ struct Deployment {
 }
 
 impl Deployment {
-    async fn start() -> Deployment {
-        let nats = OwnNats::start().await;
+    async fn start(nats_nodes: usize) -> Deployment {
+        let nats = OwnNats::cluster(nats_nodes).await;
         let redis = OwnRedis::start().await;
         let streams = TestStreams {
             settings: unique_settings(&nats.url()),
@@ -255,6 +264,7 @@ impl Deployment {
         let instance = &self.instances[i];
         let process = serve_command(binary, instance.port, &self.db, &self.streams, &self.keys)
             .env("GROUPBUY_ROLES", instance.roles)
+            .env("GROUPBUY_NATS_REPLICAS", self.nats.nodes().to_string())
             .env("GROUPBUY_OPERATOR_TOKEN", OPERATOR)
             .env("GROUPBUY_TOKEN_SECRET", TOKEN_SECRET)
             .env("GROUPBUY_PAYMENT_PROVIDER", "simulated")
@@ -279,10 +289,10 @@ impl Deployment {
         format!("http://127.0.0.1:{}{path}", self.instances[i].port)
     }
 
-    /// Waits until every instance answers `/readyz` with 200.
+    /// Waits until every instance answers `/readyz` with 200. An instance may take a while
+    /// to listen: on a cluster that is electing a leader it asks for its streams again.
     async fn all_ready(&self) {
-        for (i, instance) in self.instances.iter().enumerate() {
-            wait_until_listening(instance.port, "groupbuy").await;
+        for i in 0..self.instances.len() {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let ready = self.client.get(self.url(i, "/readyz")).send().await;
@@ -364,6 +374,12 @@ impl Deployment {
                 self.nats.kill().await;
                 tokio::time::sleep(down).await;
                 self.nats.restart().await;
+            }
+            Fault::KillNatsNode => {
+                let node = rng.gen_range(0..self.nats.nodes());
+                self.nats.kill_node(node).await;
+                tokio::time::sleep(down).await;
+                self.nats.restart_node(node).await;
             }
             Fault::FlushRedis => {
                 let client = redis::Client::open(self.redis.url()).unwrap();
@@ -483,7 +499,9 @@ fn is_refused_for_good(status: StatusCode) -> bool {
 /// Runs `plan` and judges it.
 async fn run(plan: &Plan) -> Verdict {
     let started = Instant::now();
-    let deployment = Arc::new(tokio::sync::RwLock::new(Deployment::start().await));
+    let deployment = Arc::new(tokio::sync::RwLock::new(
+        Deployment::start(plan.nats_nodes).await,
+    ));
     let campaign_id = {
         let d = deployment.read().await;
         let store = d
@@ -714,6 +732,7 @@ async fn a_sale_keeps_its_invariants_while_instances_are_killed_and_nats_restart
             Fault::KillWorker,
             Fault::RestartNats,
         ],
+        nats_nodes: 1,
     })
     .await;
     println!("{verdict}");
@@ -731,6 +750,7 @@ async fn a_sale_keeps_its_invariants_while_redis_is_flushed_and_backends_are_ter
             Fault::TerminateBackends,
             Fault::KillLeader,
         ],
+        nats_nodes: 1,
     })
     .await;
     println!("{verdict}");
@@ -738,15 +758,31 @@ async fn a_sale_keeps_its_invariants_while_redis_is_flushed_and_backends_are_ter
     assert!(verdict.is_clean(), "{verdict}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_keeps_its_invariants_on_a_jetstream_cluster_while_its_nodes_die() {
+    let verdict = run(&Plan {
+        seed: 13,
+        sale: Duration::from_secs(14),
+        faults: vec![Fault::KillNatsNode, Fault::KillNatsNode, Fault::KillLeader],
+        nats_nodes: 3,
+    })
+    .await;
+    println!("{verdict}");
+    assert!(verdict.accepted > 0, "{verdict}");
+    assert!(verdict.faults.contains_key("KillNatsNode"), "{verdict}");
+    assert!(verdict.is_clean(), "{verdict}");
+}
+
 /// One seed, every kind of fault: `GROUPBUY_CHAOS_SEED` (default 1), `GROUPBUY_CHAOS_SALE_S`
-/// (default 15).
+/// (default 15), `GROUPBUY_CHAOS_NATS_NODES` (default 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the long mode; run with --ignored"]
 async fn replay() {
     let verdict = run(&Plan {
         seed: seed_from_env("GROUPBUY_CHAOS_SEED").unwrap_or(1),
         sale: Duration::from_secs(seed_from_env("GROUPBUY_CHAOS_SALE_S").unwrap_or(15)),
-        faults: Fault::ALL.to_vec(),
+        faults: faults(nats_nodes()),
+        nats_nodes: nats_nodes(),
     })
     .await;
     println!("{verdict}");
@@ -766,7 +802,8 @@ async fn many_seeds() {
         let verdict = run(&Plan {
             seed,
             sale,
-            faults: Fault::ALL.to_vec(),
+            faults: faults(nats_nodes()),
+            nats_nodes: nats_nodes(),
         })
         .await;
         println!("{verdict}");
@@ -774,6 +811,20 @@ async fn many_seeds() {
     }
     println!("{}", table(&verdicts));
     assert!(verdicts.iter().all(Verdict::is_clean), "a run failed");
+}
+
+/// The NATS servers of the long mode: `GROUPBUY_CHAOS_NATS_NODES`, default 1.
+fn nats_nodes() -> usize {
+    seed_from_env("GROUPBUY_CHAOS_NATS_NODES").map_or(1, |n| n.try_into().unwrap())
+}
+
+/// Every kind of fault, and on a cluster one node killed at a time as well.
+fn faults(nats_nodes: usize) -> Vec<Fault> {
+    let mut faults = Fault::ALL.to_vec();
+    if nats_nodes > 1 {
+        faults.push(Fault::KillNatsNode);
+    }
+    faults
 }
 
 /// The long mode's table, in Markdown.
@@ -813,6 +864,7 @@ fn a_schedule_deals_every_kind_of_fault_before_any_twice() {
             seed,
             sale: Duration::from_secs(60),
             faults: Fault::ALL.to_vec(),
+            nats_nodes: 1,
         };
         let schedule = plan.schedule();
         assert!(

@@ -10,11 +10,13 @@
 //! - `<PREFIX>_DEAD_LETTERS` holds what consumers gave up on, on
 //!   `<prefix>.dead.<consumer>`.
 //!
-//! Durability: the streams use file storage with one replica. JetStream acknowledges a
-//! publish once the message is written to the store, *before* it is fsynced, so a machine
-//! crash (not a process crash) can lose the last acknowledged messages. The relay checks for
-//! that when it takes over: when the stream ends before the relay's checkpoint it publishes
-//! again from where the stream ends ([`Bus::published`]).
+//! Durability: the streams use file storage with [`JetStreamSettings::replicas`] replicas (one
+//! by default; three on a JetStream cluster keep the mirror through the loss of a node). A
+//! server acknowledges a publish once the message is written to the store (on a quorum of the
+//! replicas), *before* it is fsynced, so a crash of the machines (not of a process) can lose
+//! the last acknowledged messages. The relay checks for that when it takes over: when the
+//! stream ends before the relay's checkpoint it publishes again from where the stream ends
+//! ([`Bus::published`]).
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -38,7 +40,9 @@ use crate::trace::TraceParent;
 /// Where the mirror lives and how it keeps messages.
 #[derive(Clone, Debug)]
 pub struct JetStreamSettings {
-    /// The NATS server, e.g. `nats://127.0.0.1:4222`.
+    /// The NATS server, e.g. `nats://127.0.0.1:4222`, or several servers of one cluster
+    /// separated by commas; the client also learns the cluster's other servers from the one
+    /// it reaches.
     pub url: String,
     /// First token of every subject, and (upper-cased) of the stream names. Tests use a
     /// prefix of their own.
@@ -51,6 +55,9 @@ pub struct JetStreamSettings {
     /// How many partitions the log is published in (see [`crate::bus::partition`]). Changed
     /// only with a drain: a stream's events in flight must not cross partitions.
     pub partitions: u16,
+    /// How many servers of a JetStream cluster keep each stream (1 to 5; at most the number
+    /// of servers). Durable consumers take the stream's count.
+    pub replicas: usize,
 }
 
 impl JetStreamSettings {
@@ -62,6 +69,7 @@ impl JetStreamSettings {
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
             partitions: super::partition::PARTITIONS_DEFAULT,
+            replicas: 1,
         }
     }
 
@@ -107,7 +115,7 @@ impl JetStreamSettings {
             description: Some(EVENTS_DESCRIPTION.into()),
             subjects: vec![format!("{}.events.>", self.prefix)],
             storage: StorageType::File,
-            num_replicas: 1,
+            num_replicas: self.replicas,
             // Consumers keep their own position; messages go when they are old, not when
             // consumed, so a new consumer or a rebuild can start from any retained point.
             retention: RetentionPolicy::Limits,
@@ -125,7 +133,7 @@ impl JetStreamSettings {
             description: Some("groupbuy: events consumers gave up on".into()),
             subjects: vec![format!("{}.dead.>", self.prefix)],
             storage: StorageType::File,
-            num_replicas: 1,
+            num_replicas: self.replicas,
             retention: RetentionPolicy::Limits,
             discard: DiscardPolicy::Old,
             max_age: Duration::from_secs(30 * 24 * 3600),
@@ -134,6 +142,9 @@ impl JetStreamSettings {
         }
     }
 }
+
+/// How many times a connected bus asks for a change to its streams before it gives up.
+const SETTLE_ATTEMPTS: u32 = 6;
 
 /// The events stream's description before a log is bound to it.
 const EVENTS_DESCRIPTION: &str = "groupbuy: mirror of the event log";
@@ -161,15 +172,27 @@ pub struct JetStreamBus {
     log_id: Arc<OnceLock<String>>,
 }
 
-/// `url` with any `user:password@` taken out, fit for messages and logs.
+/// The servers a `url` setting lists, separated by commas.
+fn servers(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|server| !server.is_empty())
+        .collect()
+}
+
+/// `url` with any `user:password@` taken out of each server, fit for messages and logs.
 fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        (None, Some(at)) => url[at + 1..].to_owned(),
-        _ => url.to_owned(),
-    }
+    servers(url)
+        .into_iter()
+        .map(|server| match (server.find("://"), server.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}{}", &server[..scheme + 3], &server[at + 1..])
+            }
+            (None, Some(at)) => server[at + 1..].to_owned(),
+            _ => server.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl JetStreamBus {
@@ -180,7 +203,7 @@ impl JetStreamBus {
             .name("groupbuy")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(&settings.url)
+            .connect(servers(&settings.url))
             .await
             .map_err(BusError::unavailable)?;
         let bus = JetStreamBus {
@@ -189,7 +212,10 @@ impl JetStreamBus {
             settings,
             log_id: Arc::default(),
         };
-        if let Err(error) = bus.ensure_streams().await {
+        if let Err(error) = bus
+            .settled("set up the streams", || bus.ensure_streams())
+            .await
+        {
             // The client retries in the background, so a server that cannot be reached shows
             // only as a request that timed out: say which server.
             if bus.client.connection_state() != async_nats::connection::State::Connected {
@@ -201,6 +227,84 @@ impl JetStreamBus {
             return Err(error);
         }
         Ok(bus)
+    }
+
+    /// Runs `step`, a change to the streams' configuration, again while it times out on a
+    /// connected client: a cluster decides on a stream's configuration by vote, so instances
+    /// starting together, or a leader being elected, can make a request time out that the
+    /// cluster then carries out. Asking again settles it.
+    async fn settled<T, F, Fut>(&self, what: &str, mut step: F) -> Result<T, BusError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, BusError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match step().await {
+                Err(BusError::Unavailable(error))
+                    if attempt < SETTLE_ATTEMPTS
+                        && self.client.connection_state()
+                            == async_nats::connection::State::Connected =>
+                {
+                    tracing::warn!(%error, attempt, "cannot {what} yet; trying again");
+                    tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+                    attempt += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// [`Bus::bind_log`], asked once.
+    async fn bind_log_once(&self, log_id: &str) -> Result<(), BusError> {
+        let name = self.settings.events_stream();
+        let mut stream = self
+            .context
+            .get_stream(&name)
+            .await
+            .map_err(BusError::unavailable)?;
+        let info = stream.info().await.map_err(BusError::unavailable)?.clone();
+        let described = info
+            .config
+            .description
+            .as_deref()
+            .and_then(log_of_description)
+            .map(str::to_owned);
+        // A stream from before logs had identities: its newest message may still tell.
+        let theirs = match described.clone() {
+            Some(theirs) => Some(theirs),
+            None if info.state.last_sequence > 0 => stream
+                .get_raw_message(info.state.last_sequence)
+                .await
+                .ok()
+                .and_then(|m| m.headers.get(header::LOG_ID).map(|v| v.as_str().to_owned())),
+            None => None,
+        };
+        if let Some(theirs) = theirs.filter(|theirs| theirs != log_id) {
+            return Err(BusError::ForeignLog {
+                stream: name,
+                theirs,
+                ours: log_id.to_owned(),
+            });
+        }
+        if described.is_none() {
+            let mut config = info.config;
+            config.description = Some(bound_description(log_id));
+            self.context
+                .update_stream(config)
+                .await
+                .map_err(BusError::unavailable)?;
+        }
+        if self.log_id.set(log_id.to_owned()).is_err()
+            && self.log_id.get().map(String::as_str) != Some(log_id)
+        {
+            return Err(BusError::ForeignLog {
+                stream: name,
+                theirs: self.log_id.get().cloned().unwrap_or_default(),
+                ours: log_id.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     async fn ensure_streams(&self) -> Result<(), BusError> {
@@ -318,54 +422,8 @@ impl Bus for JetStreamBus {
     }
 
     async fn bind_log(&self, log_id: &str) -> Result<(), BusError> {
-        let name = self.settings.events_stream();
-        let mut stream = self
-            .context
-            .get_stream(&name)
+        self.settled("bind the log to its stream", || self.bind_log_once(log_id))
             .await
-            .map_err(BusError::unavailable)?;
-        let info = stream.info().await.map_err(BusError::unavailable)?.clone();
-        let described = info
-            .config
-            .description
-            .as_deref()
-            .and_then(log_of_description)
-            .map(str::to_owned);
-        // A stream from before logs had identities: its newest message may still tell.
-        let theirs = match described.clone() {
-            Some(theirs) => Some(theirs),
-            None if info.state.last_sequence > 0 => stream
-                .get_raw_message(info.state.last_sequence)
-                .await
-                .ok()
-                .and_then(|m| m.headers.get(header::LOG_ID).map(|v| v.as_str().to_owned())),
-            None => None,
-        };
-        if let Some(theirs) = theirs.filter(|theirs| theirs != log_id) {
-            return Err(BusError::ForeignLog {
-                stream: name,
-                theirs,
-                ours: log_id.to_owned(),
-            });
-        }
-        if described.is_none() {
-            let mut config = info.config;
-            config.description = Some(bound_description(log_id));
-            self.context
-                .update_stream(config)
-                .await
-                .map_err(BusError::unavailable)?;
-        }
-        if self.log_id.set(log_id.to_owned()).is_err()
-            && self.log_id.get().map(String::as_str) != Some(log_id)
-        {
-            return Err(BusError::ForeignLog {
-                stream: name,
-                theirs: self.log_id.get().cloned().unwrap_or_default(),
-                ours: log_id.to_owned(),
-            });
-        }
-        Ok(())
     }
 
     async fn subscribe(&self, options: &ConsumerOptions) -> Result<Box<dyn Deliveries>, BusError> {
@@ -584,7 +642,7 @@ impl Deliveries for JetStreamDeliveries {
 
 #[cfg(test)]
 mod tests {
-    use super::without_credentials;
+    use super::{servers, without_credentials};
 
     #[test]
     fn server_urls_lose_their_credentials_in_messages() {
@@ -594,5 +652,18 @@ mod tests {
         );
         assert_eq!(without_credentials("tok@nats:4222"), "nats:4222");
         assert_eq!(without_credentials("nats://nats:4222"), "nats://nats:4222");
+        assert_eq!(
+            without_credentials("nats://u:pw@a:4222, nats://b:4222"),
+            "nats://a:4222,nats://b:4222"
+        );
+    }
+
+    #[test]
+    fn a_url_setting_lists_the_servers_of_a_cluster() {
+        assert_eq!(servers("nats://a:4222"), ["nats://a:4222"]);
+        assert_eq!(
+            servers("nats://a:4222, nats://b:4222,,nats://c:4222 "),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
     }
 }
