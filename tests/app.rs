@@ -105,6 +105,7 @@ pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings))
         operator_token: OPERATOR_TOKEN.into(),
         token_secret: b"test-token-secret".to_vec(),
         storage,
+        group_commit: Default::default(),
         mirror,
         read_models,
         rebuild: Default::default(),

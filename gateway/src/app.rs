@@ -111,6 +111,8 @@ pub struct Settings {
     pub token_secret: Vec<u8>,
     /// Where events are stored.
     pub storage: Storage,
+    /// How concurrent appends are gathered into transactions.
+    pub group_commit: GroupCommitOptions,
     /// Where the log is mirrored.
     pub mirror: Mirror,
     /// Where the read models live.
@@ -226,9 +228,12 @@ pub struct Opened {
 
 /// Connects (and migrates) the configured event log, with the stores that go with it. Its
 /// appends are group-committed: concurrent appends share a transaction.
-pub async fn open_log(storage: &Storage) -> Result<Opened, StartupError> {
+pub async fn open_log(
+    storage: &Storage,
+    group_commit: &GroupCommitOptions,
+) -> Result<Opened, StartupError> {
     let group_committed = |log: Arc<dyn EventLog>| -> Arc<dyn EventLog> {
-        Arc::new(GroupCommit::new(log, GroupCommitOptions::default()))
+        Arc::new(GroupCommit::new(log, group_commit.clone()))
     };
     Ok(match storage {
         Storage::Embedded => Opened {
@@ -407,7 +412,7 @@ impl Application {
             leases,
             deadlines,
             partition_leases,
-        } = open_log(&settings.storage).await?;
+        } = open_log(&settings.storage, &settings.group_commit).await?;
         let bus = open_bus(&settings.mirror).await?;
         let bus_partitions = bus.partitions();
         // Refuses a mirror that holds another deployment's log, before anything is consumed.

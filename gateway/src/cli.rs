@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use commands::group_commit::GroupCommitOptions;
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 
 use commands::bus::jetstream::JetStreamSettings;
@@ -294,6 +295,15 @@ pub struct ServeArgs {
     /// Most Postgres connections this instance opens.
     #[arg(long, env = "GROUPBUY_PG_CONNECTIONS_MAX", default_value_t = 16)]
     pub pg_connections_max: u32,
+    /// How long the log's committer waits for more appends once it has one and the batch is
+    /// not full, in microseconds. Longer: fuller transactions, fewer commits, later answers.
+    #[arg(
+        long,
+        env = "GROUPBUY_GROUP_COMMIT_LINGER_US",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(0..=100_000)
+    )]
+    pub group_commit_linger_us: u64,
     /// API requests served at once; more are answered 503 with Retry-After.
     #[arg(long, env = "GROUPBUY_IN_FLIGHT_REQUESTS_MAX", default_value_t = 1_024)]
     pub in_flight_requests_max: usize,
@@ -393,6 +403,10 @@ impl ServeArgs {
             operator_token,
             token_secret,
             storage,
+            group_commit: GroupCommitOptions {
+                linger: Duration::from_micros(self.group_commit_linger_us),
+                ..GroupCommitOptions::default()
+            },
             mirror,
             read_models,
             rebuild: Default::default(),

@@ -974,6 +974,7 @@ fn app_settings(db: &TestDb, mirror: JetStreamSettings) -> gateway::app::Setting
             url: db.url.clone(),
             options: Default::default(),
         },
+        group_commit: Default::default(),
         mirror: Mirror::JetStream(mirror),
         read_models: ReadModels::Embedded,
         rebuild: Default::default(),
