@@ -7,8 +7,7 @@
 //! The state is bounded by the limit: released orders leave it, and a customer cannot hold
 //! more live orders than units.
 
-use std::collections::BTreeMap;
-
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::ORDER_QUANTITY_UNITS_MAX;
@@ -39,8 +38,12 @@ pub struct Held {
 pub struct Holding {
     /// Live (reserved or sold) units.
     pub live_units: u32,
-    /// Live orders and what they hold. Released orders are gone.
-    pub orders: BTreeMap<OrderId, Held>,
+    /// Live orders and what they hold. Released orders are gone. A persistent map: a clone
+    /// shares its tree and a change copies only the path it touches, so the campaign writer,
+    /// which decides each batch on copies of its customers' holdings, pays the same for a
+    /// customer with a thousand live orders as for one with one. It serializes as the map it
+    /// is, by order id, as a `BTreeMap` does.
+    pub orders: OrdMap<OrderId, Held>,
 }
 
 impl Holding {

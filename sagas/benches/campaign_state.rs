@@ -4,6 +4,10 @@
 //! and every customer's units in the campaign, cloned on each decision and serialised whole in
 //! each snapshot), emulated by its two maps.
 //!
+//! A customer's holding is the other state a writer decides on: it copies the holding of each
+//! customer of a batch from its cache, and decides on the copy. It is timed with 1 and with
+//! 1 000 live orders, beside the same copy of the `BTreeMap` it was before.
+//!
 //! `cargo bench -p groupbuy-sagas --bench campaign_state`
 
 use std::collections::BTreeMap;
@@ -12,7 +16,7 @@ use std::time::Instant;
 
 use chrono::{TimeZone, Utc};
 use domain::campaign::{Campaign, CampaignAggregate, CampaignCreated, CampaignEvent};
-use domain::holding::Holding;
+use domain::holding::{Held, Holding, ReservationState};
 use domain::order::{Order, OrderStatus};
 use domain::saga::{advance, Bucket, OrderFacts};
 use domain::{Aggregate, CampaignId, Cents, OrderId, StoreId, UserId};
@@ -169,5 +173,34 @@ fn main() {
             black_box(serde_json::to_vec(&(reservations, &before.1)).expect("serialises"));
         });
         println!("| {orders} | {cache:.0} ns | {snapshot:.0} ns |");
+    }
+    println!();
+    println!("A customer's holding, copied for a batch and then holding one more order:");
+    println!();
+    println!("| live orders of the customer | holding (persistent map) | a `BTreeMap` of them |");
+    println!("|---:|---:|---:|");
+    let held = Held {
+        quantity: 1,
+        state: ReservationState::Reserved,
+    };
+    for orders in [1u64, 1_000] {
+        let ids = (0..orders).map(|n| OrderId::from_ulid(Ulid::from_parts(3, n.into())));
+        let holding = Holding {
+            live_units: orders as u32,
+            orders: ids.clone().map(|id| (id, held)).collect(),
+        };
+        let map: BTreeMap<OrderId, Held> = ids.map(|id| (id, held)).collect();
+        let next = OrderId::from_ulid(Ulid::from_parts(4, 1));
+        let persistent = time(|| {
+            let mut copy = holding.clone();
+            copy.orders.insert(next, held);
+            black_box(copy);
+        });
+        let tree = time(|| {
+            let mut copy = map.clone();
+            copy.insert(next, held);
+            black_box(copy);
+        });
+        println!("| {orders} | {persistent:.0} ns | {tree:.0} ns |");
     }
 }

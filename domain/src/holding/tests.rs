@@ -190,3 +190,27 @@ fn given_an_order_that_holds_nothing_when_sold_then_reservation_not_found() {
 fn evolving_a_release_of_nothing_is_a_bug_not_a_clamp() {
     HoldingAggregate::evolve(Holding::default(), &released(1, 2));
 }
+
+#[test]
+fn a_holding_serializes_as_a_map_by_order_id_as_its_snapshots_always_have() {
+    let order_id = OrderId::from_ulid(Ulid::from_parts(3, 1));
+    let holding = Holding {
+        live_units: 2,
+        orders: OrdMap::from(vec![(
+            order_id,
+            Held {
+                quantity: 2,
+                state: ReservationState::Reserved,
+            },
+        )]),
+    };
+    let json = serde_json::to_value(&holding).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "live_units": 2,
+            "orders": { order_id.to_string(): { "quantity": 2, "state": "reserved" } },
+        })
+    );
+    assert_eq!(serde_json::from_value::<Holding>(json).unwrap(), holding);
+}

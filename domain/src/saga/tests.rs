@@ -338,7 +338,7 @@ fn an_order_over_the_customers_limit_is_rejected_limit_exceeded() {
     let other = OrderId::from_ulid(ulid::Ulid::from_parts(9, 9));
     facts.holding = Holding {
         live_units: 2,
-        orders: BTreeMap::from([(
+        orders: imbl::OrdMap::from(vec![(
             other,
             Held {
                 quantity: 2,
