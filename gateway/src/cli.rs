@@ -296,7 +296,9 @@ pub struct ServeArgs {
     #[arg(long, env = "GROUPBUY_PG_CONNECTIONS_MAX", default_value_t = 16)]
     pub pg_connections_max: u32,
     /// How long the log's committer waits for more appends once it has one and the batch is
-    /// not full, in microseconds. Longer: fuller transactions, fewer commits, later answers.
+    /// not full, in microseconds. Fuller transactions only when appends arrive faster than
+    /// transactions end; every append waits that much longer (docs/benchmarks.md: on a flash
+    /// sale it costs more than it saves, so the default is 0).
     #[arg(
         long,
         env = "GROUPBUY_GROUP_COMMIT_LINGER_US",
