@@ -5,8 +5,11 @@
 //!
 //! - **Bounded work.** At most `max_in_flight` deliveries are held at once, spread over
 //!   `lanes` workers; the bus holds back the rest.
-//! - **Per-stream order**, with [`Ordering::PerStream`]: deliveries are handled one at a time,
-//!   in the order they came, and a failing batch is retried in place (holding back what
+//! - **Batches that grow with the load.** A lane whose handler takes batches takes every
+//!   delivery that waited for it (at most 16) and hands their events over as one batch; when
+//!   that batch cannot be handled at once, each delivery is handled on its own as below.
+//! - **Per-stream order**, with [`Ordering::PerStream`]: deliveries are handled in the order
+//!   they came, one batch at a time, and a failing batch is retried in place (holding back what
 //!   follows) rather than sent back to the bus. A delivery with an event whose predecessor has
 //!   not been handled yet (one redelivered after a crash, say) is sent back to wait for it, for
 //!   at most `gap_wait`. With [`Ordering::Unordered`], deliveries are handled in parallel lanes.
@@ -160,6 +163,19 @@ impl DedupeError {
 pub trait Dedupe: Send + Sync + 'static {
     /// Whether `consumer` is done with `event`.
     async fn seen(&self, consumer: &str, event: &Envelope) -> Result<Seen, DedupeError>;
+    /// [`Dedupe::seen`] of each of `events`, each of a different stream; stores that can
+    /// answer in one go (one round trip for a batch).
+    async fn seen_all(
+        &self,
+        consumer: &str,
+        events: &[&Envelope],
+    ) -> Result<Vec<Seen>, DedupeError> {
+        let mut seen = Vec::with_capacity(events.len());
+        for event in events {
+            seen.push(self.seen(consumer, event).await?);
+        }
+        Ok(seen)
+    }
     /// Records that `consumer` is done with `event`.
     async fn record(&self, consumer: &str, event: &Envelope) -> Result<(), DedupeError>;
     /// Records that `consumer` is done with `events`; stores that can, do it in one go.
@@ -447,6 +463,9 @@ struct Runtime {
 
 /// Pause before subscribing again after the subscription broke.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
+/// Most deliveries a lane takes at once, when its handler takes batches: what waited while it
+/// handled the last ones, so batches grow with the load.
+const GROUP_DELIVERIES_MAX: usize = 16;
 /// Pause before an event that arrived ahead of its stream's previous event comes back.
 const EARLY_RETRY: Duration = Duration::from_millis(250);
 
@@ -596,8 +615,17 @@ impl Lanes {
                     mpsc::unbounded_channel::<(Delivery, OwnedSemaphorePermit)>();
                 let runtime = Arc::clone(runtime);
                 let worker = tokio::spawn(async move {
-                    while let Some((delivery, _permit)) = receive.recv().await {
-                        runtime.process(delivery).await;
+                    let taken = metrics::histogram!(
+                        "groupbuy_subscription_batch_deliveries",
+                        "consumer" => runtime.name().to_owned()
+                    );
+                    let mut group = Vec::new();
+                    while receive.recv_many(&mut group, runtime.group_size()).await > 0 {
+                        taken.record(group.len() as f64);
+                        // The permits go with the deliveries, once they are handled.
+                        let (deliveries, _permits): (Vec<Delivery>, Vec<_>) =
+                            group.drain(..).unzip();
+                        runtime.process_all(deliveries).await;
                     }
                 });
                 (send, worker)
@@ -782,6 +810,82 @@ impl Runtime {
         &self.options.consumer.name
     }
 
+    /// Deliveries a lane takes at once: the handler gets their events as one batch when it
+    /// takes batches.
+    fn group_size(&self) -> usize {
+        if self.handler.handles_batches() {
+            GROUP_DELIVERIES_MAX
+        } else {
+            1
+        }
+    }
+
+    /// Handles deliveries that waited in one lane, in order: their events as one batch (one
+    /// dedupe question, one handler call, for many messages); when that cannot be (a poison
+    /// message, an event early for its stream, a failing batch) each on its own, as
+    /// [`Runtime::process`] does.
+    async fn process_all(&self, deliveries: Vec<Delivery>) {
+        if deliveries.len() < 2 {
+            for delivery in deliveries {
+                self.process(delivery).await;
+            }
+            return;
+        }
+        let mut read = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match delivery.events_where(|head| self.handler.wants(head)) {
+                Ok(events) => read.push((delivery, events)),
+                Err(reason) => self.give_up_message(&delivery, &reason).await,
+            }
+        }
+        let wanted: Vec<&Envelope> = read.iter().flat_map(|(_, events)| events).collect();
+        let handled = match self.fresh(&wanted).await {
+            Ok(Fresh::Ready(fresh)) => {
+                SubscriptionStats::add(&self.stats.duplicates, (wanted.len() - fresh.len()) as u64);
+                fresh.is_empty() || self.handle_at_once(&fresh).await
+            }
+            Ok(Fresh::Early(_)) => false,
+            Err(error) => {
+                tracing::debug!(consumer = %self.name(), %error, "cannot check a group of deliveries for duplicates");
+                false
+            }
+        };
+        for (delivery, _) in read {
+            if handled {
+                ack(&delivery, self.name()).await;
+            } else {
+                self.process(delivery).await;
+            }
+        }
+    }
+
+    /// One try at handling `events` (of several deliveries) as one batch; whether it worked.
+    /// The events stay to be handled delivery by delivery when it did not: those it did
+    /// handle are duplicates by then.
+    async fn handle_at_once(&self, events: &[&Envelope]) -> bool {
+        let spans: Vec<tracing::Span> = events
+            .iter()
+            .map(|event| crate::trace::event_span(self.name(), event))
+            .collect();
+        let handled: Vec<Envelope> = events
+            .iter()
+            .zip(&spans)
+            .map(|(event, span)| as_handled_in(event, span))
+            .collect();
+        let span = tracing::debug_span!("batch", consumer = %self.name(), events = events.len());
+        match self.attempt(&handled).instrument(span).await {
+            Ok(()) => {
+                self.done_with(events).await;
+                SubscriptionStats::add(&self.stats.handled, events.len() as u64);
+                true
+            }
+            Err(error) => {
+                tracing::debug!(consumer = %self.name(), events = events.len(), %error, "a batch of several deliveries failed; handling each on its own");
+                false
+            }
+        }
+    }
+
     async fn process(&self, delivery: Delivery) {
         let events = match delivery.events_where(|head| self.handler.wants(head)) {
             Ok(events) => events,
@@ -809,15 +913,39 @@ impl Runtime {
     /// The events of a delivery this consumer is not done with, in order; or how many wait
     /// for an earlier event of their stream that has not come yet.
     async fn fresh<'e>(&self, events: &[&'e Envelope]) -> Result<Fresh<'e>, DedupeError> {
+        // The store answers for the first event of each stream, all at once. Versions taken
+        // earlier in this delivery count as done for the events after them; a stream whose
+        // first events were done already is asked about again.
+        let mut firsts: Vec<&Envelope> = Vec::new();
+        let mut streams: HashSet<&str> = HashSet::new();
+        for &event in events {
+            if streams.insert(event.stream_id.as_str()) {
+                firsts.push(event);
+            }
+        }
+        let answers = self.dedupe.seen_all(self.name(), &firsts).await?;
+        if answers.len() != firsts.len() {
+            return Err(DedupeError::new(format!(
+                "the dedupe store answered for {} of {} events",
+                answers.len(),
+                firsts.len()
+            )));
+        }
+        let mut answers: HashMap<&str, Seen> = firsts
+            .iter()
+            .map(|event| event.stream_id.as_str())
+            .zip(answers)
+            .collect();
         let mut not_done = Vec::with_capacity(events.len());
-        // Versions taken earlier in this delivery count as done for the events after them.
         let mut taken: HashMap<&str, u64> = HashMap::new();
         let mut early = 0u64;
         let mut gap = None;
         for &event in events {
-            let seen = match taken.get(event.stream_id.as_str()) {
-                Some(&done_to) => by_version(done_to, event.stream_version),
-                None => self.dedupe.seen(self.name(), event).await?,
+            let stream = event.stream_id.as_str();
+            let seen = match (taken.get(stream), answers.remove(stream)) {
+                (Some(&done_to), _) => by_version(done_to, event.stream_version),
+                (None, Some(seen)) => seen,
+                (None, None) => self.dedupe.seen(self.name(), event).await?,
             };
             match seen {
                 Seen::Done => continue,
@@ -827,7 +955,7 @@ impl Runtime {
                     gap.get_or_insert((event, done_to));
                 }
             }
-            taken.insert(&event.stream_id, event.stream_version);
+            taken.insert(stream, event.stream_version);
             not_done.push(event);
         }
         if let Some((event, done_to)) = gap {

@@ -15,6 +15,8 @@
 //!   models and the events of their streams still to apply.
 //! - `subscription_events_total{consumer,outcome}`: per consumer, events `handled`,
 //!   `duplicate`, `retried`, `early` and `dead_lettered`.
+//! - `subscription_batch_deliveries{consumer}` (histogram): deliveries a consumer's lane took
+//!   at once, their events handled as one batch.
 //! - `subscription_partitions{consumer}`: the partitions of a shared consumer this instance
 //!   consumes now (its leases, ADR 0012).
 //! - `rate_limited_total{scope}` (`customer`, `global`) and `shed_total{reason}`

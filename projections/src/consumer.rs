@@ -59,6 +59,20 @@ impl ProjectionConsumer {
         }
     }
 
+    /// What can be said of `event` without asking the store: it is new to a projection that
+    /// does not read its stream; done stays done; and next is safe, as the store applies
+    /// atomically and skips what it holds. An event that looks early is for the store.
+    fn remembered_seen(&self, event: &Envelope) -> Option<Seen> {
+        if !self.name.reads(&event.stream_id) {
+            return Some(Seen::New);
+        }
+        let done_to = self.remembered(&event.stream_id)?;
+        match by_version(done_to, event.stream_version) {
+            seen @ (Seen::Done | Seen::New) => Some(seen),
+            Seen::Early { .. } => None,
+        }
+    }
+
     fn remembered(&self, stream_id: &str) -> Option<u64> {
         let remembered = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
         remembered.versions.get(stream_id).copied()
@@ -108,16 +122,8 @@ impl Handler for ProjectionConsumer {
 #[async_trait]
 impl Dedupe for ProjectionConsumer {
     async fn seen(&self, _consumer: &str, event: &Envelope) -> Result<Seen, DedupeError> {
-        if !self.name.reads(&event.stream_id) {
-            return Ok(Seen::New);
-        }
-        if let Some(done_to) = self.remembered(&event.stream_id) {
-            match by_version(done_to, event.stream_version) {
-                // Done stays done; New is safe, as the store applies atomically and skips
-                // what it holds.
-                seen @ (Seen::Done | Seen::New) => return Ok(seen),
-                Seen::Early { .. } => {}
-            }
+        if let Some(seen) = self.remembered_seen(event) {
+            return Ok(seen);
         }
         let done_to = self
             .store
@@ -125,6 +131,36 @@ impl Dedupe for ProjectionConsumer {
             .await
             .map_err(|e| DedupeError::new(e.to_string()))?;
         Ok(by_version(done_to, event.stream_version))
+    }
+
+    /// Answers what this process remembers at once, and asks the store about the rest in one
+    /// call.
+    async fn seen_all(
+        &self,
+        _consumer: &str,
+        events: &[&Envelope],
+    ) -> Result<Vec<Seen>, DedupeError> {
+        let mut seen = Vec::with_capacity(events.len());
+        let mut ask = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            seen.push(self.remembered_seen(event).unwrap_or_else(|| {
+                ask.push(i);
+                Seen::New
+            }));
+        }
+        if ask.is_empty() {
+            return Ok(seen);
+        }
+        let streams: Vec<String> = ask.iter().map(|&i| events[i].stream_id.clone()).collect();
+        let done = self
+            .store
+            .applied_version_each(&streams)
+            .await
+            .map_err(|e| DedupeError::new(e.to_string()))?;
+        for (&i, done_to) in ask.iter().zip(done) {
+            seen[i] = by_version(done_to, events[i].stream_version);
+        }
+        Ok(seen)
     }
 
     async fn record(&self, _consumer: &str, event: &Envelope) -> Result<(), DedupeError> {

@@ -260,6 +260,19 @@ pub trait ReadModel: Send + Sync + 'static {
     /// none (or when no read model reads the stream).
     async fn applied_version(&self, stream_id: &str) -> Result<u64, ReadModelError>;
 
+    /// [`ReadModel::applied_version`] of each of `stream_ids`, at once where the model can
+    /// (one round trip for a consumer's batch).
+    async fn applied_version_each(
+        &self,
+        stream_ids: &[String],
+    ) -> Result<Vec<u64>, ReadModelError> {
+        let mut versions = Vec::with_capacity(stream_ids.len());
+        for stream_id in stream_ids {
+            versions.push(self.applied_version(stream_id).await?);
+        }
+        Ok(versions)
+    }
+
     /// [`ReadModel::applied_version`] of each of `stream_ids`, at once, for a reader waiting
     /// to see its writes: [`ReadModelError::Missing`] when a read model of them has no live
     /// version, which will show nothing until a rebuild makes one live.

@@ -476,10 +476,15 @@ impl ReadModel for RedisProjections {
     }
 
     async fn applied_version(&self, stream_id: &str) -> Result<u64, ReadModelError> {
-        let versions = self
-            .versions_in_live(&[stream_id.to_owned()], "groupbuy_applied")
-            .await?;
+        let versions = self.applied_version_each(&[stream_id.to_owned()]).await?;
         Ok(versions.first().copied().unwrap_or(0))
+    }
+
+    async fn applied_version_each(
+        &self,
+        stream_ids: &[String],
+    ) -> Result<Vec<u64>, ReadModelError> {
+        self.versions_in_live(stream_ids, "groupbuy_applied").await
     }
 
     async fn applied_versions(&self, stream_ids: &[String]) -> Result<Vec<u64>, ReadModelError> {

@@ -52,6 +52,8 @@ on_both_mirrors!(
     every_event_reaches_a_subscriber_once_in_stream_order,
     a_relay_killed_between_publish_and_checkpoint_loses_nothing_and_repeats_no_effect,
     a_poison_event_is_dead_lettered_and_the_consumer_goes_on,
+    deliveries_that_queue_up_reach_a_batch_handler_together,
+    a_failing_batch_of_several_deliveries_is_handled_one_delivery_at_a_time,
 );
 
 // --- the rig: a log, a bus, relay leases and a dedupe store that belong together ---
@@ -385,6 +387,74 @@ impl Recorder {
     }
 }
 
+/// A [`Recorder`] that takes batches, and notes how big each one it was handed was.
+struct BatchRecorder {
+    recorder: Recorder,
+    /// The number of events of each batch it was handed, failed ones too.
+    sizes: Mutex<Vec<usize>>,
+    /// Fails every batch of more events than this.
+    refuses_more_than: usize,
+}
+
+impl BatchRecorder {
+    fn new(pause: Duration, refuses_more_than: usize) -> Arc<BatchRecorder> {
+        Arc::new(BatchRecorder {
+            recorder: Recorder {
+                pause,
+                ..Recorder::default()
+            },
+            sizes: Mutex::default(),
+            refuses_more_than,
+        })
+    }
+
+    fn sizes(&self) -> Vec<usize> {
+        self.sizes.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Handler for BatchRecorder {
+    async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
+        self.handle_batch(std::slice::from_ref(event)).await
+    }
+
+    async fn handle_batch(&self, events: &[Envelope]) -> Result<(), HandlerError> {
+        self.sizes.lock().unwrap().push(events.len());
+        tokio::time::sleep(self.recorder.pause).await;
+        if events.len() > self.refuses_more_than {
+            return Err(format!("{} events are too many at once", events.len()).into());
+        }
+        for event in events {
+            self.recorder.handle(event).await?;
+        }
+        Ok(())
+    }
+
+    fn handles_batches(&self) -> bool {
+        true
+    }
+}
+
+impl Rig {
+    /// Appends `count` events over a few streams and publishes each in a message of its own,
+    /// all at once. Returns their ids.
+    async fn publish_one_event_a_message(&self, count: usize) -> Vec<Ulid> {
+        let ids = write_concurrently(&self.log, 2, 3, count / 2).await;
+        let mut events = Vec::new();
+        while events.len() < ids.len() {
+            let after = events
+                .last()
+                .map_or_else(commands::LogCursor::default, |e: &RecordedEvent| e.cursor);
+            events.extend(self.log.read_all(after, 1_000).await.unwrap());
+        }
+        for event in &events {
+            self.bus.publish(std::slice::from_ref(event)).await.unwrap();
+        }
+        ids
+    }
+}
+
 fn get(counter: &std::sync::atomic::AtomicU64) -> u64 {
     SubscriptionStats::get(counter)
 }
@@ -406,6 +476,46 @@ async fn every_event_reaches_a_subscriber_once_in_stream_order(rig: Rig) {
         "the relay reports every event",
     )
     .await;
+}
+
+async fn deliveries_that_queue_up_reach_a_batch_handler_together(rig: Rig) {
+    let ids = rig.publish_one_event_a_message(300).await;
+    // Slow enough that deliveries wait in the lane while it handles a batch.
+    let recorder = BatchRecorder::new(Duration::from_millis(10), usize::MAX);
+    let stats = rig.subscribe("together", recorder.clone(), |_| {});
+    recorder
+        .recorder
+        .wait_for(ids.len(), Duration::from_secs(30))
+        .await;
+    recorder.recorder.assert_exactly_once_in_order(&ids);
+    let sizes = recorder.sizes();
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "every batch held one message's event: {sizes:?}"
+    );
+    assert!(sizes.len() < ids.len(), "{} batches", sizes.len());
+    // The runtime counts a batch once the handler returned.
+    let total = ids.len() as u64;
+    wait_until(|| get(&stats.handled) == total, "every event counted").await;
+    assert_eq!(get(&stats.retries), 0);
+}
+
+async fn a_failing_batch_of_several_deliveries_is_handled_one_delivery_at_a_time(rig: Rig) {
+    let ids = rig.publish_one_event_a_message(100).await;
+    let recorder = BatchRecorder::new(Duration::from_millis(10), 1);
+    let stats = rig.subscribe("one-by-one", recorder.clone(), |_| {});
+    recorder
+        .recorder
+        .wait_for(ids.len(), Duration::from_secs(30))
+        .await;
+    recorder.recorder.assert_exactly_once_in_order(&ids);
+    let refused = recorder.sizes().iter().filter(|&&n| n > 1).count();
+    assert!(refused > 0, "no batch of several deliveries was tried");
+    let total = ids.len() as u64;
+    wait_until(|| get(&stats.handled) == total, "every event counted").await;
+    assert_eq!(get(&stats.dead_lettered), 0);
+    // Each message on its own holds one event, which the handler takes at the first try.
+    assert_eq!(get(&stats.retries), 0);
 }
 
 /// A bus that stores what it is given and then fails, as a relay killed after its publishes
