@@ -106,6 +106,7 @@ pub async fn spawn_app_tuned(backend: Backend, tune: impl FnOnce(&mut Settings))
         token_secret: b"test-token-secret".to_vec(),
         storage,
         group_commit: Default::default(),
+        relay: Default::default(),
         mirror,
         read_models,
         rebuild: Default::default(),

@@ -113,6 +113,8 @@ pub struct Settings {
     pub storage: Storage,
     /// How concurrent appends are gathered into transactions.
     pub group_commit: GroupCommitOptions,
+    /// How the relay mirrors the log.
+    pub relay: RelayOptions,
     /// Where the log is mirrored.
     pub mirror: Mirror,
     /// Where the read models live.
@@ -421,7 +423,7 @@ impl Application {
             Arc::clone(&log),
             Arc::clone(&bus),
             leases,
-            RelayOptions::default(),
+            settings.relay.clone(),
         );
         let handler = CommandHandler::new(Arc::clone(&log), HandlerOptions::default());
         let provider: Arc<dyn PaymentProvider> = match settings.payments {

@@ -1085,6 +1085,7 @@ fn app_settings(db: &TestDb, mirror: JetStreamSettings) -> gateway::app::Setting
             options: Default::default(),
         },
         group_commit: Default::default(),
+        relay: Default::default(),
         mirror: Mirror::JetStream(mirror),
         read_models: ReadModels::Embedded,
         rebuild: Default::default(),

@@ -82,6 +82,32 @@ fn a_file_sits_under_the_environment_and_flags_over_both() {
 }
 
 #[test]
+fn the_relay_lingers_longer_on_nats_than_embedded_unless_told() {
+    let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
+    for name in ["NATS_URL", "GROUPBUY_RELAY_LINGER_MS"] {
+        std::env::remove_var(name);
+    }
+    let token = ["--operator-token", "an-operator-token-of-length"];
+    let linger = |args: &[&str]| {
+        let args: Vec<&str> = token.iter().chain(args).copied().collect();
+        serve_args(&args).settings().relay.linger.as_millis()
+    };
+    let nats = ["--nats-url", "nats://127.0.0.1:4222"];
+    assert_eq!(linger(&[]), 5, "the embedded bus's messages cost little");
+    assert_eq!(linger(&nats), 20, "fuller JetStream messages pay");
+    let told: Vec<&str> = nats
+        .iter()
+        .chain(&["--relay-linger-ms", "0"])
+        .copied()
+        .collect();
+    assert_eq!(linger(&told), 0);
+    assert!(
+        Cli::try_parse_from(["groupbuy", "serve", "--relay-linger-ms", "1001"]).is_err(),
+        "past a second is refused"
+    );
+}
+
+#[test]
 fn the_prod_profile_refuses_default_empty_short_and_example_secrets() {
     let _env = ENV.lock().unwrap_or_else(|p| p.into_inner());
     for name in [
