@@ -520,7 +520,9 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Vec<Envelope>, String> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Unread<'a> {
-    event_id: Ulid,
+    // The id and the time are parsed only for the events a consumer wants.
+    #[serde(borrow)]
+    event_id: Cow<'a, str>,
     #[serde(borrow)]
     stream_id: Cow<'a, str>,
     stream_version: u64,
@@ -528,7 +530,8 @@ struct Unread<'a> {
     #[serde(borrow)]
     event_type: Cow<'a, str>,
     schema_version: u32,
-    recorded_at: DateTime<Utc>,
+    #[serde(borrow)]
+    recorded_at: Cow<'a, str>,
     #[serde(borrow)]
     metadata: &'a RawValue,
     #[serde(borrow)]
@@ -544,14 +547,18 @@ impl Unread<'_> {
     }
 
     fn read(self) -> Result<Envelope, serde_json::Error> {
+        use serde::de::Error as _;
         Ok(Envelope {
-            event_id: self.event_id,
+            event_id: Ulid::from_string(&self.event_id).map_err(serde_json::Error::custom)?,
             stream_id: self.stream_id.into_owned(),
             stream_version: self.stream_version,
             global_position: self.global_position,
             event_type: self.event_type.into_owned(),
             schema_version: self.schema_version,
-            recorded_at: self.recorded_at,
+            recorded_at: self
+                .recorded_at
+                .parse::<DateTime<Utc>>()
+                .map_err(serde_json::Error::custom)?,
             metadata: serde_json::from_str(self.metadata.get())?,
             data: serde_json::from_str(self.data.get())?,
         })
@@ -765,14 +772,36 @@ mod tests {
         );
 
         // Metadata that is not an event's fails only a consumer that reads the event.
-        let broken =
-            String::from_utf8(payload)
-                .unwrap()
-                .replacen("\"trace_id\":null", "\"trace_id\":7", 1);
+        let broken = String::from_utf8(payload.clone()).unwrap().replacen(
+            "\"trace_id\":null",
+            "\"trace_id\":7",
+            1,
+        );
         let error = decode(broken.as_bytes()).unwrap_err();
         assert!(error.starts_with("not a batch of events"), "{error}");
         let rest = decode_where(broken.as_bytes(), |head| head.stream_id != "campaign-1");
         assert_eq!(rest.unwrap().len(), 3);
+        // So do an id and a time that are not an event's: they are read with the event.
+        let first = events[0].envelope.event_id.to_string();
+        let broken = String::from_utf8(payload.clone())
+            .unwrap()
+            .replacen(&first, "not-an-id", 1);
+        let error = decode(broken.as_bytes()).unwrap_err();
+        assert!(error.starts_with("not a batch of events"), "{error}");
+        let rest = decode_where(broken.as_bytes(), |head| head.stream_id != "campaign-1");
+        assert_eq!(rest.unwrap().len(), 3);
+        let time = serde_json::to_string(&events[0].envelope.recorded_at).unwrap();
+        let broken =
+            String::from_utf8(payload.clone())
+                .unwrap()
+                .replacen(&time, "\"yesterday\"", 1);
+        assert!(decode(broken.as_bytes()).is_err());
+        assert_eq!(
+            decode_where(broken.as_bytes(), |head| head.stream_id != "campaign-1")
+                .unwrap()
+                .len(),
+            3
+        );
         // A body that is not a batch of envelopes fails every consumer.
         let error = decode_where(b"[{\"event_id\":1}]", |_| false).unwrap_err();
         assert!(error.starts_with("not a batch of events"), "{error}");

@@ -4,6 +4,7 @@
 //! The log stores the tag and the payload in separate columns, so encoding splits them and
 //! decoding puts them back together, after upcasting and validating the payload.
 
+use serde::de::value::MapDeserializer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -64,10 +65,12 @@ pub fn decode<E: DeserializeOwned>(
 /// Decodes an event read back from the log. The log validated and upcast its payload on the
 /// way out, so this only puts the tag back and deserializes.
 pub fn from_envelope<E: DeserializeOwned>(envelope: &crate::Envelope) -> Result<E, SchemaError> {
-    let mut tagged = Map::with_capacity(2);
-    tagged.insert("type".into(), Value::String(envelope.event_type.clone()));
-    tagged.insert("data".into(), envelope.data.clone());
-    serde_json::from_value(Value::Object(tagged)).map_err(|e| {
+    // The tagged pair, read in place: a consumer decodes every event it wants, and copying
+    // the payload first was a tree of allocations each time.
+    let tag = Value::String(envelope.event_type.clone());
+    let tagged = [("type", &tag), ("data", &envelope.data)];
+    let pair = MapDeserializer::<_, serde_json::Error>::new(tagged.into_iter());
+    E::deserialize(pair).map_err(|e| {
         SchemaError::Shape(format!(
             "{} at {}: {e}",
             envelope.event_type, envelope.global_position
