@@ -859,19 +859,26 @@ impl Runtime {
         }
     }
 
-    /// One try at handling `events` (of several deliveries) as one batch; whether it worked.
-    /// The events stay to be handled delivery by delivery when it did not: those it did
-    /// handle are duplicates by then.
-    async fn handle_at_once(&self, events: &[&Envelope]) -> bool {
+    /// A span for each event, and the event as the handler sees it in that span.
+    fn in_spans(&self, events: &[&Envelope]) -> (Vec<tracing::Span>, Vec<Envelope>) {
         let spans: Vec<tracing::Span> = events
             .iter()
             .map(|event| crate::trace::event_span(self.name(), event))
             .collect();
-        let handled: Vec<Envelope> = events
+        let handled = events
             .iter()
             .zip(&spans)
             .map(|(event, span)| as_handled_in(event, span))
             .collect();
+        (spans, handled)
+    }
+
+    /// One try at handling `events` (of several deliveries) as one batch; whether it worked.
+    /// The events stay to be handled delivery by delivery when it did not: those it did
+    /// handle are duplicates by then.
+    async fn handle_at_once(&self, events: &[&Envelope]) -> bool {
+        // The events' spans stay open while the batch is handled.
+        let (_spans, handled) = self.in_spans(events);
         let span = tracing::debug_span!("batch", consumer = %self.name(), events = events.len());
         match self.attempt(&handled).instrument(span).await {
             Ok(()) => {
@@ -970,15 +977,7 @@ impl Runtime {
     /// else) one by one, each retried, dead-lettering those that keep failing. Records every
     /// event it is done with.
     async fn handle(&self, delivery: &Delivery, events: &[&Envelope]) {
-        let spans: Vec<tracing::Span> = events
-            .iter()
-            .map(|event| crate::trace::event_span(self.name(), event))
-            .collect();
-        let handled: Vec<Envelope> = events
-            .iter()
-            .zip(&spans)
-            .map(|(event, span)| as_handled_in(event, span))
-            .collect();
+        let (spans, handled) = self.in_spans(events);
         if self.handler.handles_batches() && events.len() > 1 {
             let span =
                 tracing::debug_span!("batch", consumer = %self.name(), events = events.len());
