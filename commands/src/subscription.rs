@@ -841,8 +841,13 @@ impl Runtime {
         let wanted: Vec<&Envelope> = read.iter().flat_map(|(_, events)| events).collect();
         let handled = match self.fresh(&wanted).await {
             Ok(Fresh::Ready(fresh)) => {
-                SubscriptionStats::add(&self.stats.duplicates, (wanted.len() - fresh.len()) as u64);
-                fresh.is_empty() || self.handle_at_once(&fresh).await
+                let handled = fresh.is_empty() || self.handle_at_once(&fresh).await;
+                if handled {
+                    // Else each delivery on its own counts its own.
+                    let duplicates = (wanted.len() - fresh.len()) as u64;
+                    SubscriptionStats::add(&self.stats.duplicates, duplicates);
+                }
+                handled
             }
             Ok(Fresh::Early(_)) => false,
             Err(error) => {
