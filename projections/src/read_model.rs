@@ -277,11 +277,7 @@ pub trait ReadModel: Send + Sync + 'static {
     /// to see its writes: [`ReadModelError::Missing`] when a read model of them has no live
     /// version, which will show nothing until a rebuild makes one live.
     async fn applied_versions(&self, stream_ids: &[String]) -> Result<Vec<u64>, ReadModelError> {
-        let mut versions = Vec::with_capacity(stream_ids.len());
-        for stream_id in stream_ids {
-            versions.push(self.applied_version(stream_id).await?);
-        }
-        Ok(versions)
+        self.applied_version_each(stream_ids).await
     }
 
     /// A counter that moves whenever a read model may have changed: wait on it, then query
