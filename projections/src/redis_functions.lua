@@ -12,8 +12,11 @@
 --   R:c:<id>    a campaign (hash)               R:c, R:cs:<store>  campaign ids (zsets)
 --   R:o:<id>    an order (hash)                 R:pay:<id> a payment (hash)
 --   R:op:<order> the payment an older log requested for an order in the payment's stream
---   R:o, R:os:<status>, R:u:<user>, R:us:<user>:<status>, R:co:<campaign>,
---   R:cos:<campaign>:<status>   order ids (zsets, score 0: ULIDs sort by time)
+--   R:u:<user>, R:os:<status>, R:cos:<campaign>:<status>   order ids (zsets, score 0: ULIDs
+--               sort by time): a customer's, and all and a campaign's by status. A listing of
+--               all or of a campaign's orders merges the status sets; of a customer's, it
+--               filters theirs. (Builds before 2026-12-07 also kept R:o, R:co:<campaign> and
+--               R:us:<user>:<status>; nothing reads them now.)
 --   R:cf:<campaign> the campaign's orders counted by status (`rejected:<reason>`, ...)
 -- Numbers travel as strings, so large ones are never rounded through Lua's doubles.
 
@@ -37,9 +40,10 @@ local function bump_updated(key, at)
   end
 end
 
-local function order_sets(r, user, campaign, status)
-  return { r .. ':os:' .. status, r .. ':us:' .. user .. ':' .. status,
-           r .. ':cos:' .. campaign .. ':' .. status }
+-- The sets an order is in while in status: each sorted set costs a write at placing and two
+-- at each status change, so only those a listing cannot do without.
+local function order_sets(r, campaign, status)
+  return { r .. ':os:' .. status, r .. ':cos:' .. campaign .. ':' .. status }
 end
 
 -- The funnel counter of an order in status for reason (see Funnel::field).
@@ -86,19 +90,16 @@ local function run_op(r, op)
     redis.call('HSET', r .. ':o:' .. id, 'user', op.user_id, 'campaign', op.campaign_id,
       'quantity', op.quantity, 'amount', op.amount_cents, 'status', 'pending',
       'reason', '', 'created', op.at, 'updated', op.at)
-    redis.call('ZADD', r .. ':o', 0, id)
     redis.call('ZADD', r .. ':u:' .. op.user_id, 0, id)
-    redis.call('ZADD', r .. ':co:' .. op.campaign_id, 0, id)
-    for _, set in ipairs(order_sets(r, op.user_id, op.campaign_id, 'pending')) do
+    for _, set in ipairs(order_sets(r, op.campaign_id, 'pending')) do
       redis.call('ZADD', set, 0, id)
     end
     redis.call('HINCRBY', r .. ':cf:' .. op.campaign_id, 'pending', 1)
   elseif kind == 'order_status' then
     local id = op.order_id
     local key = r .. ':o:' .. id
-    local found = redis.call('HMGET', key, 'status', 'user', 'campaign', 'reason', 'updated')
-    local old, user, campaign, old_reason, updated = found[1], found[2], found[3], found[4],
-      found[5]
+    local found = redis.call('HMGET', key, 'status', 'campaign', 'reason', 'updated')
+    local old, campaign, old_reason, updated = found[1], found[2], found[3], found[4]
     if old then
       -- One write for the status, the payment and the time (as bump_updated would set it).
       local fields = { 'status', op.status, 'reason', op.reason }
@@ -112,10 +113,10 @@ local function run_op(r, op)
       end
       redis.call('HSET', key, unpack(fields))
       if old ~= op.status then
-        for _, set in ipairs(order_sets(r, user, campaign, old)) do
+        for _, set in ipairs(order_sets(r, campaign, old)) do
           redis.call('ZREM', set, id)
         end
-        for _, set in ipairs(order_sets(r, user, campaign, op.status)) do
+        for _, set in ipairs(order_sets(r, campaign, op.status)) do
           redis.call('ZADD', set, 0, id)
         end
       end
@@ -441,25 +442,52 @@ redis.register_function{
   end,
 }
 
--- A page of orders, newest first. args: base, index (e.g. 'u:<user>'), the id to start
--- after ('' for the newest), how many, and a campaign id the orders must be of ('' for any).
--- Returns {orders, more}, each order as groupbuy_order returns it.
+-- The newest n ids below max (a ZRANGEBYLEX bound) in any of the sorted sets named
+-- indexes[first..], newest first.
+local function newest_ids(r, indexes, first, max, n)
+  if #indexes == first then
+    return redis.call('ZREVRANGEBYLEX', r .. ':' .. indexes[first], max, '-', 'LIMIT', 0, n)
+  end
+  local ids = {}
+  for i = first, #indexes do
+    for _, id in ipairs(redis.call('ZREVRANGEBYLEX', r .. ':' .. indexes[i], max, '-',
+        'LIMIT', 0, n)) do
+      table.insert(ids, id)
+    end
+  end
+  table.sort(ids, function(a, b) return a > b end)
+  for i = #ids, n + 1, -1 do
+    ids[i] = nil
+  end
+  return ids
+end
+
+-- A page of orders, newest first. args: base, the id to start after ('' for the newest), how
+-- many, the campaign and the status the orders must have ('' for any), then the sorted sets
+-- to walk (e.g. 'u:<user>'; several are merged). Returns {orders, more}, each order as
+-- groupbuy_order returns it.
 redis.register_function{
   function_name = 'groupbuy_orders',
   flags = { 'no-writes' },
   callback = function(_, args)
     local r = query_root(args[1])
-    local index, limit, campaign = r .. ':' .. args[2], tonumber(args[4]), args[5]
+    local limit, campaign, status = tonumber(args[3]), args[4], args[5]
     local max = '+'
-    if args[3] ~= '' then
-      max = '(' .. args[3]
+    if args[2] ~= '' then
+      max = '(' .. args[2]
     end
     local items = {}
     while true do
-      local ids = redis.call('ZREVRANGEBYLEX', index, max, '-', 'LIMIT', 0, limit + 1)
+      local ids = newest_ids(r, args, 6, max, limit + 1)
       for _, id in ipairs(ids) do
-        local order = order_of(r, id)
-        if order and (campaign == '' or redis.call('HGET', r .. ':o:' .. id, 'campaign') == campaign) then
+        local wanted = true
+        if campaign ~= '' or status ~= '' then
+          local found = redis.call('HMGET', r .. ':o:' .. id, 'campaign', 'status')
+          wanted = (campaign == '' or found[1] == campaign)
+            and (status == '' or found[2] == status)
+        end
+        local order = wanted and order_of(r, id)
+        if order then
           if #items == limit then
             return { items, 1 }
           end

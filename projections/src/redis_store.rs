@@ -14,6 +14,7 @@ use ::redis::aio::ConnectionManager;
 use ::redis::{FromRedisValue, RedisError, ToRedisArgs};
 use async_trait::async_trait;
 use domain::campaign::{CampaignStatus, Stock};
+use domain::order::OrderStatus;
 use domain::{CampaignId, Cents, OrderId, PaymentId, StoreId, Timestamp};
 use tokio::sync::watch;
 
@@ -323,16 +324,52 @@ fn order_of(reply: OrderReply) -> Result<OrderView, ReadModelError> {
     view.ok_or_else(|| corrupt("order", &id))
 }
 
-/// The index an order listing walks, and the campaign it must still filter by.
-fn order_index(filter: &OrderFilter) -> (String, Option<CampaignId>) {
+/// Every status an order can be in: a listing of all or of a campaign's orders merges their
+/// sets.
+const ORDER_STATUSES: [OrderStatus; 5] = [
+    OrderStatus::Pending,
+    OrderStatus::AwaitingPayment,
+    OrderStatus::Confirmed,
+    OrderStatus::Rejected,
+    OrderStatus::Cancelled,
+];
+
+/// What an order listing walks: the sorted sets it merges, and the campaign and status it
+/// must still filter by. A customer's orders are few (a limit per campaign bounds them), so
+/// their one set is filtered; all orders and a campaign's are many, so they have a set per
+/// status.
+#[derive(Debug, PartialEq)]
+struct OrderIndex {
+    sets: Vec<String>,
+    campaign: Option<CampaignId>,
+    status: Option<String>,
+}
+
+fn order_index(filter: &OrderFilter) -> OrderIndex {
     let status = filter.status.map(|s| snake(&s));
-    match (filter.user_id, filter.campaign_id, status) {
-        (Some(u), c, Some(s)) => (format!("us:{u}:{s}"), c),
-        (Some(u), c, None) => (format!("u:{u}"), c),
-        (None, Some(c), Some(s)) => (format!("cos:{c}:{s}"), None),
-        (None, Some(c), None) => (format!("co:{c}"), None),
-        (None, None, Some(s)) => (format!("os:{s}"), None),
-        (None, None, None) => ("o".into(), None),
+    let by_status = |prefix: String| match &status {
+        Some(s) => vec![format!("{prefix}{s}")],
+        None => ORDER_STATUSES
+            .iter()
+            .map(|s| format!("{prefix}{}", snake(s)))
+            .collect(),
+    };
+    match (filter.user_id, filter.campaign_id) {
+        (Some(u), campaign) => OrderIndex {
+            sets: vec![format!("u:{u}")],
+            campaign,
+            status,
+        },
+        (None, Some(c)) => OrderIndex {
+            sets: by_status(format!("cos:{c}:")),
+            campaign: None,
+            status: None,
+        },
+        (None, None) => OrderIndex {
+            sets: by_status("os:".to_owned()),
+            campaign: None,
+            status: None,
+        },
     }
 }
 
@@ -448,17 +485,18 @@ impl ReadModel for RedisProjections {
         limit: usize,
     ) -> Result<OrderPage, ReadModelError> {
         let limit = limit.clamp(1, ORDERS_PAGE_MAX);
-        let (index, campaign) = order_index(filter);
+        let index = order_index(filter);
         let (found, more): (Vec<OrderReply>, u8) = self
             .call(
                 "groupbuy_orders",
                 true,
                 (
                     self.base(ProjectionName::Orders),
-                    index,
                     after.map(|a| a.to_string()).unwrap_or_default(),
                     limit,
-                    campaign.map(|c| c.to_string()).unwrap_or_default(),
+                    index.campaign.map(|c| c.to_string()).unwrap_or_default(),
+                    index.status.unwrap_or_default(),
+                    index.sets,
                 ),
             )
             .await
@@ -751,7 +789,7 @@ mod tests {
         let order_id: OrderId = "01JD0000000000000000000000".parse().unwrap();
         let json = ops_json(&[Op::OrderStatus {
             order_id,
-            status: domain::order::OrderStatus::Confirmed,
+            status: OrderStatus::Confirmed,
             reason: String::new(),
             payment_id: None,
             at: 1_732_000_000_123_456_789,
@@ -770,23 +808,34 @@ mod tests {
     }
 
     #[test]
-    fn a_listing_walks_the_narrowest_index() {
-        let user = "01JD0000000000000000000001".parse().unwrap();
-        let campaign = "01JD0000000000000000000002".parse().unwrap();
+    fn a_listing_walks_the_sets_that_hold_its_orders() {
+        let user: domain::UserId = "01JD0000000000000000000001".parse().unwrap();
+        let campaign: CampaignId = "01JD0000000000000000000002".parse().unwrap();
         let filter = OrderFilter {
             user_id: Some(user),
             campaign_id: Some(campaign),
-            status: Some(domain::order::OrderStatus::Confirmed),
+            status: Some(OrderStatus::Confirmed),
         };
         assert_eq!(
             order_index(&filter),
-            (format!("us:{user}:confirmed"), Some(campaign))
+            OrderIndex {
+                sets: vec![format!("u:{user}")],
+                campaign: Some(campaign),
+                status: Some("confirmed".into()),
+            }
         );
         let filter = OrderFilter {
             campaign_id: Some(campaign),
+            status: Some(OrderStatus::Rejected),
             ..Default::default()
         };
-        assert_eq!(order_index(&filter), (format!("co:{campaign}"), None));
-        assert_eq!(order_index(&OrderFilter::default()), ("o".into(), None));
+        assert_eq!(
+            order_index(&filter).sets,
+            vec![format!("cos:{campaign}:rejected")]
+        );
+        let all = order_index(&OrderFilter::default());
+        assert_eq!(all.sets.len(), ORDER_STATUSES.len());
+        assert!(all.sets.contains(&"os:awaiting_payment".to_owned()));
+        assert_eq!((all.campaign, all.status), (None, None));
     }
 }

@@ -45,6 +45,7 @@ on_both_stores!(
     a_campaigns_stock_adds_its_buckets_moves_in_whatever_order_they_come,
     an_orders_payment_is_pending_until_its_first_answer_starts_its_record,
     an_orders_status_follows_its_events_and_its_time_only_moves_forward,
+    every_order_listing_pages_through_its_orders_newest_first,
 );
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -221,6 +222,103 @@ async fn a_campaigns_funnel_follows_its_orders_and_counts_each_event_once(
         store.funnel(unknown).await.unwrap(),
         projections::Funnel::default()
     );
+}
+
+/// Each listing (all orders, a campaign's, a customer's, each by status too) shows exactly its
+/// orders, newest first, page by page, whatever status each order reached.
+async fn every_order_listing_pages_through_its_orders_newest_first(
+    store: Arc<dyn ProjectionStore>,
+) {
+    use domain::order::OrderStatus::{self, *};
+    use projections::read_model::OrderFilter;
+    live(store.as_ref()).await;
+    let campaigns = [(); 2].map(|_| CampaignId::from_ulid(Ulid::new()));
+    let users = [(); 2].map(|_| UserId::from_ulid(Ulid::new()));
+    let paths: [&[(OrderStatus, &str)]; 4] = [
+        &[],
+        &[(AwaitingPayment, "")],
+        &[(AwaitingPayment, ""), (Confirmed, "")],
+        &[(Rejected, "sold_out")],
+    ];
+    // (order, campaign, user, status), for 16 orders over both campaigns and customers.
+    let mut placed = Vec::new();
+    let mut changes = Vec::new();
+    for i in 0..16 {
+        let (order_id, campaign, user) = (
+            OrderId::from_ulid(Ulid::new()),
+            campaigns[i % 2],
+            users[i / 2 % 2],
+        );
+        let path = paths[i % 4];
+        let mut these = order_changes(campaign, order_id, path);
+        if let Op::Order { user_id, .. } = &mut these[0].ops[0] {
+            *user_id = user;
+        }
+        changes.extend(these);
+        let status = path.last().map_or(Pending, |(status, _)| *status);
+        placed.push((order_id, campaign, user, status));
+    }
+    store
+        .apply_all(ProjectionName::Orders, &changes)
+        .await
+        .unwrap();
+
+    let mut filters = vec![OrderFilter::default()];
+    for status in [Pending, AwaitingPayment, Confirmed, Rejected, Cancelled] {
+        filters.push(OrderFilter {
+            status: Some(status),
+            ..Default::default()
+        });
+    }
+    for campaign in campaigns {
+        for user in users {
+            filters.push(OrderFilter {
+                user_id: Some(user),
+                campaign_id: Some(campaign),
+                ..Default::default()
+            });
+        }
+        filters.push(OrderFilter {
+            campaign_id: Some(campaign),
+            ..Default::default()
+        });
+        filters.push(OrderFilter {
+            campaign_id: Some(campaign),
+            status: Some(AwaitingPayment),
+            ..Default::default()
+        });
+    }
+    for user in users {
+        filters.push(OrderFilter {
+            user_id: Some(user),
+            status: Some(Confirmed),
+            ..Default::default()
+        });
+    }
+    for filter in filters {
+        let mut expected: Vec<OrderId> = placed
+            .iter()
+            .filter(|(_, campaign, user, status)| {
+                filter.campaign_id.is_none_or(|c| c == *campaign)
+                    && filter.user_id.is_none_or(|u| u == *user)
+                    && filter.status.is_none_or(|s| s == *status)
+            })
+            .map(|(order_id, ..)| *order_id)
+            .collect();
+        expected.sort_by(|a, b| b.cmp(a));
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.orders(&filter, after, 3).await.unwrap();
+            assert!(page.items.len() <= 3, "{filter:?}");
+            listed.extend(page.items.iter().map(|o| o.order_id));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(listed, expected, "{filter:?}");
+    }
 }
 
 /// Every status change of an order shows, and the order's time is the latest of its events'
