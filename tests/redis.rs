@@ -30,6 +30,15 @@ impl TestRedis {
         }
     }
 
+    /// A fresh prefix on the Redis (or the Redis Cluster, its nodes separated by commas) at
+    /// `url`. Only a single server's keys are deleted on drop: a cluster of a test's own goes
+    /// with the test.
+    pub fn on(url: &str) -> TestRedis {
+        let mut redis = TestRedis::new();
+        redis.url = url.to_owned();
+        redis
+    }
+
     /// A store on this prefix.
     pub async fn connect(&self) -> RedisProjections {
         RedisProjections::connect(&self.url, &self.prefix)

@@ -189,46 +189,193 @@ fn nats_server() -> PathBuf {
 }
 
 /// A Redis server keeping nothing on disk, so that one killed and started again comes back
-/// empty, as a restarted Redis without persistence does.
+/// empty, as a restarted Redis without persistence does; or a Redis Cluster of such servers
+/// on loopback, all masters, each keeping only its cluster configuration, so that a node
+/// killed and started again rejoins with its slots, empty.
 pub struct OwnRedis {
+    nodes: Vec<RedisNode>,
+    /// Where the nodes keep their cluster configuration, when there is more than one node.
+    cluster: Option<PathBuf>,
+}
+
+struct RedisNode {
     port: u16,
+    bus_port: u16,
     process: Option<tokio::process::Child>,
 }
 
 impl OwnRedis {
     /// Starts one on a free port.
     pub async fn start() -> OwnRedis {
+        OwnRedis::cluster(1).await
+    }
+
+    /// Starts a Redis Cluster of `masters` servers on free ports (one plain server when
+    /// `masters` is 1), the slots dealt evenly, and waits until every node reports it ok.
+    pub async fn cluster(masters: usize) -> OwnRedis {
+        let id = ulid::Ulid::new().to_string().to_lowercase();
         let mut redis = OwnRedis {
-            port: free_port(),
-            process: None,
+            nodes: (0..masters)
+                .map(|_| RedisNode {
+                    port: free_port(),
+                    bus_port: free_port(),
+                    process: None,
+                })
+                .collect(),
+            cluster: (masters > 1).then(|| std::env::temp_dir().join(format!("gb-redis-{id}"))),
         };
+        if let Some(dir) = &redis.cluster {
+            std::fs::create_dir_all(dir).unwrap();
+        }
         redis.restart().await;
+        if redis.cluster.is_some() {
+            let created = tokio::process::Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(redis.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .await
+                .expect("redis-cli runs");
+            assert!(created.success(), "redis-cli --cluster create failed");
+            redis.wait_until_ok().await;
+        }
         redis
     }
 
-    /// Where clients connect.
+    /// Where clients connect: every node's address, separated by commas.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.node_urls().join(",")
     }
 
-    /// Starts it again, empty, on the same port (after [`OwnRedis::kill`]).
+    /// Each node's address.
+    pub fn node_urls(&self) -> Vec<String> {
+        (self.nodes.iter())
+            .map(|node| format!("redis://127.0.0.1:{}", node.port))
+            .collect()
+    }
+
+    /// How many nodes it has.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The node that holds `key` (of a cluster: the one that does not answer `MOVED`).
+    pub async fn node_of(&self, key: &str) -> usize {
+        for (i, url) in self.node_urls().iter().enumerate() {
+            let client = redis::Client::open(url.as_str()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let found: redis::RedisResult<Option<String>> =
+                redis::cmd("TYPE").arg(key).query_async(&mut conn).await;
+            if found.is_ok() {
+                return i;
+            }
+        }
+        panic!("no node of {} holds {key}", self.url());
+    }
+
+    /// Starts every node that is down again, empty, on its port (after [`OwnRedis::kill`]
+    /// or [`OwnRedis::kill_node`]); a cluster's nodes rejoin with their slots.
     pub async fn restart(&mut self) {
-        let process = tokio::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].process.is_none() {
+                self.spawn(i);
+            }
+        }
+        for node in &self.nodes {
+            wait_until_listening(node.port, "redis-server").await;
+        }
+    }
+
+    /// Starts node `i` again, empty (after [`OwnRedis::kill_node`]), and waits until the
+    /// cluster is ok again.
+    pub async fn restart_node(&mut self, i: usize) {
+        if self.nodes[i].process.is_none() {
+            self.spawn(i);
+        }
+        wait_until_listening(self.nodes[i].port, "redis-server").await;
+        if self.cluster.is_some() {
+            self.wait_until_ok().await;
+        }
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &self.nodes[i];
+        let mut command = tokio::process::Command::new("redis-server");
+        command
+            .args(["--port", &node.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]);
+        if let Some(dir) = &self.cluster {
+            command
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-port", &node.bus_port.to_string()])
+                .args(["--cluster-node-timeout", "2000"])
+                .arg("--cluster-config-file")
+                .arg(dir.join(format!("nodes-{}.conf", node.port)))
+                .arg("--dir")
+                .arg(dir);
+        }
+        let process = command
             .kill_on_drop(true)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/services installs it)");
-        self.process = Some(process);
-        wait_until_listening(self.port, "redis-server").await;
+        self.nodes[i].process = Some(process);
     }
 
-    /// Kills it (`SIGKILL`).
+    /// Waits (30 s at most) until every node of the cluster reports `cluster_state:ok`.
+    async fn wait_until_ok(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        for url in self.node_urls() {
+            loop {
+                let info: redis::RedisResult<String> = async {
+                    let client = redis::Client::open(url.as_str())?;
+                    let mut conn = client.get_multiplexed_async_connection().await?;
+                    redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                }
+                .await;
+                if info.is_ok_and(|info| info.contains("cluster_state:ok")) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the Redis Cluster at {} never reported ok",
+                    self.url()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Kills every node (`SIGKILL`).
     pub async fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
+        for i in 0..self.nodes.len() {
+            self.kill_node(i).await;
+        }
+    }
+
+    /// Kills node `i` (`SIGKILL`): what it held is gone.
+    pub async fn kill_node(&mut self, i: usize) {
+        if let Some(mut process) = self.nodes[i].process.take() {
             process.kill().await.unwrap();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(process) = node.process.as_mut() {
+                let _ = process.start_kill();
+            }
+        }
+        if let Some(dir) = &self.cluster {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

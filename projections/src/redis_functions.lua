@@ -4,7 +4,12 @@
 -- functions, so each is atomic: an event's data and the record that it was applied change
 -- together, and a query reads one version of a projection, never half of two.
 --
--- Keys, for projection base B = <prefix>:rm:<name> and version root R = B:v<N>:
+-- Every function is called with B as its one declared key and again as its first argument.
+-- The braces in B make <name> the hash tag of every key below, so in a Redis Cluster all of a
+-- projection's keys share a slot and each call touches only that slot.
+--
+-- Keys, for projection base B = <prefix>:rm:{<name>} and version root R = B:v<N>:
+--   B:tick      moves at every apply and switch (instances poll it for changes)
 --   B:live      the version queries read        B:writing  versions live events reach
 --   B:last      the last version number handed  B:versions versions that exist
 --   B:lease     the version a rebuild is filling, expiring unless renewed

@@ -11,6 +11,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use ::redis::{FromRedisValue, RedisError, ToRedisArgs};
 use async_trait::async_trait;
 use domain::campaign::{CampaignStatus, Stock};
@@ -32,17 +34,63 @@ const FUNCTIONS: &str = include_str!("redis_functions.lua");
 const CHANGE_POLL: Duration = Duration::from_millis(10);
 /// How long connecting to Redis may take before it is reported unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a cluster call is retried (the slots moved, a node reconnects) before it fails.
+const CLUSTER_RETRIES: u32 = 3;
 /// Most campaigns a listing looks at before filtering by status.
 const CAMPAIGNS_SCAN_MAX: usize = 10_000;
 /// Keys removed per command when a version is dropped.
 const DROP_BATCH: usize = 1_000;
 
-/// The read models in one Redis, under one key prefix.
+/// The read models in one Redis, or one Redis Cluster, under one key prefix.
 #[derive(Clone)]
 pub struct RedisProjections {
-    conn: ConnectionManager,
+    conn: Connection,
     prefix: String,
     changes: Arc<watch::Sender<u64>>,
+}
+
+/// A connection to one Redis server or to a Redis Cluster. Every key of a projection carries
+/// the projection's hash tag (see [`RedisProjections::base`]), so that each function call
+/// touches one slot, and the cluster client routes it by the key it declares.
+#[derive(Clone)]
+enum Connection {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, RedisError> {
+        match self.clone() {
+            Connection::Server(mut conn) => cmd.query_async(&mut conn).await,
+            Connection::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    }
+
+    /// Runs `cmd`, which names no key (`SCAN`), on the server that holds `key`.
+    async fn query_at<T: FromRedisValue>(
+        &self,
+        key: &str,
+        cmd: &::redis::Cmd,
+    ) -> Result<T, RedisError> {
+        match self.clone() {
+            Connection::Server(mut conn) => cmd.query_async(&mut conn).await,
+            Connection::Cluster(mut conn) => {
+                let slot: u16 = ::redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await?;
+                let at = Route::new(slot, SlotAddr::Master);
+                let reply = conn
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(at)),
+                    )
+                    .await?;
+                ::redis::from_redis_value(&reply)
+            }
+        }
+    }
 }
 
 fn unavailable(error: RedisError) -> ReadModelError {
@@ -80,7 +128,16 @@ impl RedisProjections {
                 "the redis key prefix {prefix:?} may hold only letters, digits, '-', '_' and '.'"
             )));
         }
-        let client = ::redis::Client::open(url).map_err(unavailable)?;
+        // Several servers, separated by commas, are nodes of one cluster; so may be one.
+        let nodes: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let first = *nodes.first().ok_or_else(|| {
+            ReadModelError::Unavailable("no Redis server is named (REDIS_URL is empty)".into())
+        })?;
+        let client = ::redis::Client::open(first).map_err(unavailable)?;
         // One plain connection first: the manager retries an unreachable server for a long
         // while without a word, where an operator wants to hear at once where and why.
         let unreachable = |why: String| {
@@ -89,19 +146,45 @@ impl RedisProjections {
                 client.get_connection_info().addr
             ))
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection()).await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => return Err(unreachable(error.to_string())),
-            Err(_) => {
-                return Err(unreachable(format!(
-                    "no answer within {} s",
-                    CONNECT_TIMEOUT.as_secs()
-                )))
-            }
-        }
-        let mut conn = ConnectionManager::new(client).await.map_err(unavailable)?;
-        load_functions(&mut conn).await.map_err(unavailable)?;
+        let mut plain =
+            match tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
+                .await
+            {
+                Ok(Ok(plain)) => plain,
+                Ok(Err(error)) => return Err(unreachable(error.to_string())),
+                Err(_) => {
+                    return Err(unreachable(format!(
+                        "no answer within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    )))
+                }
+            };
+        let info: String = ::redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut plain)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = if info.contains("cluster_enabled:1") {
+            // Retried briefly, as the server's manager reconnects: a call to the slots of a
+            // master that is down fails in about a second, for the consumer to retry and a
+            // query to answer 503, instead of waiting out the client's default of minutes.
+            let cluster = ::redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(CONNECT_TIMEOUT)
+                .retries(CLUSTER_RETRIES)
+                .min_retry_wait(100)
+                .max_retry_wait(500)
+                .build()
+                .map_err(unavailable)?;
+            Connection::Cluster(cluster.get_async_connection().await.map_err(unavailable)?)
+        } else if nodes.len() > 1 {
+            return Err(unreachable(format!(
+                "{} servers are named, as for a cluster, but this one is not a cluster node",
+                nodes.len()
+            )));
+        } else {
+            Connection::Server(ConnectionManager::new(client).await.map_err(unavailable)?)
+        };
+        load_functions(&conn).await.map_err(unavailable)?;
         let store = RedisProjections {
             conn,
             prefix: prefix.to_owned(),
@@ -109,7 +192,7 @@ impl RedisProjections {
         };
         tokio::spawn(watch_changes(
             store.conn.clone(),
-            store.tick_key(),
+            ProjectionName::ALL.map(|name| store.tick_key(name)),
             Arc::downgrade(&store.changes),
         ));
         Ok(store)
@@ -120,9 +203,11 @@ impl RedisProjections {
         &self.prefix
     }
 
-    /// The keys of projection `name` start with this.
+    /// The keys of projection `name` start with this. The name in braces is the keys' hash
+    /// tag: in a cluster, all of a projection's keys share one slot, so one function call may
+    /// apply a batch of its events and record them applied, atomically.
     pub fn base(&self, name: ProjectionName) -> String {
-        format!("{}:rm:{}", self.prefix, name)
+        format!("{}:rm:{{{}}}", self.prefix, name)
     }
 
     /// The keys of version `version` of `name` start with this and a `:`.
@@ -130,30 +215,43 @@ impl RedisProjections {
         format!("{}:v{version}", self.base(name))
     }
 
-    fn tick_key(&self) -> String {
-        format!("{}:rm:tick", self.prefix)
+    /// Moves whenever projection `name` may have changed.
+    fn tick_key(&self, name: ProjectionName) -> String {
+        format!("{}:tick", self.base(name))
     }
 
+    /// `FCALL` (or, `read_only`, `FCALL_RO`) of `function` on projection `name`: its base is
+    /// declared as the call's one key, by which a cluster routes it to the slot of all the
+    /// projection's keys, and is passed again as the first argument, where the functions
+    /// read it.
+    fn fcall(&self, function: &str, read_only: bool, name: ProjectionName) -> ::redis::Cmd {
+        let base = self.base(name);
+        let mut cmd = ::redis::cmd(if read_only { "FCALL_RO" } else { "FCALL" });
+        cmd.arg(function).arg(1).arg(&base).arg(base);
+        cmd
+    }
+
+    /// [`RedisProjections::fcall`] with `args` after the base.
     async fn call<T: FromRedisValue>(
         &self,
         function: &str,
         read_only: bool,
+        name: ProjectionName,
         args: impl ToRedisArgs,
     ) -> Result<T, RedisError> {
-        let mut cmd = ::redis::cmd(if read_only { "FCALL_RO" } else { "FCALL" });
-        cmd.arg(function).arg(0).arg(args);
+        let mut cmd = self.fcall(function, read_only, name);
+        cmd.arg(args);
         self.query(&cmd).await
     }
 
     /// Runs `cmd`; when Redis lost the functions (it restarted: it keeps nothing on disk),
     /// loads them again and runs it once more.
     async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, RedisError> {
-        let mut conn = self.conn.clone();
-        match cmd.query_async(&mut conn).await {
+        match self.conn.query(cmd).await {
             Err(error) if lost_functions(&error) => {
                 tracing::warn!("redis lost the read-model functions; loading them again");
-                load_functions(&mut conn).await?;
-                cmd.query_async(&mut conn).await
+                load_functions(&self.conn).await?;
+                self.conn.query(cmd).await
             }
             other => other,
         }
@@ -169,20 +267,18 @@ fn lost_functions(error: &RedisError) -> bool {
     error.to_string().contains("Function not found")
 }
 
-async fn load_functions(conn: &mut ConnectionManager) -> Result<(), RedisError> {
-    let _: String = ::redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg("REPLACE")
-        .arg(FUNCTIONS)
-        .query_async(conn)
-        .await?;
+/// Loads the functions, on every master of a cluster.
+async fn load_functions(conn: &Connection) -> Result<(), RedisError> {
+    let mut load = ::redis::cmd("FUNCTION");
+    load.arg("LOAD").arg("REPLACE").arg(FUNCTIONS);
+    let _: String = conn.query(&load).await?;
     Ok(())
 }
 
-/// Moves `changes` whenever the tick key does, polling only while someone waits.
-async fn watch_changes(
-    mut conn: ConnectionManager,
-    key: String,
+/// Moves `changes` whenever a tick key does, polling only while someone waits.
+async fn watch_changes<const N: usize>(
+    conn: Connection,
+    keys: [String; N],
     changes: Weak<watch::Sender<u64>>,
 ) {
     let mut last: Option<u64> = None;
@@ -194,10 +290,16 @@ async fn watch_changes(
         if changes.receiver_count() == 0 {
             continue;
         }
-        let tick: Result<Option<u64>, _> =
-            ::redis::cmd("GET").arg(&key).query_async(&mut conn).await;
-        if let Ok(tick) = tick {
-            let tick = tick.unwrap_or(0);
+        // One GET a key: in a cluster, the keys are in different slots.
+        let mut tick = Some(0u64);
+        for key in &keys {
+            let moved: Result<Option<u64>, _> = conn.query(::redis::cmd("GET").arg(key)).await;
+            tick = match (tick, moved) {
+                (Some(sum), Ok(n)) => Some(sum.wrapping_add(n.unwrap_or(0))),
+                _ => None,
+            };
+        }
+        if let Some(tick) = tick {
             if last != Some(tick) {
                 last = Some(tick);
                 changes.send_modify(|n| *n = n.wrapping_add(1));
@@ -393,7 +495,7 @@ impl RedisProjections {
                 continue;
             }
             let found: Vec<u64> = self
-                .call(function, true, (self.base(name), streams))
+                .call(function, true, name, streams)
                 .await
                 .map_err(unanswered(name))?;
             for (i, version) in at.into_iter().zip(found) {
@@ -409,11 +511,7 @@ impl ReadModel for RedisProjections {
     async fn campaign(&self, id: CampaignId) -> Result<Option<CampaignView>, ReadModelError> {
         let id = id.to_string();
         let flat: Vec<String> = self
-            .call(
-                "groupbuy_campaign",
-                true,
-                (self.base(ProjectionName::Campaigns), &id),
-            )
+            .call("groupbuy_campaign", true, ProjectionName::Campaigns, &id)
             .await
             .map_err(unanswered(ProjectionName::Campaigns))?;
         campaign_view(&id, flat)
@@ -430,11 +528,8 @@ impl ReadModel for RedisProjections {
             .call(
                 "groupbuy_campaigns",
                 true,
-                (
-                    self.base(ProjectionName::Campaigns),
-                    index,
-                    CAMPAIGNS_SCAN_MAX,
-                ),
+                ProjectionName::Campaigns,
+                (index, CAMPAIGNS_SCAN_MAX),
             )
             .await
             .map_err(unanswered(ProjectionName::Campaigns))?;
@@ -457,7 +552,8 @@ impl ReadModel for RedisProjections {
             .call(
                 "groupbuy_order",
                 true,
-                (self.base(ProjectionName::Orders), id.to_string()),
+                ProjectionName::Orders,
+                id.to_string(),
             )
             .await
             .map_err(unanswered(ProjectionName::Orders))?;
@@ -469,7 +565,8 @@ impl ReadModel for RedisProjections {
             .call(
                 "groupbuy_funnel",
                 true,
-                (self.base(ProjectionName::Orders), id.to_string()),
+                ProjectionName::Orders,
+                id.to_string(),
             )
             .await
             .map_err(unanswered(ProjectionName::Orders))?;
@@ -490,8 +587,8 @@ impl ReadModel for RedisProjections {
             .call(
                 "groupbuy_orders",
                 true,
+                ProjectionName::Orders,
                 (
-                    self.base(ProjectionName::Orders),
                     after.map(|a| a.to_string()).unwrap_or_default(),
                     limit,
                     index.campaign.map(|c| c.to_string()).unwrap_or_default(),
@@ -534,8 +631,9 @@ impl ReadModel for RedisProjections {
     }
 
     async fn ping(&self) -> Result<(), ReadModelError> {
-        let _: String = ::redis::cmd("PING")
-            .query_async(&mut self.conn.clone())
+        let _: String = self
+            .conn
+            .query(&::redis::cmd("PING"))
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -565,9 +663,9 @@ impl ProjectionStore for RedisProjections {
             .call(
                 "groupbuy_apply",
                 false,
+                name,
                 (
-                    self.base(name),
-                    self.tick_key(),
+                    self.tick_key(name),
                     &change.stream_id,
                     change.version,
                     change.position,
@@ -591,11 +689,8 @@ impl ProjectionStore for RedisProjections {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd = ::redis::cmd("FCALL");
-        cmd.arg("groupbuy_apply_all")
-            .arg(0)
-            .arg(self.base(name))
-            .arg(self.tick_key());
+        let mut cmd = self.fcall("groupbuy_apply_all", false, name);
+        cmd.arg(self.tick_key(name));
         for change in changes {
             cmd.arg(&change.stream_id)
                 .arg(change.version)
@@ -627,11 +722,7 @@ impl ProjectionStore for RedisProjections {
         version: u64,
     ) -> Result<(), ReadModelError> {
         let _: u8 = self
-            .call(
-                "groupbuy_skip",
-                false,
-                (self.base(name), stream_id, version),
-            )
+            .call("groupbuy_skip", false, name, (stream_id, version))
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -641,7 +732,7 @@ impl ProjectionStore for RedisProjections {
         let mut versions = Vec::new();
         for name in ProjectionName::ALL {
             let found: Vec<(u32, String, u64, u64)> = self
-                .call("groupbuy_versions", true, self.base(name))
+                .query(&self.fcall("groupbuy_versions", true, name))
                 .await
                 .map_err(unavailable)?;
             for (version, status, position, events) in found {
@@ -669,7 +760,7 @@ impl ProjectionStore for RedisProjections {
         lease: Duration,
     ) -> Result<u32, RebuildError> {
         let started: Vec<u32> = self
-            .call("groupbuy_begin", false, (self.base(name), millis(lease)))
+            .call("groupbuy_begin", false, name, millis(lease))
             .await
             .map_err(|e| rebuild_error(name, 0, e))?;
         let (&version, abandoned) = started
@@ -689,12 +780,8 @@ impl ProjectionStore for RedisProjections {
         changes: &[Change],
         lease: Duration,
     ) -> Result<(), RebuildError> {
-        let mut cmd = ::redis::cmd("FCALL");
-        cmd.arg("groupbuy_rebuild")
-            .arg(0)
-            .arg(self.base(name))
-            .arg(version)
-            .arg(millis(lease));
+        let mut cmd = self.fcall("groupbuy_rebuild", false, name);
+        cmd.arg(version).arg(millis(lease));
         for change in changes {
             cmd.arg(&change.stream_id)
                 .arg(change.version)
@@ -717,7 +804,8 @@ impl ProjectionStore for RedisProjections {
             .call(
                 "groupbuy_finish",
                 false,
-                (self.base(name), version, self.tick_key()),
+                name,
+                (version, self.tick_key(name)),
             )
             .await
             .map_err(|e| rebuild_error(name, version, e))?;
@@ -730,7 +818,7 @@ impl ProjectionStore for RedisProjections {
         version: u32,
     ) -> Result<(), ReadModelError> {
         let _: u8 = self
-            .call("groupbuy_abandon", false, (self.base(name), version))
+            .call("groupbuy_abandon", false, name, version)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -745,23 +833,28 @@ impl ProjectionStore for RedisProjections {
         if still_used {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
-        let pattern = format!("{}:*", self.root(name, version));
+        let root = self.root(name, version);
+        let pattern = format!("{root}:*");
         let mut cursor: u64 = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(DROP_BATCH)
-                .query_async(&mut conn)
+            // In a cluster, on the master of the projection's slot, where all its keys are.
+            let (next, keys): (u64, Vec<String>) = self
+                .conn
+                .query_at(
+                    &root,
+                    ::redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(DROP_BATCH),
+                )
                 .await
                 .map_err(unavailable)?;
             if !keys.is_empty() {
-                let _: u64 = ::redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut conn)
+                let _: u64 = self
+                    .conn
+                    .query(::redis::cmd("UNLINK").arg(&keys))
                     .await
                     .map_err(unavailable)?;
             }
@@ -770,10 +863,13 @@ impl ProjectionStore for RedisProjections {
             }
             cursor = next;
         }
-        let _: u64 = ::redis::cmd("SREM")
-            .arg(format!("{}:versions", self.base(name)))
-            .arg(version)
-            .query_async(&mut conn)
+        let _: u64 = self
+            .conn
+            .query(
+                ::redis::cmd("SREM")
+                    .arg(format!("{}:versions", self.base(name)))
+                    .arg(version),
+            )
             .await
             .map_err(unavailable)?;
         Ok(())

@@ -2,9 +2,9 @@
 //! the invariants checked through the API and the audit.
 //!
 //! The deployment is real Postgres (a database of the run's own), and a NATS server (or a
-//! three-node JetStream cluster keeping three replicas of each stream) and a Redis server the
-//! run starts itself ([`OwnNats`], [`OwnRedis`]), so it can kill them without touching the
-//! machine's. Three `groupbuy serve` processes share it: two run every role, the
+//! three-node JetStream cluster keeping three replicas of each stream) and a Redis server (or
+//! a three-master Redis Cluster) the run starts itself ([`OwnNats`], [`OwnRedis`]), so it can
+//! kill them without touching the machine's. Three `groupbuy serve` processes share it: two run every role, the
 //! third runs the relay, the saga, the projections and the deadlines but no HTTP API, so
 //! killing it kills a saga and a projector that serve no customer. Payments are simulated and
 //! a share of them fail, so orders are cancelled and their units released and sold again
@@ -12,7 +12,8 @@
 //!
 //! The seed picks the faults and when they land: `kill -9` of the relay's leader, of a
 //! follower or of the worker, NATS killed and started again on its store (every node, or one
-//! node of the cluster), Redis flushed, and every Postgres backend of the deployment
+//! node of the cluster), Redis flushed (or the cluster's master of the orders read model
+//! killed and started again, empty), and every Postgres backend of the deployment
 //! terminated. What the system does between them is
 //! not deterministic (three processes and the kernel schedule it), so a seed replays the
 //! schedule, not the interleaving; [`Verdict`] names the seed of a failed run.
@@ -27,7 +28,8 @@
 //! seeds and prints a table:
 //! `GROUPBUY_CHAOS_SEEDS=20 cargo test -p groupbuy-tests --test chaos -- --ignored --nocapture many_seeds`;
 //! `GROUPBUY_CHAOS_SEED=<seed>` with `replay` runs one seed with every kind of fault.
-//! `GROUPBUY_CHAOS_NATS_NODES=3` runs the long mode on a JetStream cluster, where the faults
+//! `GROUPBUY_CHAOS_NATS_NODES=3` runs the long mode on a JetStream cluster, and
+//! `GROUPBUY_CHAOS_REDIS_MASTERS=3` on a Redis Cluster, where the faults
 //! also kill one node at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -79,6 +81,9 @@ enum Fault {
     RestartNats,
     /// One node of the NATS cluster killed and started again on its store.
     KillNatsNode,
+    /// The Redis Cluster's master of the orders read model killed and started again, empty:
+    /// the projection rebuilds from the log what that master held.
+    KillRedisMaster,
     /// Redis loses every key.
     FlushRedis,
     /// Every Postgres backend of the deployment terminated.
@@ -97,13 +102,14 @@ impl Fault {
 }
 
 /// A run: its seed, how long customers order, which faults may land, and how many NATS
-/// servers the deployment runs (more than one: a JetStream cluster with a replica of each
-/// stream on every node).
+/// servers (more than one: a JetStream cluster with a replica of each stream on every node)
+/// and Redis masters (more than one: a Redis Cluster) the deployment runs.
 struct Plan {
     seed: u64,
     sale: Duration,
     faults: Vec<Fault>,
     nats_nodes: usize,
+    redis_masters: usize,
 }
 
 /// One fault of the schedule: when it lands after the sale starts, and how long what it
@@ -223,9 +229,9 @@ struct Deployment {
 }
 
 impl Deployment {
-    async fn start(nats_nodes: usize) -> Deployment {
-        let nats = OwnNats::cluster(nats_nodes).await;
-        let redis = OwnRedis::start().await;
+    async fn start(plan: &Plan) -> Deployment {
+        let nats = OwnNats::cluster(plan.nats_nodes).await;
+        let redis = OwnRedis::cluster(plan.redis_masters).await;
         let streams = TestStreams {
             settings: unique_settings(&nats.url()),
         };
@@ -381,10 +387,19 @@ impl Deployment {
                 tokio::time::sleep(down).await;
                 self.nats.restart_node(node).await;
             }
+            Fault::KillRedisMaster => {
+                let orders = format!("{}:rm:{{orders}}:live", self.keys.prefix);
+                let node = self.redis.node_of(&orders).await;
+                self.redis.kill_node(node).await;
+                tokio::time::sleep(down).await;
+                self.redis.restart_node(node).await;
+            }
             Fault::FlushRedis => {
-                let client = redis::Client::open(self.redis.url()).unwrap();
-                let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-                let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+                for url in self.redis.node_urls() {
+                    let client = redis::Client::open(url).unwrap();
+                    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+                }
             }
             Fault::TerminateBackends => {
                 sqlx::query(
@@ -499,9 +514,7 @@ fn is_refused_for_good(status: StatusCode) -> bool {
 /// Runs `plan` and judges it.
 async fn run(plan: &Plan) -> Verdict {
     let started = Instant::now();
-    let deployment = Arc::new(tokio::sync::RwLock::new(
-        Deployment::start(plan.nats_nodes).await,
-    ));
+    let deployment = Arc::new(tokio::sync::RwLock::new(Deployment::start(plan).await));
     let campaign_id = {
         let d = deployment.read().await;
         let store = d
@@ -733,6 +746,7 @@ async fn a_sale_keeps_its_invariants_while_instances_are_killed_and_nats_restart
             Fault::RestartNats,
         ],
         nats_nodes: 1,
+        redis_masters: 1,
     })
     .await;
     println!("{verdict}");
@@ -751,6 +765,7 @@ async fn a_sale_keeps_its_invariants_while_redis_is_flushed_and_backends_are_ter
             Fault::KillLeader,
         ],
         nats_nodes: 1,
+        redis_masters: 1,
     })
     .await;
     println!("{verdict}");
@@ -759,30 +774,38 @@ async fn a_sale_keeps_its_invariants_while_redis_is_flushed_and_backends_are_ter
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sale_keeps_its_invariants_on_a_jetstream_cluster_while_its_nodes_die() {
+async fn a_sale_keeps_its_invariants_on_clusters_while_their_nodes_die() {
     let verdict = run(&Plan {
         seed: 13,
         sale: Duration::from_secs(14),
-        faults: vec![Fault::KillNatsNode, Fault::KillNatsNode, Fault::KillLeader],
+        faults: vec![
+            Fault::KillNatsNode,
+            Fault::KillRedisMaster,
+            Fault::KillNatsNode,
+            Fault::KillLeader,
+        ],
         nats_nodes: 3,
+        redis_masters: 3,
     })
     .await;
     println!("{verdict}");
     assert!(verdict.accepted > 0, "{verdict}");
     assert!(verdict.faults.contains_key("KillNatsNode"), "{verdict}");
+    assert!(verdict.faults.contains_key("KillRedisMaster"), "{verdict}");
     assert!(verdict.is_clean(), "{verdict}");
 }
 
 /// One seed, every kind of fault: `GROUPBUY_CHAOS_SEED` (default 1), `GROUPBUY_CHAOS_SALE_S`
-/// (default 15), `GROUPBUY_CHAOS_NATS_NODES` (default 1).
+/// (default 15), `GROUPBUY_CHAOS_NATS_NODES` and `GROUPBUY_CHAOS_REDIS_MASTERS` (default 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the long mode; run with --ignored"]
 async fn replay() {
     let verdict = run(&Plan {
         seed: seed_from_env("GROUPBUY_CHAOS_SEED").unwrap_or(1),
         sale: Duration::from_secs(seed_from_env("GROUPBUY_CHAOS_SALE_S").unwrap_or(15)),
-        faults: faults(nats_nodes()),
+        faults: faults(nats_nodes(), redis_masters()),
         nats_nodes: nats_nodes(),
+        redis_masters: redis_masters(),
     })
     .await;
     println!("{verdict}");
@@ -802,8 +825,9 @@ async fn many_seeds() {
         let verdict = run(&Plan {
             seed,
             sale,
-            faults: faults(nats_nodes()),
+            faults: faults(nats_nodes(), redis_masters()),
             nats_nodes: nats_nodes(),
+            redis_masters: redis_masters(),
         })
         .await;
         println!("{verdict}");
@@ -818,11 +842,19 @@ fn nats_nodes() -> usize {
     seed_from_env("GROUPBUY_CHAOS_NATS_NODES").map_or(1, |n| n.try_into().unwrap())
 }
 
+/// The Redis masters of the long mode: `GROUPBUY_CHAOS_REDIS_MASTERS`, default 1.
+fn redis_masters() -> usize {
+    seed_from_env("GROUPBUY_CHAOS_REDIS_MASTERS").map_or(1, |n| n.try_into().unwrap())
+}
+
 /// Every kind of fault, and on a cluster one node killed at a time as well.
-fn faults(nats_nodes: usize) -> Vec<Fault> {
+fn faults(nats_nodes: usize, redis_masters: usize) -> Vec<Fault> {
     let mut faults = Fault::ALL.to_vec();
     if nats_nodes > 1 {
         faults.push(Fault::KillNatsNode);
+    }
+    if redis_masters > 1 {
+        faults.push(Fault::KillRedisMaster);
     }
     faults
 }
@@ -865,6 +897,7 @@ fn a_schedule_deals_every_kind_of_fault_before_any_twice() {
             sale: Duration::from_secs(60),
             faults: Fault::ALL.to_vec(),
             nats_nodes: 1,
+            redis_masters: 1,
         };
         let schedule = plan.schedule();
         assert!(

@@ -1,4 +1,5 @@
-//! Read models: the store contract (memory and Redis), operator rebuilds, the audit.
+//! Read models: the store contract (memory, Redis and a Redis Cluster), operator rebuilds, the
+//! audit.
 
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
@@ -16,9 +17,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ulid::Ulid;
 
-// --- the store contract, on memory and on Redis ---
+// --- the store contract, on memory, on Redis and on a Redis Cluster ---
 
-macro_rules! on_both_stores {
+macro_rules! on_every_store {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test]
@@ -32,11 +33,18 @@ macro_rules! on_both_stores {
                 let redis = harness::TestRedis::new();
                 super::$name(std::sync::Arc::new(redis.connect().await)).await;
             }
+
+            #[tokio::test]
+            async fn redis_cluster() {
+                let cluster = harness::servers::OwnRedis::cluster(3).await;
+                let redis = harness::TestRedis::on(&cluster.url());
+                super::$name(std::sync::Arc::new(redis.connect().await)).await;
+            }
         }
     )*};
 }
 
-on_both_stores!(
+on_every_store!(
     a_redelivered_event_changes_nothing,
     a_rebuild_takes_live_events_in_order_and_switches_at_once,
     a_rebuild_that_stops_renewing_its_lease_is_replaced,
