@@ -68,6 +68,9 @@ async fn a_short_flash_sale_sells_out_and_keeps_every_invariant() {
     assert_eq!(report.answers[0].status, 202);
     assert_eq!(report.answers[0].count, report.accepted);
     assert_eq!(report.latency.accept.count, report.accepted);
+    // The sampler followed orders into the read model while the load ran.
+    assert!(report.latency.shown.count > 0, "{text}");
+    assert!(text.contains("shown (sampled)"), "{text}");
 
     // Every accepted order was found in the scan, and every one was decided.
     let listed: u64 = report.statuses.iter().map(|s| s.count).sum();

@@ -137,6 +137,14 @@ impl Api {
         })
     }
 
+    /// Whether order `id` shows in the orders read model, asked as the operator. The
+    /// operator placed nothing, so the answer waits for no write; no answer is a no.
+    pub async fn order_shows(&self, id: Ulid) -> bool {
+        let url = self.url(&format!("v1/orders/{id}"));
+        let answer = self.operator(Method::GET, &url).send().await;
+        answer.is_ok_and(|response| response.status() == StatusCode::OK)
+    }
+
     /// One page of a campaign's orders, newest first, as the operator lists them.
     pub async fn orders(
         &self,

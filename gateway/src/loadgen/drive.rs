@@ -11,8 +11,14 @@
 //! an order is due when its worker is free, so there the two are the same.
 //!
 //! Each worker keeps its own [`Tally`] (histograms, counts, placed ids) and they are merged
-//! once at the end: no lock is taken per request. The only shared writes are a few relaxed
-//! atomic counters, for the order numbers and the progress line.
+//! once at the end: no lock is waited for per request. The only shared writes are a few
+//! relaxed atomic counters, for the order numbers and the progress line, and the newest
+//! accepted order, behind a lock a worker only tries (it skips the write when it is taken).
+//!
+//! Meanwhile a sampler follows the newest accepted order into the read model every
+//! [`LAG_SAMPLE_EVERY`]: it asks for the order as the operator (who placed nothing, so the
+//! answer waits for no write) until it shows. The time from its 202 to its showing is how far
+//! the orders read model is behind under the load.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +44,12 @@ pub const LATENCY_MAX_US: u64 = 3_600_000_000;
 const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
 /// How often the progress line is redrawn.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the sampler follows an order into the read model.
+const LAG_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// How often it asks whether the order shows.
+const LAG_POLL: Duration = Duration::from_millis(2);
+/// How long a sampled order may take to show; one that takes longer is recorded as this.
+const LAG_SAMPLE_MAX: Duration = Duration::from_secs(30);
 
 /// Latencies in microseconds. `u32` counts are plenty (a run places at most
 /// [`ORDERS_MAX`] orders) and halve the memory of `u64` ones: each worker holds two
@@ -151,6 +163,9 @@ impl Tally {
                     .or_default() += 1;
                 self.placed.push(order.order_id);
                 shared.accepted.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut newest) = shared.newest.try_lock() {
+                    *newest = Some((order.order_id, Instant::now()));
+                }
             }
             Answer::Refused { status, code } => {
                 *self.answers.entry((status, code)).or_default() += 1;
@@ -174,6 +189,8 @@ pub struct Load {
     pub tally: Tally,
     /// The ids of the accepted orders: only these count in the scan.
     pub placed: HashSet<Ulid>,
+    /// From a sampled order's 202 to its showing in the orders read model.
+    pub shown: Latencies,
 }
 
 /// What the answer to one order was.
@@ -204,6 +221,8 @@ struct Shared {
     accepted: AtomicU64,
     refused: AtomicU64,
     failed: AtomicU64,
+    /// The newest accepted order and when its answer came, for the lag sampler.
+    newest: std::sync::Mutex<Option<(Ulid, Instant)>>,
 }
 
 /// Places orders over `--connections` workers for `--duration` seconds.
@@ -240,6 +259,7 @@ pub async fn drive(
         accepted: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        newest: std::sync::Mutex::new(None),
     });
     let mut workers = tokio::task::JoinSet::new();
     for index in 0..args.connections as usize {
@@ -249,19 +269,24 @@ pub async fn drive(
     let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
     let mut tally = Tally::new();
     let mut capped = false;
-    loop {
-        tokio::select! {
-            done = workers.join_next() => match done {
-                Some(result) => {
-                    let (worker_tally, worker_capped) = result.context("a load worker failed")?;
-                    tally.merge(worker_tally);
-                    capped |= worker_capped;
-                }
-                None => break,
-            },
-            _ = ticks.tick() => show(&bar, &shared),
+    let workers_done = async {
+        loop {
+            tokio::select! {
+                done = workers.join_next() => match done {
+                    Some(result) => {
+                        let (worker_tally, worker_capped) =
+                            result.context("a load worker failed")?;
+                        tally.merge(worker_tally);
+                        capped |= worker_capped;
+                    }
+                    None => return anyhow::Ok(()),
+                },
+                _ = ticks.tick() => show(&bar, &shared),
+            }
         }
-    }
+    };
+    let (done, shown) = tokio::join!(workers_done, sample_lag(api, &shared));
+    done?;
     let elapsed = start.elapsed();
     bar.finish_and_clear();
     // The ids move into a set once, for the scan's look-ups; the tally keeps none.
@@ -271,7 +296,39 @@ pub async fn drive(
         capped,
         tally,
         placed,
+        shown,
     })
+}
+
+/// Follows the newest accepted order into the orders read model every [`LAG_SAMPLE_EVERY`]
+/// until the load's time is up; the time from each sampled order's 202 to its showing.
+async fn sample_lag(api: &Api, shared: &Shared) -> Latencies {
+    let mut shown = latencies();
+    let mut last = None;
+    while Instant::now() < shared.end {
+        tokio::time::sleep(LAG_SAMPLE_EVERY).await;
+        let newest = *shared.newest.lock().expect("not poisoned");
+        let Some((order_id, answered)) = newest else {
+            continue;
+        };
+        if last == Some(order_id) {
+            continue;
+        }
+        last = Some(order_id);
+        loop {
+            // Any answer but 200 (404, or 503 while a read model is rebuilt) is not yet.
+            if api.order_shows(order_id).await {
+                record(&mut shown, answered.elapsed());
+                break;
+            }
+            if answered.elapsed() >= LAG_SAMPLE_MAX {
+                record(&mut shown, LAG_SAMPLE_MAX);
+                break;
+            }
+            tokio::time::sleep(LAG_POLL).await;
+        }
+    }
+    shown
 }
 
 /// One worker: takes the next order number until the time (or [`ORDERS_MAX`]) is up. Returns

@@ -145,6 +145,9 @@ pub struct LatencyReport {
     pub decide_server: Summary,
     /// From `created_at` to `updated_at` of the confirmed orders (server clock).
     pub confirm_server: Summary,
+    /// From a 202 to the order's showing in the orders read model, for the newest accepted
+    /// order every 250 ms of the load (client clock): how far the read model is behind.
+    pub shown: Summary,
 }
 
 /// One histogram, summarised.
@@ -323,6 +326,7 @@ impl Report {
                 decide_client: (args.wait > 0).then(|| Summary::of(&tally.decide)),
                 decide_server: Summary::of(&decisions.decide),
                 confirm_server: Summary::of(&decisions.confirm),
+                shown: Summary::of(&load.shown),
             },
             stock: snapshot.campaign.stock,
             checks: snapshot.checks,
@@ -456,6 +460,7 @@ impl fmt::Display for Report {
         }
         writeln!(f, "  decide (server)     {}", l.decide_server)?;
         writeln!(f, "  confirm (server)    {}", l.confirm_server)?;
+        writeln!(f, "  shown (sampled)     {}", l.shown)?;
         writeln!(f)?;
         let s = &self.stock;
         writeln!(
