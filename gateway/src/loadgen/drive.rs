@@ -301,34 +301,42 @@ pub async fn drive(
 }
 
 /// Follows the newest accepted order into the orders read model every [`LAG_SAMPLE_EVERY`]
-/// until the load's time is up; the time from each sampled order's 202 to its showing.
+/// until the load's time is up; the time from each sampled order's 202 to its showing. Each
+/// sample is followed on its own, so one order slow to show does not thin out the samples.
 async fn sample_lag(api: &Api, shared: &Shared) -> Latencies {
+    use futures::stream::{FuturesUnordered, StreamExt};
     let mut shown = latencies();
+    let mut following = FuturesUnordered::new();
+    let mut ticks = tokio::time::interval(LAG_SAMPLE_EVERY);
     let mut last = None;
-    while Instant::now() < shared.end {
-        tokio::time::sleep(LAG_SAMPLE_EVERY).await;
-        let newest = *shared.newest.lock().expect("not poisoned");
-        let Some((order_id, answered)) = newest else {
-            continue;
-        };
-        if last == Some(order_id) {
-            continue;
-        }
-        last = Some(order_id);
-        loop {
-            // Any answer but 200 (404, or 503 while a read model is rebuilt) is not yet.
-            if api.order_shows(order_id).await {
-                record(&mut shown, answered.elapsed());
-                break;
+    loop {
+        tokio::select! {
+            _ = ticks.tick(), if Instant::now() < shared.end => {
+                let newest = *shared.newest.lock().expect("not poisoned");
+                if let Some((order_id, answered)) = newest.filter(|(id, _)| last != Some(*id)) {
+                    last = Some(order_id);
+                    following.push(until_shown(api, order_id, answered));
+                }
             }
-            if answered.elapsed() >= LAG_SAMPLE_MAX {
-                record(&mut shown, LAG_SAMPLE_MAX);
-                break;
-            }
-            tokio::time::sleep(LAG_POLL).await;
+            Some(took) = following.next() => record(&mut shown, took),
+            else => return shown,
         }
     }
-    shown
+}
+
+/// How long after `answered` order `order_id` shows in the read model ([`LAG_SAMPLE_MAX`] at
+/// most).
+async fn until_shown(api: &Api, order_id: Ulid, answered: Instant) -> Duration {
+    loop {
+        // Any answer but 200 (404, or 503 while a read model is rebuilt) is not yet.
+        if api.order_shows(order_id).await {
+            return answered.elapsed();
+        }
+        if answered.elapsed() >= LAG_SAMPLE_MAX {
+            return LAG_SAMPLE_MAX;
+        }
+        tokio::time::sleep(LAG_POLL).await;
+    }
 }
 
 /// One worker: takes the next order number until the time (or [`ORDERS_MAX`]) is up. Returns
