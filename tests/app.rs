@@ -195,15 +195,19 @@ impl TestApp {
         }
     }
 
-    /// Polls an order until it has `status`, and returns it; panics after 20 s.
+    /// Polls an order until it has `status`, and returns it; panics after 20 s. Asked by
+    /// anyone but the customer who placed it (the operator), the order is not found until the
+    /// read model has applied it: a query waits only for the caller's own writes.
     pub async fn wait_for_status(&self, token: &str, order_id: &str, status: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let order = expect_json(
-                self.get(&format!("/v1/orders/{order_id}"), token).await,
-                StatusCode::OK,
-            )
-            .await;
+            let response = self.get(&format!("/v1/orders/{order_id}"), token).await;
+            if response.status() == StatusCode::NOT_FOUND && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            let order = expect_json(response, StatusCode::OK).await;
             if order["status"] == status {
                 return order;
             }
