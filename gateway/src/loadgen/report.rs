@@ -146,7 +146,8 @@ pub struct LatencyReport {
     /// From `created_at` to `updated_at` of the confirmed orders (server clock).
     pub confirm_server: Summary,
     /// From a 202 to the order's showing in the orders read model, for the newest accepted
-    /// order every 250 ms of the load (client clock): how far the read model is behind.
+    /// order every 250 ms of the load (client clock): how far the read model is behind. A
+    /// sample not shown when the load's time is up counts as its wait until then.
     pub shown: Summary,
 }
 
