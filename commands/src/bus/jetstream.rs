@@ -145,6 +145,10 @@ impl JetStreamSettings {
 
 /// How many times a connected bus asks for a change to its streams before it gives up.
 const SETTLE_ATTEMPTS: u32 = 6;
+/// How long a subscription waits for a new replicated consumer to elect its leader.
+const CONSUMER_LEADER_WAIT: Duration = Duration::from_secs(5);
+/// How often it asks meanwhile.
+const CONSUMER_LEADER_POLL: Duration = Duration::from_millis(50);
 
 /// The events stream's description before a log is bound to it.
 const EVENTS_DESCRIPTION: &str = "groupbuy: mirror of the event log";
@@ -449,10 +453,13 @@ impl Bus for JetStreamBus {
             inactive_threshold: options.inactive_threshold.unwrap_or_default(),
             ..Default::default()
         };
-        let consumer: js::consumer::Consumer<pull::Config> = stream
+        let mut consumer: js::consumer::Consumer<pull::Config> = stream
             .get_or_create_consumer(&options.name, config)
             .await
             .map_err(BusError::unavailable)?;
+        if self.settings.replicas > 1 {
+            led(&mut consumer).await;
+        }
         let messages = consumer
             .stream()
             .max_messages_per_batch(options.max_in_flight.clamp(1, 1_000))
@@ -637,6 +644,27 @@ impl Deliveries for JetStreamDeliveries {
             delivered,
             acker: Acker::JetStream(acker),
         }))
+    }
+}
+
+/// Waits (at most [`CONSUMER_LEADER_WAIT`]) until a replicated consumer has a leader. A pull
+/// sent to a consumer whose leader is not elected yet (one just created on a cluster) gets
+/// no answer and no heartbeat, and the client notices only after two missed heartbeats: on the
+/// clusters this stalled a new consumer's partition for 10 s (docs/benchmarks.md). A consumer
+/// still without a leader is pulled anyway, as before.
+async fn led(consumer: &mut js::consumer::Consumer<pull::Config>) {
+    let deadline = tokio::time::Instant::now() + CONSUMER_LEADER_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let leader = consumer
+            .info()
+            .await
+            .ok()
+            .and_then(|info| info.cluster.as_ref())
+            .and_then(|cluster| cluster.leader.clone());
+        if leader.is_some() {
+            return;
+        }
+        tokio::time::sleep(CONSUMER_LEADER_POLL).await;
     }
 }
 
