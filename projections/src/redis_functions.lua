@@ -1,4 +1,14 @@
-#!lua name=groupbuy_rm
+#!lua name=groupbuy_rm_@BUILD@
+
+-- BUILD is a hash of this text, put in for its marker (in the line above too) when the library
+-- is loaded (`projections::redis_store::Library`): the library and every function are named for
+-- the text they run, so instances of two builds (a rolling upgrade) each call their own
+-- functions in one Redis, and loading one never replaces what the other calls.
+local BUILD = '@BUILD@'
+
+local function named(name)
+  return name .. '_' .. BUILD
+end
 
 -- The read models of groupbuy in Redis: every write and every query is one of these
 -- functions, so each is atomic: an event's data and the record that it was applied change
@@ -189,7 +199,7 @@ end
 
 -- A live event: to the live version unless done there, to building versions when next.
 -- args: base, tick key, stream, version, position, ops. Returns {live version or '', applied}.
-redis.register_function('groupbuy_apply', function(_, args)
+redis.register_function(named('groupbuy_apply'), function(_, args)
   local base = args[1]
   local live = redis.call('GET', base .. ':live')
   local applied = 0
@@ -209,7 +219,7 @@ end)
 -- Live events in order, as groupbuy_apply applies each, in one call.
 -- args: base, tick key, then stream, version, position, ops for each event.
 -- Returns {live version or '', applied 0|1 for each event}.
-redis.register_function('groupbuy_apply_all', function(_, args)
+redis.register_function(named('groupbuy_apply_all'), function(_, args)
   local base = args[1]
   local live = redis.call('GET', base .. ':live')
   local writing = redis.call('SMEMBERS', base .. ':writing')
@@ -233,7 +243,7 @@ end)
 
 -- A dead-lettered event: recorded as done in the live version, with no effect.
 -- args: base, stream, version.
-redis.register_function('groupbuy_skip', function(_, args)
+redis.register_function(named('groupbuy_skip'), function(_, args)
   local live = redis.call('GET', args[1] .. ':live')
   if live then
     local sv = root(args[1], live) .. ':sv'
@@ -246,7 +256,7 @@ redis.register_function('groupbuy_skip', function(_, args)
 end)
 
 -- Starts a rebuild. args: base, lease ms. Returns {new version, abandoned versions...}.
-redis.register_function('groupbuy_begin', function(_, args)
+redis.register_function(named('groupbuy_begin'), function(_, args)
   local base = args[1]
   if redis.call('EXISTS', base .. ':lease') == 1 then
     return redis.error_reply('BUSY a rebuild holds the lease')
@@ -270,7 +280,7 @@ end)
 
 -- Events read from the log, into the version being built. args: base, version, lease ms,
 -- then stream, version, position, ops for each event.
-redis.register_function('groupbuy_rebuild', function(_, args)
+redis.register_function(named('groupbuy_rebuild'), function(_, args)
   local base, v = args[1], args[2]
   if redis.call('GET', base .. ':lease') ~= v then
     return redis.error_reply('LEASE_LOST the rebuild lease lapsed')
@@ -286,7 +296,7 @@ redis.register_function('groupbuy_rebuild', function(_, args)
 end)
 
 -- Makes the built version live. args: base, version, tick key. Returns the replaced one or ''.
-redis.register_function('groupbuy_finish', function(_, args)
+redis.register_function(named('groupbuy_finish'), function(_, args)
   local base, v = args[1], args[2]
   if redis.call('GET', base .. ':lease') ~= v then
     return redis.error_reply('LEASE_LOST the rebuild lease lapsed')
@@ -302,7 +312,7 @@ redis.register_function('groupbuy_finish', function(_, args)
 end)
 
 -- Gives up a rebuild. args: base, version.
-redis.register_function('groupbuy_abandon', function(_, args)
+redis.register_function(named('groupbuy_abandon'), function(_, args)
   local base, v = args[1], args[2]
   if redis.call('GET', base .. ':lease') == v then
     redis.call('DEL', base .. ':lease')
@@ -315,7 +325,7 @@ end)
 
 -- Every version with its state. args: base. Returns {version, status, position, events}...
 redis.register_function{
-  function_name = 'groupbuy_versions',
+  function_name = named('groupbuy_versions'),
   flags = { 'no-writes' },
   callback = function(_, args)
     local base = args[1]
@@ -369,7 +379,7 @@ end
 -- 0 when none is live: consumers go on (live events reach a version being built), and the
 -- rebuild's switch makes what they applied count.
 redis.register_function{
-  function_name = 'groupbuy_applied',
+  function_name = named('groupbuy_applied'),
   flags = { 'no-writes' },
   callback = function(_, args)
     return applied_in(live_root(args[1]), args)
@@ -379,7 +389,7 @@ redis.register_function{
 -- groupbuy_applied for a reader waiting to see its writes: NOLIVE when no version is live,
 -- since none will show them until a rebuild makes one live.
 redis.register_function{
-  function_name = 'groupbuy_shown',
+  function_name = named('groupbuy_shown'),
   flags = { 'no-writes' },
   callback = function(_, args)
     return applied_in(query_root(args[1]), args)
@@ -388,7 +398,7 @@ redis.register_function{
 
 -- args: base, campaign id. Returns the campaign's fields, flat.
 redis.register_function{
-  function_name = 'groupbuy_campaign',
+  function_name = named('groupbuy_campaign'),
   flags = { 'no-writes' },
   callback = function(_, args)
     local key = query_root(args[1]) .. ':c:' .. args[2]
@@ -402,7 +412,7 @@ redis.register_function{
 -- args: base, index ('c' or 'cs:<store>'), most to return. Returns {id, fields}..., oldest
 -- first.
 redis.register_function{
-  function_name = 'groupbuy_campaigns',
+  function_name = named('groupbuy_campaigns'),
   flags = { 'no-writes' },
   callback = function(_, args)
     local r = query_root(args[1])
@@ -429,7 +439,7 @@ end
 
 -- args: base, campaign id. Returns the campaign's funnel counters, flat.
 redis.register_function{
-  function_name = 'groupbuy_funnel',
+  function_name = named('groupbuy_funnel'),
   flags = { 'no-writes' },
   callback = function(_, args)
     local r = query_root(args[1])
@@ -439,7 +449,7 @@ redis.register_function{
 
 -- args: base, order id. Returns {id, order fields, payment fields, payment id}, or nil.
 redis.register_function{
-  function_name = 'groupbuy_order',
+  function_name = named('groupbuy_order'),
   flags = { 'no-writes' },
   callback = function(_, args)
     local r = query_root(args[1])
@@ -472,7 +482,7 @@ end
 -- to walk (e.g. 'u:<user>'; several are merged). Returns {orders, more}, each order as
 -- groupbuy_order returns it.
 redis.register_function{
-  function_name = 'groupbuy_orders',
+  function_name = named('groupbuy_orders'),
   flags = { 'no-writes' },
   callback = function(_, args)
     local r = query_root(args[1])

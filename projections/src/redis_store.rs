@@ -28,8 +28,10 @@ use crate::read_model::{
 };
 use crate::store::{ApplyOutcome, ProjectionStore, ProjectionVersion, RebuildError, VersionStatus};
 
-/// The function library, loaded (replacing any older one) on connect.
-const FUNCTIONS: &str = include_str!("redis_functions.lua");
+/// The function library as written: `@BUILD@` marks where [`Library`] puts its build.
+pub const FUNCTIONS: &str = include_str!("redis_functions.lua");
+/// What marks the build in [`FUNCTIONS`].
+const BUILD_MARKER: &str = "@BUILD@";
 /// How often an instance looks for changes made by any instance, while someone waits.
 const CHANGE_POLL: Duration = Duration::from_millis(10);
 /// How long connecting to Redis may take before it is reported unreachable.
@@ -227,7 +229,10 @@ impl RedisProjections {
     fn fcall(&self, function: &str, read_only: bool, name: ProjectionName) -> ::redis::Cmd {
         let base = self.base(name);
         let mut cmd = ::redis::cmd(if read_only { "FCALL_RO" } else { "FCALL" });
-        cmd.arg(function).arg(1).arg(&base).arg(base);
+        cmd.arg(Library::this_build().function(function))
+            .arg(1)
+            .arg(&base)
+            .arg(base);
         cmd
     }
 
@@ -263,14 +268,63 @@ impl RedisProjections {
     }
 }
 
+/// The function library as this build loads it. Its name and its functions' names end in a
+/// hash of its text (`groupbuy_rm_<build>`, `groupbuy_orders_<build>`), so that instances of
+/// builds whose functions differ (a rolling upgrade) each call their own in one Redis: loading
+/// one build's library never replaces another's. A build's library stays in Redis when the
+/// build is gone; `FUNCTION DELETE` removes it once no instance of that build runs.
+pub struct Library {
+    /// The hash of the text, in hex.
+    pub build: String,
+    /// `groupbuy_rm_<build>`.
+    pub name: String,
+    /// The text to load.
+    pub source: String,
+}
+
+impl Library {
+    /// This build's library.
+    pub fn this_build() -> &'static Library {
+        static LIBRARY: std::sync::LazyLock<Library> =
+            std::sync::LazyLock::new(|| Library::of(FUNCTIONS));
+        &LIBRARY
+    }
+
+    /// The library of the text `source`, its marker replaced by the text's hash.
+    pub fn of(source: &str) -> Library {
+        let build = format!("{:016x}", fnv1a(source.as_bytes()));
+        Library {
+            name: format!("groupbuy_rm_{build}"),
+            source: source.replace(BUILD_MARKER, &build),
+            build,
+        }
+    }
+
+    /// The name `function` is registered under in this library.
+    fn function(&self, function: &str) -> String {
+        format!("{function}_{}", self.build)
+    }
+}
+
+/// FNV-1a, 64 bits: stable across builds and Rust versions, which `std`'s hasher is not, so
+/// the same text always names the same library.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 fn lost_functions(error: &RedisError) -> bool {
     error.to_string().contains("Function not found")
 }
 
-/// Loads the functions, on every master of a cluster.
+/// Loads this build's functions, on every master of a cluster. `REPLACE` replaces only a
+/// library of the same name, which is the same text.
 async fn load_functions(conn: &Connection) -> Result<(), RedisError> {
     let mut load = ::redis::cmd("FUNCTION");
-    load.arg("LOAD").arg("REPLACE").arg(FUNCTIONS);
+    load.arg("LOAD")
+        .arg("REPLACE")
+        .arg(&Library::this_build().source);
     let _: String = conn.query(&load).await?;
     Ok(())
 }
@@ -879,6 +933,22 @@ impl ProjectionStore for RedisProjections {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_library_is_named_for_its_text() {
+        let ours = Library::this_build();
+        assert_eq!(Library::of(FUNCTIONS).name, ours.name);
+        assert!(ours
+            .source
+            .starts_with(&format!("#!lua name={}\n", ours.name)));
+        assert!(!ours.source.contains(BUILD_MARKER));
+        assert_eq!(
+            ours.function("groupbuy_orders"),
+            format!("groupbuy_orders_{}", ours.build)
+        );
+        let changed = Library::of(&FUNCTIONS.replace("local function", "local  function"));
+        assert_ne!(changed.build, ours.build);
+    }
 
     #[test]
     fn ops_reach_lua_with_numbers_as_strings_and_without_nulls() {

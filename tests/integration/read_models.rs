@@ -12,6 +12,7 @@ use domain::order::OrderEvent;
 use domain::{CampaignId, OrderId, UserId};
 use harness::{expect_json, expect_problem, spawn_app_tuned, Backend, TestApp, OPERATOR_TOKEN};
 use projections::ops::{Change, Op};
+use projections::redis_store::{Library, FUNCTIONS};
 use projections::{ProjectionName, ProjectionStore, RebuildError, VersionStatus};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -822,6 +823,51 @@ async fn settle(app: &TestApp) {
     }
 }
 
+/// Two builds whose functions differ (a rolling upgrade) share one Redis: each loads and calls
+/// a library of its own, and loading one leaves the other's in place.
+#[tokio::test]
+async fn builds_with_different_functions_call_their_own_libraries_side_by_side() {
+    let redis = harness::TestRedis::new();
+    let ours = Library::this_build();
+    let theirs = Library::of(&format!("{FUNCTIONS}\n-- another build\n"));
+    assert_ne!(theirs.name, ours.name);
+    assert!(!theirs.source.contains("@BUILD@") && theirs.source.contains(&theirs.build));
+    let mut conn = redis.connection().await;
+    let loaded: String = ::redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&theirs.source)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(loaded, theirs.name);
+
+    // This build connects (loading its own) and works beside the other.
+    let store = redis.connect().await;
+    store
+        .begin_rebuild(ProjectionName::Orders, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(store.versions().await.unwrap().len(), 1);
+    // The other build's library is still there, and its functions still answer.
+    let base = store.base(ProjectionName::Orders);
+    let found: Vec<(u32, String, u64, u64)> = ::redis::cmd("FCALL_RO")
+        .arg(format!("groupbuy_versions_{}", theirs.build))
+        .arg(1)
+        .arg(&base)
+        .arg(&base)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let _: () = ::redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg(&theirs.name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_flushed_then_rebuilt_gives_identical_read_models() {
     let app = spawn_app_tuned(Backend::Postgres, |_| {}).await;
@@ -866,7 +912,7 @@ async fn redis_flushed_then_rebuilt_gives_identical_read_models() {
     let mut conn = redis.connection().await;
     let _: () = ::redis::cmd("FUNCTION")
         .arg("DELETE")
-        .arg("groupbuy_rm")
+        .arg(&Library::this_build().name)
         .query_async(&mut conn)
         .await
         .unwrap();
