@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::idempotency::{IdempotencyKey, IdempotencyRecord};
+use crate::idempotency::{IdempotencyKey, IdempotencyRecord, Recorded};
 use crate::log::{AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot};
 
 /// How a group commit gathers appends.
@@ -295,10 +295,7 @@ impl EventLog for GroupCommit {
         self.inner.save_snapshot(snapshot).await
     }
 
-    async fn find_idempotent(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, LogError> {
+    async fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Recorded>, LogError> {
         self.inner.find_idempotent(key).await
     }
 

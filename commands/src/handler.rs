@@ -10,7 +10,9 @@ use rand::Rng;
 use schemas::Metadata;
 use ulid::Ulid;
 
-use crate::idempotency::{IdempotencyKey, IdempotencyRecord, StoredResponse};
+use crate::idempotency::{
+    key_event_id, IdempotencyKey, IdempotencyRecord, KeepIn, Keeping, StoredResponse,
+};
 use crate::log::{AppendRequest, Appended, EventLog, LogError, NewEvent, Snapshot, StreamAppend};
 
 /// Events read per round trip while loading a stream.
@@ -107,6 +109,9 @@ pub struct Idempotent<'a, S> {
     pub request_sha256: &'a str,
     /// The response for the state after the command.
     pub respond: &'a (dyn Fn(&S) -> StoredResponse + Send + Sync),
+    /// Where the log may keep the record: in the first event only where the caller makes its
+    /// answer again from the events, and only when the command starts its stream.
+    pub keep_in: KeepIn,
 }
 
 impl<S> Context<'_, S> {
@@ -335,17 +340,30 @@ impl CommandHandler {
                     metadata: context.metadata.clone(),
                 });
             }
+            let idempotency = context.idempotency.as_ref().map(|i| {
+                let response = (i.respond)(&state);
+                let keeping = match (i.keep_in, loaded.version) {
+                    (KeepIn::FirstEvent, 0) => {
+                        let first = &mut new_events[0];
+                        first.event_id = key_event_id(i.key);
+                        first.metadata.request_sha256 = Some(i.request_sha256.to_owned());
+                        Keeping::InFirstEvent { fallback: response }
+                    }
+                    _ => Keeping::Apart(response),
+                };
+                IdempotencyRecord {
+                    key: i.key.clone(),
+                    request_sha256: i.request_sha256.to_owned(),
+                    keeping,
+                }
+            });
             let request = AppendRequest {
                 streams: vec![StreamAppend {
                     stream_id: stream_id.to_owned(),
                     expected_version: loaded.version,
                     events: new_events,
                 }],
-                idempotency: context.idempotency.as_ref().map(|i| IdempotencyRecord {
-                    key: i.key.clone(),
-                    request_sha256: i.request_sha256.to_owned(),
-                    response: (i.respond)(&state),
-                }),
+                idempotency,
             };
             match self.log.append(request).await {
                 Ok(appended) => {

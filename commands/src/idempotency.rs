@@ -2,6 +2,13 @@
 //! events the request appended (or alone, for a request that appended nothing), so a retry
 //! gets the same answer and no second effect.
 //!
+//! A request that starts a stream (placing an order) can keep its record in its first event
+//! instead of a record of its own ([`Keeping::InFirstEvent`]): that event's id is derived from
+//! the key ([`key_event_id`]), so the log's unique event ids refuse a second use of the key in
+//! the very statement that stores the events, and a later request finds the key through that
+//! event and answers from the events ([`Answer::Appended`]). See
+//! docs/adr/0004-idempotency-keys-in-the-append-transaction.md.
+//!
 //! There is no claim taken before the work and no lease: a request that dies before its
 //! append leaves nothing behind, and its retry runs again at once. Two requests with the same
 //! key racing on different instances both do their (side-effect free) work, and the log lets
@@ -31,23 +38,84 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
-/// What is recorded under a key: which request used it, and what it was answered.
+/// What a request records under its key: which request it was, and what it was answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdempotencyRecord {
     /// The key.
     pub key: IdempotencyKey,
     /// The SHA-256 of the request (route and body) that used it, in hex.
     pub request_sha256: String,
-    /// The answer it got.
-    pub response: StoredResponse,
+    /// The answer, or where it will be found.
+    pub keeping: Keeping,
 }
 
-impl IdempotencyRecord {
-    /// What a later request with the same key is answered: the recorded response when it is
+/// Where the log keeps a key's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Keeping {
+    /// A record of its own, with the response: for a request that appended nothing, or whose
+    /// answer cannot be made again from its events.
+    Apart(StoredResponse),
+    /// In the append's first event, which must start its stream and carry [`key_event_id`] as
+    /// its id and the request's hash in its metadata: the answer is made again from the
+    /// events. Where the key was used before and has expired (the derived id is taken by an
+    /// old event), the log records the same events under a fresh id for the first one, and the
+    /// key apart with the response `fallback`.
+    InFirstEvent {
+        /// The response to record should the key have to be kept apart.
+        fallback: StoredResponse,
+    },
+}
+
+/// Where a caller lets the log keep its key's record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepIn {
+    /// Always apart, with the response.
+    Apart,
+    /// In the first event when the command starts its stream: the caller makes its answer
+    /// again from the events ([`Answer::Appended`]).
+    FirstEvent,
+}
+
+/// The id of the event that records `key` ([`Keeping::InFirstEvent`]): the first 128 bits of
+/// a SHA-256 of the scope and the key, so every request with the key derives the same id.
+pub fn key_event_id(key: &IdempotencyKey) -> ulid::Ulid {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"groupbuy idempotency key\n");
+    hasher.update(key.scope.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(key.key.as_bytes());
+    let digest = hasher.finalize();
+    let mut id = [0; 16];
+    id.copy_from_slice(&digest[..16]);
+    ulid::Ulid::from_bytes(id)
+}
+
+/// What a later request finds under a key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recorded {
+    /// The SHA-256 of the request that used the key, in hex.
+    pub request_sha256: String,
+    /// What it was answered.
+    pub answer: Answer,
+}
+
+/// The answer a recorded request got.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    /// As it was sent ([`Keeping::Apart`]).
+    Response(StoredResponse),
+    /// To be made again from the events its append started a stream with
+    /// ([`Keeping::InFirstEvent`]), in version order.
+    Appended(Vec<schemas::Envelope>),
+}
+
+impl Recorded {
+    /// What a later request with the same key is answered: the recorded answer when it is
     /// the same request, or the word that it is not.
     pub fn answer_to(&self, request_sha256: &str) -> Prior {
         if self.request_sha256 == request_sha256 {
-            Prior::Same(self.response.clone())
+            Prior::Same(self.answer.clone())
         } else {
             Prior::Different
         }
@@ -55,10 +123,10 @@ impl IdempotencyRecord {
 }
 
 /// How a request relates to the one that used its key first.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Prior {
-    /// The same request: replay this response.
-    Same(StoredResponse),
+    /// The same request: replay this answer.
+    Same(Answer),
     /// Another request used the key.
     Different,
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use schemas::{EncodedEvent, Envelope, Metadata, SchemaError};
 use ulid::Ulid;
 
-use crate::idempotency::{IdempotencyKey, IdempotencyRecord};
+use crate::idempotency::{key_event_id, IdempotencyKey, IdempotencyRecord, Keeping, Recorded};
 
 /// Most events one append may carry, across all its streams.
 pub const APPEND_EVENTS_MAX: usize = 10_000;
@@ -114,8 +114,8 @@ pub enum LogError {
     },
     /// The request's Idempotency-Key was recorded already, by this request's first try or
     /// by another request: nothing was appended. Here is what was recorded.
-    #[error("idempotency key {} already used", .0.key.key)]
-    KeyTaken(Box<IdempotencyRecord>),
+    #[error("idempotency key already used")]
+    KeyTaken(Box<Recorded>),
     /// The append is larger than the log accepts, or empty.
     #[error("append rejected: {0}")]
     InvalidAppend(&'static str),
@@ -209,10 +209,7 @@ pub trait EventLog: Send + Sync + 'static {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), LogError>;
 
     /// What is recorded under `key`, unless it expired.
-    async fn find_idempotent(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, LogError>;
+    async fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Recorded>, LogError>;
 
     /// Replaces the response recorded under a key by the same request (same
     /// `request_sha256`): for a request whose answer changed after its append recorded it
@@ -270,6 +267,25 @@ pub(crate) fn check_request(request: &AppendRequest) -> Result<usize, LogError> 
             "an append may carry at most 10000 events",
         ));
     }
+    if let Some(record) = request
+        .idempotency
+        .as_ref()
+        .filter(|r| matches!(r.keeping, Keeping::InFirstEvent { .. }))
+    {
+        let first = request.streams.first();
+        let starts = first.is_some_and(|s| s.expected_version == 0);
+        let event = first.and_then(|s| s.events.first());
+        if !starts
+            || event.is_none_or(|e| {
+                e.event_id != key_event_id(&record.key)
+                    || e.metadata.request_sha256.as_deref() != Some(&record.request_sha256)
+            })
+        {
+            return Err(LogError::InvalidAppend(
+                "a key kept in the first event needs that event to start its stream, with the key's id and the request's hash",
+            ));
+        }
+    }
     let mut seen = std::collections::HashSet::new();
     if !request
         .streams
@@ -281,4 +297,26 @@ pub(crate) fn check_request(request: &AppendRequest) -> Result<usize, LogError> 
         ));
     }
     Ok(count)
+}
+
+/// Where a request would keep its key in its first event but an earlier, expired use of the
+/// key holds the derived id (`taken`), keeps the key apart instead, under a fresh id.
+pub(crate) fn keep_apart_if_reused(
+    request: &mut AppendRequest,
+    taken: impl FnOnce(&Ulid) -> bool,
+) -> bool {
+    let Some(record) = request.idempotency.as_mut() else {
+        return false;
+    };
+    let Keeping::InFirstEvent { fallback } = &record.keeping else {
+        return false;
+    };
+    let first = &mut request.streams[0].events[0];
+    if !taken(&first.event_id) {
+        return false;
+    }
+    record.keeping = Keeping::Apart(fallback.clone());
+    first.event_id = Ulid::new();
+    first.metadata.request_sha256 = None;
+    true
 }

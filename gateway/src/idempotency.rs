@@ -19,8 +19,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use axum::response::{IntoResponse, Response};
-use commands::idempotency::{IdempotencyKey, IdempotencyRecord, Prior, StoredResponse};
+use commands::idempotency::{
+    Answer, IdempotencyKey, IdempotencyRecord, KeepIn, Keeping, Prior, Recorded, StoredResponse,
+};
 use commands::{AppendRequest, LogError};
+use schemas::Envelope;
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
@@ -36,7 +39,48 @@ pub struct KeyContext(Arc<KeyState>);
 struct KeyState {
     key: IdempotencyKey,
     request_sha256: String,
+    replays: Replays,
     outcome: Mutex<KeyOutcome>,
+}
+
+/// How a route's recorded answers are replayed.
+#[derive(Clone, Copy)]
+pub struct Replays {
+    /// Fills in what a stored response deliberately leaves out (a customer token).
+    restore: fn(&AppState, StoredResponse) -> StoredResponse,
+    /// Makes the answer again from the events the request started its stream with. A route
+    /// that can lets the log keep its keys in those events instead of a record of their own
+    /// (`commands::idempotency::Keeping::InFirstEvent`).
+    from_events: Option<RenderEvents>,
+}
+
+/// Makes a route's answer from the events a request started its stream with; `None` for
+/// events it cannot render.
+pub type RenderEvents = fn(&[Envelope]) -> Option<Reply>;
+
+impl Replays {
+    /// Replays the stored response as it is.
+    pub const AS_STORED: Replays = Replays {
+        restore: as_stored,
+        from_events: None,
+    };
+
+    /// Replays the stored response after `restore` filled it in.
+    pub const fn restoring(restore: fn(&AppState, StoredResponse) -> StoredResponse) -> Replays {
+        Replays {
+            restore,
+            from_events: None,
+        }
+    }
+
+    /// Makes the answer of a request that started a stream again from its events with
+    /// `render` (`None` for events it cannot render); other answers are stored.
+    pub const fn from_events(render: RenderEvents) -> Replays {
+        Replays {
+            restore: as_stored,
+            from_events: Some(render),
+        }
+    }
 }
 
 /// What became of the key while the work ran.
@@ -47,7 +91,7 @@ enum KeyOutcome {
     /// An append recorded the response with its events.
     Recorded,
     /// Another request (or this one's first try) recorded the key first.
-    Taken(Box<IdempotencyRecord>),
+    Taken(Box<Recorded>),
 }
 
 impl KeyContext {
@@ -59,6 +103,14 @@ impl KeyContext {
     /// The SHA-256 of the request, in hex.
     pub fn request_sha256(&self) -> &str {
         &self.0.request_sha256
+    }
+
+    /// Where the log may keep the key's record.
+    pub fn keep_in(&self) -> KeepIn {
+        match self.0.replays.from_events {
+            Some(_) => KeepIn::FirstEvent,
+            None => KeepIn::Apart,
+        }
     }
 
     fn set(&self, outcome: KeyOutcome) {
@@ -115,15 +167,15 @@ impl Drop for Entered<'_> {
     }
 }
 
-/// Runs `work` under the request's Idempotency-Key, if it has one. `restore` fills in what a
-/// stored response deliberately leaves out (a customer token) before it is replayed.
+/// Runs `work` under the request's Idempotency-Key, if it has one; a recorded answer is
+/// replayed as `replays` says.
 pub async fn idempotent<F, Fut>(
     state: &AppState,
     caller: &Caller,
     key: Option<String>,
     route: &str,
     body: &[u8],
-    restore: fn(&AppState, StoredResponse) -> StoredResponse,
+    replays: Replays,
     work: F,
 ) -> Response
 where
@@ -142,6 +194,7 @@ where
             key,
         },
         request_sha256: request_sha256(route, body),
+        replays,
         outcome: Mutex::new(KeyOutcome::Open),
     }));
     let key = context.key().clone();
@@ -154,12 +207,12 @@ where
     };
     let outcome = work(Some(context.clone())).await;
     let reply = match (context.outcome(), outcome) {
-        (KeyOutcome::Taken(record), _) => return answer(state, &context, &record, restore),
+        (KeyOutcome::Taken(record), _) => return answer(state, &context, &record),
         (KeyOutcome::Recorded, Ok(reply)) if reply.supersedes_recorded => {
             let record = IdempotencyRecord {
                 key: key.clone(),
                 request_sha256: context.request_sha256().to_owned(),
-                response: reply.to_stored(),
+                keeping: Keeping::Apart(reply.to_stored()),
             };
             if let Err(error) = state.handler.log().amend_idempotent(record).await {
                 // A replay then answers with the reply the append recorded, which was true
@@ -177,7 +230,7 @@ where
     let record = IdempotencyRecord {
         key: key.clone(),
         request_sha256: context.request_sha256().to_owned(),
-        response: reply.to_stored(),
+        keeping: Keeping::Apart(reply.to_stored()),
     };
     let recorded = state
         .handler
@@ -189,7 +242,7 @@ where
         .await;
     match recorded {
         Ok(_) => reply.into_response(),
-        Err(LogError::KeyTaken(record)) => answer(state, &context, &record, restore),
+        Err(LogError::KeyTaken(record)) => answer(state, &context, &record),
         Err(error) => {
             // The answer stands; a retry runs the request again and may answer the same.
             tracing::warn!(%error, "idempotent response not recorded");
@@ -199,14 +252,22 @@ where
 }
 
 /// The answer to a request whose key was recorded first by another request.
-fn answer(
-    state: &AppState,
-    context: &KeyContext,
-    record: &IdempotencyRecord,
-    restore: fn(&AppState, StoredResponse) -> StoredResponse,
-) -> Response {
+fn answer(state: &AppState, context: &KeyContext, record: &Recorded) -> Response {
+    let replays = context.0.replays;
     match record.answer_to(context.request_sha256()) {
-        Prior::Same(stored) => replay(restore(state, stored)),
+        Prior::Same(Answer::Response(stored)) => replay((replays.restore)(state, stored)),
+        Prior::Same(Answer::Appended(events)) => {
+            match replays.from_events.and_then(|render| render(&events)) {
+                Some(reply) => replay((replays.restore)(state, reply.to_stored())),
+                None => ApiError::Internal(format!(
+                    "the answer recorded in event {} cannot be made again",
+                    events
+                        .first()
+                        .map_or_else(String::new, |e| e.event_id.to_string())
+                ))
+                .into_response(),
+            }
+        }
         Prior::Different => ApiError::Unprocessable {
             code: "idempotency_key_reused",
             detail: "this Idempotency-Key was used with a different request".into(),

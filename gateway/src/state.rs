@@ -135,6 +135,7 @@ impl AppState {
             key: key.key(),
             request_sha256: key.request_sha256(),
             respond: &respond,
+            keep_in: key.keep_in(),
         });
         let executed = self
             .handler

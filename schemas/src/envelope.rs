@@ -23,6 +23,11 @@ pub struct Metadata {
     pub idempotency_key: Option<String>,
     /// Who acted: `operator`, `user:<id>`, `payment_provider` or a role like `saga:order`.
     pub actor: Option<String>,
+    /// On the event that records its request's Idempotency-Key (the first its request
+    /// appended), the SHA-256 of that request in hex: a retry with the key is the same request
+    /// exactly when its hash is this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_sha256: Option<String>,
 }
 
 /// An event as read back from the log, with its position.

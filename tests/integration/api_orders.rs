@@ -68,12 +68,17 @@ async fn the_same_key_and_body_replays_the_first_answer(app: TestApp) {
     let (_, token) = app.create_user("Ada").await;
     let campaign = app.create_campaign(10, 3).await;
     let first = place(&app, &token, &campaign, 1, "same-key").await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
     let first_location = first.headers()["location"].clone();
-    let first = expect_json(first, StatusCode::ACCEPTED).await;
+    let first_body = first.bytes().await.unwrap();
     let again = place(&app, &token, &campaign, 1, "same-key").await;
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(again.headers()["location"], first_location);
-    assert_eq!(expect_json(again, StatusCode::ACCEPTED).await, first);
+    // Byte for byte, though the log keeps a placement's key in its event and makes the
+    // answer again from it.
+    assert_eq!(again.bytes().await.unwrap(), first_body);
+    let first: Value = serde_json::from_slice(&first_body).unwrap();
     let orders = expect_json(app.get("/v1/orders", &token).await, StatusCode::OK).await;
     assert_eq!(
         orders["items"].as_array().unwrap().len(),

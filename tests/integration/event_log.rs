@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use commands::group_commit::{GroupCommit, GroupCommitOptions};
-use commands::idempotency::{IdempotencyKey, IdempotencyRecord, StoredResponse};
+use commands::idempotency::{
+    key_event_id, Answer, IdempotencyKey, IdempotencyRecord, Keeping, Recorded, StoredResponse,
+};
 use commands::log::memory::MemoryEventLog;
 use commands::log::postgres::PgEventLog;
 use commands::log::Snapshot;
@@ -63,6 +65,8 @@ on_every_log!(
     expired_idempotency_keys_are_swept_oldest_first_within_the_limit,
     an_append_records_its_idempotency_key_atomically,
     a_batch_gives_each_append_its_own_outcome,
+    a_key_kept_in_its_first_event_is_found_through_its_events,
+    a_key_kept_apart_holds_off_an_event_that_would_record_it,
     many_concurrent_appends_each_get_their_own_outcome,
     an_empty_or_oversized_append_is_refused,
     local_appends_wake_readers,
@@ -291,7 +295,15 @@ fn record(k: &IdempotencyKey, request_sha256: &str, status: u16) -> IdempotencyR
     IdempotencyRecord {
         key: k.clone(),
         request_sha256: request_sha256.into(),
-        response: response(status),
+        keeping: Keeping::Apart(response(status)),
+    }
+}
+
+/// What a key recorded apart by [`record`] is found to hold.
+fn found(request_sha256: &str, status: u16) -> Recorded {
+    Recorded {
+        request_sha256: request_sha256.into(),
+        answer: Answer::Response(response(status)),
     }
 }
 
@@ -303,7 +315,7 @@ fn key_only(record: IdempotencyRecord) -> AppendRequest {
     }
 }
 
-fn taken(outcome: Result<commands::Appended, LogError>) -> IdempotencyRecord {
+fn taken(outcome: Result<commands::Appended, LogError>) -> Recorded {
     match outcome {
         Err(LogError::KeyTaken(record)) => *record,
         other => panic!("expected the key to be taken, got {other:?}"),
@@ -332,7 +344,7 @@ async fn expired_idempotency_keys_are_swept_oldest_first_within_the_limit(log: A
         .unwrap();
     assert_eq!(
         log.find_idempotent(&keys[0]).await.unwrap(),
-        Some(record(&keys[0], "hash-b", 201))
+        Some(found("hash-b", 201))
     );
 }
 
@@ -344,12 +356,12 @@ async fn an_idempotency_key_is_recorded_once_and_found_again(log: Arc<dyn EventL
         .unwrap();
     assert_eq!(
         log.find_idempotent(&k).await.unwrap(),
-        Some(record(&k, "hash-a", 422))
+        Some(found("hash-a", 422))
     );
 
     // The key is taken: by the same request (a retry) or another, the first record stands.
     let again = taken(log.append(key_only(record(&k, "hash-a", 201))).await);
-    assert_eq!(again, record(&k, "hash-a", 422));
+    assert_eq!(again, found("hash-a", 422));
     let other_body = taken(log.append(key_only(record(&k, "hash-b", 201))).await);
     assert_eq!(other_body.request_sha256, "hash-a");
 
@@ -362,8 +374,8 @@ async fn an_idempotency_key_is_recorded_once_and_found_again(log: Arc<dyn EventL
         .await
         .unwrap();
     assert_eq!(
-        log.find_idempotent(&k).await.unwrap().unwrap().response,
-        response(422)
+        log.find_idempotent(&k).await.unwrap().unwrap().answer,
+        Answer::Response(response(422))
     );
 }
 
@@ -375,7 +387,7 @@ async fn an_append_records_its_idempotency_key_atomically(log: Arc<dyn EventLog>
     log.append(request).await.unwrap();
     assert_eq!(
         log.find_idempotent(&k).await.unwrap(),
-        Some(record(&k, "h", 202))
+        Some(found("h", 202))
     );
 
     // A conflicting append records no key: the retry runs again.
@@ -391,7 +403,7 @@ async fn an_append_records_its_idempotency_key_atomically(log: Arc<dyn EventLog>
     // An append under a key that is taken stores nothing, and says what the key holds.
     let mut late = append(&s, 1, vec![event(3)]);
     late.idempotency = Some(record(&k, "h", 202));
-    assert_eq!(taken(log.append(late).await), record(&k, "h", 202));
+    assert_eq!(taken(log.append(late).await), found("h", 202));
     assert_eq!(log.read_stream(&s, 0, 10).await.unwrap().len(), 1);
 }
 
@@ -430,7 +442,10 @@ async fn a_batch_gives_each_append_its_own_outcome(log: Arc<dyn EventLog>) {
     let again = outcomes.next().unwrap().unwrap();
     assert!(again.replayed);
     assert_eq!(again.last, first.last);
-    assert_eq!(taken(outcomes.next().unwrap()).response, response(201));
+    assert_eq!(
+        taken(outcomes.next().unwrap()).answer,
+        Answer::Response(response(201))
+    );
     outcomes.next().unwrap().unwrap();
     assert!(matches!(
         outcomes.next().unwrap(),
@@ -444,8 +459,87 @@ async fn a_batch_gives_each_append_its_own_outcome(log: Arc<dyn EventLog>) {
     assert!(log.read_stream(&keyed, 0, 10).await.unwrap().is_empty());
     assert_eq!(
         log.find_idempotent(&new_key).await.unwrap(),
-        Some(record(&new_key, "h", 422))
+        Some(found("h", 422))
     );
+}
+
+/// An append that starts `stream_id` with two events and keeps `k` in the first.
+fn keyed_start(stream_id: &str, k: &IdempotencyKey, request_sha256: &str) -> AppendRequest {
+    let mut first = event(1);
+    first.event_id = key_event_id(k);
+    first.metadata.request_sha256 = Some(request_sha256.into());
+    let mut request = append(stream_id, 0, vec![first, event(2)]);
+    request.idempotency = Some(IdempotencyRecord {
+        key: k.clone(),
+        request_sha256: request_sha256.into(),
+        keeping: Keeping::InFirstEvent {
+            fallback: response(202),
+        },
+    });
+    request
+}
+
+async fn a_key_kept_in_its_first_event_is_found_through_its_events(log: Arc<dyn EventLog>) {
+    let (s, other) = (stream(), stream());
+    let k = key("in-event");
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    log.append(keyed_start(&s, &k, &a)).await.unwrap();
+    let stored: Vec<_> = log
+        .read_stream(&s, 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.envelope)
+        .collect();
+    assert_eq!(stored.len(), 2);
+    let recorded = log.find_idempotent(&k).await.unwrap().expect("recorded");
+    assert_eq!(recorded.request_sha256, a);
+    assert_eq!(recorded.answer, Answer::Appended(stored));
+
+    // Another request with the key finds those events and stores nothing: one that would
+    // start a stream, and one that would record a refusal.
+    assert_eq!(
+        taken(log.append(keyed_start(&other, &k, &b)).await),
+        recorded
+    );
+    assert!(log.read_stream(&other, 0, 10).await.unwrap().is_empty());
+    assert_eq!(
+        taken(log.append(key_only(record(&k, &b, 422))).await),
+        recorded
+    );
+
+    // An answer that changed after the append (`Prefer: wait`) is kept apart and found first,
+    // but only the same request may change it.
+    log.amend_idempotent(record(&k, &b, 200)).await.unwrap();
+    assert_eq!(log.find_idempotent(&k).await.unwrap(), Some(recorded));
+    log.amend_idempotent(record(&k, &a, 200)).await.unwrap();
+    assert_eq!(log.find_idempotent(&k).await.unwrap(), Some(found(&a, 200)));
+
+    // Only an event that starts its stream, with the key's id, may record it.
+    let mut late = keyed_start(&s, &key("late"), &a);
+    late.streams[0].expected_version = 2;
+    assert!(matches!(
+        log.append(late).await,
+        Err(LogError::InvalidAppend(_))
+    ));
+    let mut unnamed = keyed_start(&stream(), &key("unnamed"), &a);
+    unnamed.streams[0].events[0].event_id = Ulid::new();
+    assert!(matches!(
+        log.append(unnamed).await,
+        Err(LogError::InvalidAppend(_))
+    ));
+}
+
+async fn a_key_kept_apart_holds_off_an_event_that_would_record_it(log: Arc<dyn EventLog>) {
+    let s = stream();
+    let k = key("apart-first");
+    let a = "a".repeat(64);
+    log.append(key_only(record(&k, &a, 422))).await.unwrap();
+    assert_eq!(
+        taken(log.append(keyed_start(&s, &k, &a)).await),
+        found(&a, 422)
+    );
+    assert!(log.read_stream(&s, 0, 10).await.unwrap().is_empty());
 }
 
 async fn many_concurrent_appends_each_get_their_own_outcome(log: Arc<dyn EventLog>) {
@@ -747,6 +841,73 @@ async fn a_stored_event_that_breaks_its_schema_is_refused_on_read() {
         .unwrap();
     let error = log.read_stream(&s, 0, 10).await.unwrap_err();
     assert!(matches!(error, LogError::Schema(_)), "{error}");
+}
+
+/// A key is remembered for a day: used again after its event expired, it is a new request,
+/// and the log keeps it apart (the old event holds the id derived from the key). The memory
+/// log's clock cannot be moved, so this is the Postgres log's alone.
+#[tokio::test]
+async fn a_key_whose_event_expired_is_used_again_and_kept_apart() {
+    let db = TestDb::new().await;
+    let log = db.log();
+    let (s, again) = (stream(), stream());
+    let k = key("expired-in-event");
+    log.append(keyed_start(&s, &k, &"a".repeat(64)))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE events SET recorded_at = now() - interval '25 hours' WHERE event_id = $1")
+        .bind(uuid::Uuid::from(key_event_id(&k)))
+        .execute(log.pool())
+        .await
+        .unwrap();
+    assert_eq!(log.find_idempotent(&k).await.unwrap(), None);
+
+    let b = "b".repeat(64);
+    let appended = log.append(keyed_start(&again, &k, &b)).await.unwrap();
+    assert!(!appended.replayed);
+    let stored = log.read_stream(&again, 0, 10).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_ne!(stored[0].envelope.event_id, key_event_id(&k));
+    assert_eq!(stored[0].envelope.metadata.request_sha256, None);
+    assert_eq!(log.find_idempotent(&k).await.unwrap(), Some(found(&b, 202)));
+}
+
+/// A request recording its key apart and one keeping it in its event, racing: each checks
+/// for the other's record, and neither statement could see the other's uncommitted row. The
+/// key's lock makes the event wait for the record apart to commit, and then see it.
+#[tokio::test]
+async fn an_event_that_would_record_a_key_waits_for_a_record_apart_in_flight() {
+    let db = TestDb::new().await;
+    let log = db.log();
+    let (s, k, a) = (stream(), key("racing"), "a".repeat(64));
+    // What an append that records the key apart does, held open.
+    let mut apart = log.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('groupbuy.idempotency'), $1)")
+        .bind(PgEventLog::key_lock(&k))
+        .execute(&mut *apart)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, request_sha256, response_status, \
+         response_headers, response_body) VALUES ($1, $2, $3, 422, '[]', '')",
+    )
+    .bind(&k.scope)
+    .bind(&k.key)
+    .bind(&a)
+    .execute(&mut *apart)
+    .await
+    .unwrap();
+
+    let racing = tokio::spawn({
+        let (log, s, k, a) = (Arc::clone(&log), s.clone(), k.clone(), a.clone());
+        async move { log.append(keyed_start(&s, &k, &a)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!racing.is_finished(), "the event waits for the key's lock");
+    apart.commit().await.unwrap();
+    let recorded = taken(racing.await.unwrap());
+    assert_eq!(recorded.request_sha256, a);
+    assert!(log.read_stream(&s, 0, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]

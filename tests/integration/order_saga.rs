@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use commands::handler::{Context, HandlerOptions};
-use commands::idempotency::{IdempotencyKey, IdempotencyRecord};
+use commands::idempotency::{IdempotencyKey, IdempotencyRecord, Recorded};
 use commands::log::Snapshot;
 use commands::subscription::Handler;
 use commands::{
@@ -500,10 +500,7 @@ impl EventLog for DyingLog {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), LogError> {
         self.inner.save_snapshot(snapshot).await
     }
-    async fn find_idempotent(
-        &self,
-        k: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, LogError> {
+    async fn find_idempotent(&self, k: &IdempotencyKey) -> Result<Option<Recorded>, LogError> {
         self.inner.find_idempotent(k).await
     }
     async fn expire_idempotency_keys(

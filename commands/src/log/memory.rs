@@ -14,9 +14,13 @@ use tokio::sync::watch;
 use ulid::Ulid;
 
 use super::{
-    check_request, AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot,
+    check_request, keep_apart_if_reused, AppendRequest, Appended, EventLog, LogCursor, LogError,
+    RecordedEvent, Snapshot,
 };
-use crate::idempotency::{IdempotencyKey, IdempotencyRecord, IDEMPOTENCY_KEY_TTL_S};
+use crate::idempotency::{
+    Answer, IdempotencyKey, IdempotencyRecord, Keeping, Recorded, StoredResponse,
+    IDEMPOTENCY_KEY_TTL_S,
+};
 
 /// An event log in memory.
 pub struct MemoryEventLog {
@@ -38,8 +42,17 @@ struct Inner {
 }
 
 struct KeyRecord {
-    record: IdempotencyRecord,
+    request_sha256: String,
+    answer: KeptAnswer,
     created_at: Instant,
+}
+
+/// A key's answer as the log keeps it.
+enum KeptAnswer {
+    /// The response, kept apart.
+    Response(StoredResponse),
+    /// The events (indexes into `Inner::events`) the request started its stream with.
+    Events(Vec<usize>),
 }
 
 impl KeyRecord {
@@ -75,14 +88,15 @@ impl MemoryEventLog {
 
 impl Inner {
     /// One request, atomically: everything is checked before anything is stored.
-    fn append(&mut self, request: AppendRequest) -> Result<Appended, LogError> {
+    fn append(&mut self, mut request: AppendRequest) -> Result<Appended, LogError> {
         let count = check_request(&request)?;
         let now = Instant::now();
         if let Some(record) = &request.idempotency {
             if let Some(taken) = self.keys.get(&record.key).filter(|k| !k.expired(now)) {
-                return Err(LogError::KeyTaken(Box::new(taken.record.clone())));
+                return Err(LogError::KeyTaken(Box::new(self.recorded(taken))));
             }
         }
+        keep_apart_if_reused(&mut request, |id| self.event_ids.contains_key(id));
         let stored: Vec<usize> = request
             .streams
             .iter()
@@ -119,6 +133,8 @@ impl Inner {
         let transaction_id = self.transactions;
         let recorded_at = chrono::Utc::now();
         let mut last = LogCursor::default();
+        let first = self.events.len();
+        let first_stream_events = request.streams.first().map_or(0, |s| s.events.len());
         for stream in request.streams {
             for (offset, event) in stream.events.into_iter().enumerate() {
                 let index = self.events.len();
@@ -147,10 +163,17 @@ impl Inner {
             }
         }
         if let Some(record) = request.idempotency {
+            let answer = match record.keeping {
+                Keeping::Apart(response) => KeptAnswer::Response(response),
+                Keeping::InFirstEvent { .. } => {
+                    KeptAnswer::Events((first..first + first_stream_events).collect())
+                }
+            };
             self.keys.insert(
-                record.key.clone(),
+                record.key,
                 KeyRecord {
-                    record,
+                    request_sha256: record.request_sha256,
+                    answer,
                     created_at: now,
                 },
             );
@@ -159,6 +182,23 @@ impl Inner {
             last,
             replayed: false,
         })
+    }
+}
+
+impl Inner {
+    fn recorded(&self, kept: &KeyRecord) -> Recorded {
+        Recorded {
+            request_sha256: kept.request_sha256.clone(),
+            answer: match &kept.answer {
+                KeptAnswer::Response(response) => Answer::Response(response.clone()),
+                KeptAnswer::Events(indexes) => Answer::Appended(
+                    indexes
+                        .iter()
+                        .map(|&i| self.events[i].envelope.clone())
+                        .collect(),
+                ),
+            },
+        }
     }
 }
 
@@ -266,16 +306,13 @@ impl EventLog for MemoryEventLog {
         Ok(())
     }
 
-    async fn find_idempotent(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, LogError> {
+    async fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Recorded>, LogError> {
         let inner = self.lock();
         Ok(inner
             .keys
             .get(key)
             .filter(|k| !k.expired(Instant::now()))
-            .map(|k| k.record.clone()))
+            .map(|k| inner.recorded(k)))
     }
 
     async fn expire_idempotency_keys(
@@ -305,10 +342,15 @@ impl EventLog for MemoryEventLog {
 
     async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
         let mut inner = self.lock();
-        if let Some(stored) = inner.keys.get_mut(&record.key).filter(|k| {
-            !k.expired(Instant::now()) && k.record.request_sha256 == record.request_sha256
-        }) {
-            stored.record.response = record.response;
+        let Keeping::Apart(response) = record.keeping else {
+            return Err(LogError::InvalidAppend("an amended answer is kept apart"));
+        };
+        if let Some(stored) = inner
+            .keys
+            .get_mut(&record.key)
+            .filter(|k| !k.expired(Instant::now()) && k.request_sha256 == record.request_sha256)
+        {
+            stored.answer = KeptAnswer::Response(response);
         }
         Ok(())
     }

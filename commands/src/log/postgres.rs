@@ -26,10 +26,12 @@ use uuid::Uuid;
 
 use super::committed::Committed;
 use super::{
-    check_request, AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent, Snapshot,
+    check_request, keep_apart_if_reused, AppendRequest, Appended, EventLog, LogCursor, LogError,
+    RecordedEvent, Snapshot,
 };
 use crate::idempotency::{
-    IdempotencyKey, IdempotencyRecord, StoredResponse, IDEMPOTENCY_KEY_TTL_S,
+    key_event_id, Answer, IdempotencyKey, IdempotencyRecord, Keeping, Recorded, StoredResponse,
+    IDEMPOTENCY_KEY_TTL_S,
 };
 
 /// Connection settings for the Postgres log.
@@ -61,7 +63,8 @@ pub struct PgEventLog {
 }
 
 /// Inserts the events of a whole group commit; a row whose stream's predecessor version is
-/// missing (an expected version ahead of the stream) is filtered out. `{conflicts}` is empty
+/// missing (an expected version ahead of the stream) is filtered out, and so is the event that
+/// would record an Idempotency-Key (`$9`, `$10`) which a live record kept apart holds. `{conflicts}` is empty
 /// on the quick path, where any taken stream version or event id fails the statement; on the
 /// careful path it is `ON CONFLICT DO NOTHING`, and such a row is skipped instead. Either
 /// way the caller finds the requests that lost a row and takes the rest of their rows out again
@@ -76,20 +79,30 @@ const INSERT_EVENTS: &str = "
 INSERT INTO events (event_id, stream_id, stream_version, event_type, schema_version, data, metadata)
 SELECT e.event_id, e.stream_id, e.stream_version, e.event_type, e.schema_version, e.data::json,
        e.metadata::json
-FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[])
+FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[], $8::bigint[],
+            $9::text[], $10::text[])
      WITH ORDINALITY AS e(event_id, stream_id, stream_version, event_type, schema_version, data, metadata,
-                          follows_version, ord)
-WHERE e.follows_version = 0
-   OR (SELECT true FROM events p WHERE p.stream_id = e.stream_id AND p.stream_version = e.follows_version)
+                          follows_version, key_scope, key, ord)
+WHERE (e.follows_version = 0
+       OR (SELECT true FROM events p WHERE p.stream_id = e.stream_id AND p.stream_version = e.follows_version))
+  AND (e.key IS NULL
+       OR (SELECT true FROM idempotency_keys k WHERE k.scope = e.key_scope AND k.key = e.key
+           AND k.created_at >= now() - make_interval(secs => $11::float8)) IS NULL)
 ORDER BY e.ord
 {conflicts}
 RETURNING event_id, global_position, transaction_id::text, recorded_at";
 
-/// Records the Idempotency-Keys of a group commit. On the careful path a key recorded already
-/// (and not expired) is left alone and not returned; on the quick path it fails the statement.
+/// Records the Idempotency-Keys of a group commit kept apart. A key whose event (`$8`,
+/// [`key_event_id`]) records it, live, is left alone and not returned; so is, on the careful
+/// path, a key recorded apart already (and not expired), which on the quick path fails the
+/// statement.
 const INSERT_KEYS: &str = "
 INSERT INTO idempotency_keys (scope, key, request_sha256, response_status, response_headers, response_body)
-SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[], $6::bytea[])
+SELECT u.scope, u.key, u.request_sha256, u.status, u.headers, u.body
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::smallint[], $5::jsonb[], $6::bytea[], $8::uuid[])
+     AS u(scope, key, request_sha256, status, headers, body, key_event)
+WHERE (SELECT true FROM events e WHERE e.event_id = u.key_event
+       AND e.recorded_at >= now() - make_interval(secs => $7::float8)) IS NULL
 {conflicts}
 RETURNING scope, key";
 
@@ -108,6 +121,16 @@ enum Path {
     /// `ON CONFLICT` on every row, after the quick path met a conflict.
     Careful,
 }
+
+/// The live events among `$1` (ids derived from Idempotency-Keys), each followed by the other
+/// events its append gave its stream, in version order: the event's columns as
+/// [`SELECT_EVENT`] has them, then the id of the event that records the key.
+const SELECT_KEY_EVENTS: &str = "SELECT e.*, k.event_id FROM events k CROSS JOIN LATERAL \
+     (SELECT global_position, event_id, stream_id, stream_version, event_type, schema_version, \
+      data, metadata, recorded_at, transaction_id::text AS transaction_id FROM events e \
+      WHERE e.stream_id = k.stream_id AND e.transaction_id = k.transaction_id OFFSET 0) e \
+     WHERE k.event_id = ANY($1) AND k.recorded_at >= now() - make_interval(secs => $2) \
+     ORDER BY k.event_id, e.stream_version";
 
 /// The recorded keys among `$1` and `$2`, each looked up by its primary key (the `OFFSET 0`
 /// keeps the lookup per key: joined freely, a plan made while the table was small scans every
@@ -329,6 +352,23 @@ impl Pending {
         self.stored.len() == self.event_ids.len()
     }
 
+    /// Its key's record, when it is kept apart.
+    fn key_apart(&self) -> Option<&IdempotencyRecord> {
+        self.request
+            .idempotency
+            .as_ref()
+            .filter(|r| matches!(r.keeping, Keeping::Apart(_)))
+    }
+
+    /// Its key, when its first event records it.
+    fn key_in_event(&self) -> Option<&IdempotencyKey> {
+        self.request
+            .idempotency
+            .as_ref()
+            .filter(|r| matches!(r.keeping, Keeping::InFirstEvent { .. }))
+            .map(|r| &r.key)
+    }
+
     /// Moves a committed request's events out, as the log now records them.
     fn take_recorded(&mut self) -> Vec<RecordedEvent> {
         let rows: std::collections::HashMap<Uuid, &StoredRow> =
@@ -378,8 +418,7 @@ impl PgEventLog {
     /// filling in what each stored. Requests that lost a row, or whose key was taken, have
     /// their other rows taken out again before the commit.
     async fn commit_batch(&self, pending: &mut [Pending]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SAVEPOINT quick").execute(&mut *tx).await?;
+        let mut tx = self.pool.begin_with(Self::opening(pending)).await?;
         match Self::insert_all(&mut tx, pending, Path::Quick).await {
             Ok(()) => {}
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
@@ -404,6 +443,54 @@ impl PgEventLog {
         Ok(())
     }
 
+    /// The advisory lock of an Idempotency-Key while an append records it: the pair
+    /// `(hashtext('groupbuy.idempotency'), key_lock(key))`.
+    pub fn key_lock(key: &IdempotencyKey) -> i32 {
+        let id = key_event_id(key).to_bytes();
+        i32::from_be_bytes([id[0], id[1], id[2], id[3]])
+    }
+
+    /// What opens a group commit's transaction, in one round trip: `BEGIN`, a lock on each
+    /// request's Idempotency-Key, and the savepoint of the quick path (after the locks: rolling
+    /// back to it would let go of locks taken after it).
+    ///
+    /// The locks are transaction-scoped advisory locks, `(hashtext('groupbuy.idempotency'),
+    /// key_lock(key))`, taken in the order of their hashes: shared for a key its first event
+    /// records, exclusive for one kept apart. A key's record apart and its event are checked
+    /// each against the other (`INSERT_KEYS`, `INSERT_EVENTS`), and neither statement can see
+    /// the other's uncommitted row; with the locks taken before either, the second of two
+    /// racing requests waits for the first to commit, and then sees it. Events that record
+    /// keys never wait on each other: the unique event id decides between them. The hashes
+    /// are numbers, so the statement is written out rather than bound.
+    fn opening(pending: &[Pending]) -> String {
+        use std::fmt::Write;
+        let mut locks: Vec<(i32, bool)> = pending
+            .iter()
+            .filter_map(|p| p.request.idempotency.as_ref())
+            .map(|r| {
+                (
+                    Self::key_lock(&r.key),
+                    matches!(r.keeping, Keeping::Apart(_)),
+                )
+            })
+            .collect();
+        locks.sort_unstable();
+        let mut sql = String::from("BEGIN;");
+        for (i, (hash, exclusive)) in locks.iter().enumerate() {
+            let _ = write!(
+                sql,
+                "{} pg_advisory_xact_lock{}(hashtext('groupbuy.idempotency'), {hash})",
+                if i == 0 { " SELECT" } else { "," },
+                if *exclusive { "" } else { "_shared" },
+            );
+        }
+        if !locks.is_empty() {
+            sql.push(';');
+        }
+        sql.push_str(" SAVEPOINT quick");
+        sql
+    }
+
     /// Inserts every request's key and events, noting what each stored.
     async fn insert_all(
         tx: &mut sqlx::PgConnection,
@@ -411,7 +498,11 @@ impl PgEventLog {
         path: Path,
     ) -> Result<(), sqlx::Error> {
         Self::insert_keys(tx, pending, path).await?;
-        Self::insert_events(tx, pending, path).await
+        Self::insert_events(tx, pending, path).await?;
+        for p in pending.iter_mut().filter(|p| p.key_in_event().is_some()) {
+            p.key_recorded = p.complete();
+        }
+        Ok(())
     }
 
     async fn insert_keys(
@@ -420,14 +511,18 @@ impl PgEventLog {
         path: Path,
     ) -> Result<(), sqlx::Error> {
         let keyed: Vec<usize> = (0..pending.len())
-            .filter(|&i| pending[i].request.idempotency.is_some())
+            .filter(|&i| pending[i].key_apart().is_some())
             .collect();
         if keyed.is_empty() {
             return Ok(());
         }
-        let records: Vec<&IdempotencyRecord> = keyed
+        let records: Vec<(&IdempotencyRecord, &StoredResponse)> = keyed
             .iter()
-            .map(|&i| pending[i].request.idempotency.as_ref().expect("keyed"))
+            .filter_map(|&i| pending[i].key_apart())
+            .filter_map(|r| match &r.keeping {
+                Keeping::Apart(response) => Some((r, response)),
+                Keeping::InFirstEvent { .. } => None,
+            })
             .collect();
         let sql = INSERT_KEYS.replace(
             "{conflicts}",
@@ -437,49 +532,53 @@ impl PgEventLog {
                 ""
             },
         );
-        let mut query = sqlx::query_as(&sql)
+        let query = sqlx::query_as(&sql)
             .bind(
                 records
                     .iter()
-                    .map(|r| r.key.scope.as_str())
+                    .map(|(r, _)| r.key.scope.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(
                 records
                     .iter()
-                    .map(|r| r.key.key.as_str())
+                    .map(|(r, _)| r.key.key.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(
                 records
                     .iter()
-                    .map(|r| r.request_sha256.as_str())
+                    .map(|(r, _)| r.request_sha256.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(
                 records
                     .iter()
-                    .map(|r| r.response.status as i16)
+                    .map(|(_, response)| response.status as i16)
                     .collect::<Vec<_>>(),
             )
             .bind(
                 records
                     .iter()
-                    .map(|r| Json(&r.response.headers))
+                    .map(|(_, response)| Json(&response.headers))
                     .collect::<Vec<_>>(),
             )
             .bind(
                 records
                     .iter()
-                    .map(|r| r.response.body.as_slice())
+                    .map(|(_, response)| response.body.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(IDEMPOTENCY_KEY_TTL_S as f64)
+            .bind(
+                records
+                    .iter()
+                    .map(|(r, _)| Uuid::from(key_event_id(&r.key)))
                     .collect::<Vec<_>>(),
             );
-        if path == Path::Careful {
-            query = query.bind(IDEMPOTENCY_KEY_TTL_S as f64);
-        }
         let recorded: Vec<(String, String)> = query.fetch_all(&mut *tx).await?;
         for &i in &keyed {
-            let key = &pending[i].request.idempotency.as_ref().expect("keyed").key;
+            let key = &pending[i].key_apart().expect("kept apart").key;
             let won = recorded
                 .iter()
                 .any(|(scope, k)| *scope == key.scope && *k == key.key);
@@ -502,14 +601,20 @@ impl PgEventLog {
         let mut data = Vec::new();
         let mut metadata = Vec::new();
         let mut follows = Vec::new();
+        let mut key_scopes = Vec::new();
+        let mut keys = Vec::new();
         let mut owner = std::collections::HashMap::new();
         for (slot, p) in pending.iter().enumerate() {
             if p.key_taken {
                 continue;
             }
-            for stream in &p.request.streams {
+            let key = p.key_in_event();
+            for (index, stream) in p.request.streams.iter().enumerate() {
                 let expected = stream.expected_version as i64;
                 for (offset, event) in stream.events.iter().enumerate() {
+                    let records_key = key.filter(|_| index == 0 && offset == 0);
+                    key_scopes.push(records_key.map(|k| k.scope.as_str()));
+                    keys.push(records_key.map(|k| k.key.as_str()));
                     let id = Uuid::from(event.event_id);
                     owner.insert(id, slot);
                     event_ids.push(id);
@@ -543,6 +648,9 @@ impl PgEventLog {
             .bind(&data)
             .bind(&metadata)
             .bind(&follows)
+            .bind(&key_scopes)
+            .bind(&keys)
+            .bind(IDEMPOTENCY_KEY_TTL_S as f64)
             .fetch_all(&mut *tx)
             .await?;
         for row in &rows {
@@ -580,7 +688,7 @@ impl PgEventLog {
         let keys: Vec<&IdempotencyKey> = broken
             .iter()
             .filter(|p| p.key_recorded)
-            .filter_map(|p| p.request.idempotency.as_ref().map(|r| &r.key))
+            .filter_map(|p| p.key_apart().map(|r| &r.key))
             .collect();
         if !keys.is_empty() {
             sqlx::query(
@@ -594,33 +702,69 @@ impl PgEventLog {
         Ok(())
     }
 
-    /// The recorded Idempotency-Keys among `keys`.
-    async fn records_of(
-        &self,
-        keys: &[&IdempotencyKey],
-    ) -> Result<Vec<IdempotencyRecord>, LogError> {
-        let rows = sqlx::query(SELECT_KEYS)
-            .bind(keys.iter().map(|k| k.scope.as_str()).collect::<Vec<_>>())
-            .bind(keys.iter().map(|k| k.key.as_str()).collect::<Vec<_>>())
+    /// What is recorded under `key`, unless it expired: the record kept apart, if any (a
+    /// refusal, an amended answer, or a use after the key's event expired), else the events
+    /// whose first records the key.
+    async fn recorded(&self, key: &IdempotencyKey) -> Result<Option<Recorded>, LogError> {
+        let row = sqlx::query(SELECT_KEYS)
+            .bind(vec![key.scope.as_str()])
+            .bind(vec![key.key.as_str()])
+            .bind(IDEMPOTENCY_KEY_TTL_S as f64)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = row {
+            return record_of(&row).map(Some);
+        }
+        let rows = sqlx::query(SELECT_KEY_EVENTS)
+            .bind(vec![Uuid::from(key_event_id(key))])
             .bind(IDEMPOTENCY_KEY_TTL_S as f64)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(record_of).collect()
+        let events = rows
+            .iter()
+            .map(|row| recorded_event(row).map(|e| e.envelope))
+            .collect::<Result<Vec<_>, _>>()?;
+        let Some(first) = events.first() else {
+            return Ok(None);
+        };
+        let request_sha256 = first.metadata.request_sha256.clone().ok_or_else(|| {
+            LogError::Corrupt(format!(
+                "event {} records an Idempotency-Key without its request's hash",
+                first.event_id
+            ))
+        })?;
+        Ok(Some(Recorded {
+            request_sha256,
+            answer: Answer::Appended(events),
+        }))
+    }
+
+    /// Whether the event that would record the key of `p` is taken, by an earlier use of the
+    /// key that has expired (a live one is found by [`PgEventLog::recorded`]).
+    async fn key_event_taken(&self, p: &Pending) -> Result<bool, LogError> {
+        let Some(key) = p.key_in_event() else {
+            return Ok(false);
+        };
+        let id = Uuid::from(key_event_id(key));
+        Ok(!self.cursors_of(&[id]).await?.is_empty())
     }
 
     /// The outcome of a request the transaction did not store: a re-send of an append stored
     /// before, a key taken, or a conflict.
     async fn outcome_of_unstored(&self, p: &Pending) -> Result<Appended, LogError> {
         if let Some(record) = &p.request.idempotency {
-            if p.key_taken {
-                let found = self.records_of(&[&record.key]).await?;
-                return match found.into_iter().next() {
-                    Some(taken) => Err(LogError::KeyTaken(Box::new(taken))),
+            if p.key_taken || p.key_in_event().is_some() {
+                match self.recorded(&record.key).await? {
+                    Some(taken) => return Err(LogError::KeyTaken(Box::new(taken))),
                     // Expired (or removed) since the insert looked: nothing was stored.
-                    None => Err(LogError::BatchFailed(
-                        "idempotency key changed hands".into(),
-                    )),
-                };
+                    None if p.key_taken => {
+                        return Err(LogError::BatchFailed(
+                            "idempotency key changed hands".into(),
+                        ))
+                    }
+                    // A key kept in the event lost its row to something else.
+                    None => {}
+                }
             }
         }
         let stored = self.cursors_of(&p.event_ids).await?;
@@ -704,6 +848,7 @@ impl EventLog for PgEventLog {
                         );
                         self.appends.send_modify(|n| *n += 1);
                     }
+                    let mut again = Vec::new();
                     for p in &pending {
                         let stored =
                             p.complete() && (p.key_recorded || p.request.idempotency.is_none());
@@ -718,8 +863,28 @@ impl EventLog for PgEventLog {
                                 replayed: false,
                             })
                         } else {
-                            self.outcome_of_unstored(p).await
+                            match self.outcome_of_unstored(p).await {
+                                Err(LogError::Conflict { .. })
+                                    if self.key_event_taken(p).await.unwrap_or(false) =>
+                                {
+                                    // The key was used before and expired, and its old event
+                                    // holds the id: keep the key apart this time.
+                                    let mut request = p.request.clone();
+                                    keep_apart_if_reused(&mut request, |_| true);
+                                    again.push((p.index, request));
+                                    continue;
+                                }
+                                outcome => outcome,
+                            }
                         });
+                    }
+                    if !again.is_empty() {
+                        let (slots, requests): (Vec<usize>, Vec<AppendRequest>) =
+                            again.into_iter().unzip();
+                        let retried = self.append_batch(requests).await;
+                        for (slot, outcome) in slots.into_iter().zip(retried) {
+                            outcomes[slot] = Some(outcome);
+                        }
                     }
                 }
                 Err(error) => {
@@ -811,11 +976,8 @@ impl EventLog for PgEventLog {
         Ok(())
     }
 
-    async fn find_idempotent(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, LogError> {
-        Ok(self.records_of(&[key]).await?.into_iter().next())
+    async fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Recorded>, LogError> {
+        self.recorded(key).await
     }
 
     async fn expire_idempotency_keys(
@@ -843,7 +1005,10 @@ impl EventLog for PgEventLog {
     }
 
     async fn amend_idempotent(&self, record: IdempotencyRecord) -> Result<(), LogError> {
-        sqlx::query(
+        let Keeping::Apart(response) = &record.keeping else {
+            return Err(LogError::InvalidAppend("an amended answer is kept apart"));
+        };
+        let amended = sqlx::query(
             "UPDATE idempotency_keys SET response_status = $4, response_headers = $5, \
              response_body = $6 WHERE scope = $1 AND key = $2 AND request_sha256 = $3 \
              AND created_at >= now() - make_interval(secs => $7)",
@@ -851,12 +1016,32 @@ impl EventLog for PgEventLog {
         .bind(&record.key.scope)
         .bind(&record.key.key)
         .bind(&record.request_sha256)
-        .bind(record.response.status as i16)
-        .bind(Json(&record.response.headers))
-        .bind(&record.response.body)
+        .bind(response.status as i16)
+        .bind(Json(&response.headers))
+        .bind(&response.body)
         .bind(IDEMPOTENCY_KEY_TTL_S as f64)
         .execute(&self.pool)
         .await?;
+        if amended.rows_affected() == 0 {
+            // A key its event records: the amended answer is kept apart, and found first.
+            sqlx::query(
+                "INSERT INTO idempotency_keys (scope, key, request_sha256, response_status, \
+                 response_headers, response_body) SELECT $1, $2, $3, $4, $5, $6 \
+                 WHERE EXISTS (SELECT 1 FROM events e WHERE e.event_id = $8 \
+                 AND e.recorded_at >= now() - make_interval(secs => $7) \
+                 AND e.metadata->>'request_sha256' = $3) ON CONFLICT (scope, key) DO NOTHING",
+            )
+            .bind(&record.key.scope)
+            .bind(&record.key.key)
+            .bind(&record.request_sha256)
+            .bind(response.status as i16)
+            .bind(Json(&response.headers))
+            .bind(&response.body)
+            .bind(IDEMPOTENCY_KEY_TTL_S as f64)
+            .bind(Uuid::from(key_event_id(&record.key)))
+            .execute(&self.pool)
+            .await?;
+        }
         Ok(())
     }
 
@@ -889,21 +1074,17 @@ impl EventLog for PgEventLog {
     }
 }
 
-fn record_of(row: &PgRow) -> Result<IdempotencyRecord, LogError> {
+fn record_of(row: &PgRow) -> Result<Recorded, LogError> {
     let headers: serde_json::Value = row.get(4);
     let headers: Vec<(String, String)> = serde_json::from_value(headers)
         .map_err(|e| LogError::Corrupt(format!("idempotency headers: {e}")))?;
-    Ok(IdempotencyRecord {
-        key: IdempotencyKey {
-            scope: row.get(0),
-            key: row.get(1),
-        },
+    Ok(Recorded {
         request_sha256: row.get(2),
-        response: StoredResponse {
+        answer: Answer::Response(StoredResponse {
             status: row.get::<i16, _>(3) as u16,
             headers,
             body: row.get(5),
-        },
+        }),
     })
 }
 

@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::{as_stored, idempotent};
+use crate::idempotency::{idempotent, Replays};
 use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -160,7 +160,7 @@ pub async fn create(
         key,
         "POST /v1/campaigns",
         &body.0,
-        as_stored,
+        Replays::AS_STORED,
         move |key| async move {
             let request: CreateCampaign = body.parse()?;
             let store_id: StoreId = field_id(&request.store_id, "store_id")?;
@@ -384,7 +384,7 @@ async fn operate(
         key,
         &route,
         &body.0,
-        as_stored,
+        Replays::AS_STORED,
         move |key| async move {
             let command = command(body)?;
             let stream = stream_id::<CampaignAggregate>(id);

@@ -10,6 +10,7 @@ use axum::response::Response;
 use axum::Json;
 use commands::stream_id;
 use domain::order::{CancelReason, Order, OrderAggregate, OrderCommand, OrderStatus};
+use domain::Aggregate;
 use domain::{CampaignId, OrderId};
 use futures::Stream;
 use projections::{OrderFilter, OrderView};
@@ -19,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{field_id, path_id, query, IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::{as_stored, idempotent};
+use crate::idempotency::{idempotent, Replays};
 use crate::openapi::{IdempotencyKey, RequiredIdempotencyKey};
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -132,7 +133,7 @@ pub async fn place(
         key,
         "POST /v1/orders",
         &body.0,
-        as_stored,
+        Replays::from_events(placed_from_events),
         move |key| async move {
             let request: PlaceOrder = body.parse()?;
             let campaign_id: CampaignId = field_id(&request.campaign_id, "campaign_id")?;
@@ -152,13 +153,7 @@ pub async fn place(
                 unit_price_cents,
                 now: chrono::Utc::now(),
             };
-            let render = |order: &Option<Order>| {
-                let view = OrderView::of(order.as_ref().expect("placed"), None);
-                let location =
-                    HeaderValue::try_from(format!("/v1/orders/{order_id}")).expect("ascii");
-                Reply::json(StatusCode::ACCEPTED, &OrderBody::from(&view))
-                    .with_header(header::LOCATION, location)
-            };
+            let render = |order: &Option<Order>| placed(order.as_ref().expect("placed"));
             let stream = stream_id::<OrderAggregate>(order_id);
             let executed = state
                 .create::<OrderAggregate>(&stream, &command, meta, key.as_ref(), &render)
@@ -181,6 +176,24 @@ pub async fn place(
         },
     )
     .await)
+}
+
+/// The answer to a placement: 202 with the order as placed.
+fn placed(order: &Order) -> Reply {
+    let view = OrderView::of(order, None);
+    let location = HeaderValue::try_from(format!("/v1/orders/{}", order.order_id)).expect("ascii");
+    Reply::json(StatusCode::ACCEPTED, &OrderBody::from(&view))
+        .with_header(header::LOCATION, location)
+}
+
+/// The answer to a placement made again from the events it appended, for a retry: the log
+/// keeps the placement's Idempotency-Key in its first event.
+fn placed_from_events(events: &[schemas::Envelope]) -> Option<Reply> {
+    let order = events.iter().try_fold(None, |order, envelope| {
+        let event = schemas::from_envelope(envelope).ok()?;
+        Some(OrderAggregate::evolve(order, &event))
+    })?;
+    Some(placed(order.as_ref()?))
 }
 
 /// `GET /v1/orders/{id}/events`: the order as Server-Sent Events, to its owner or the
@@ -419,7 +432,7 @@ pub async fn cancel(
         key,
         &route,
         &body.0,
-        as_stored,
+        Replays::AS_STORED,
         move |key| async move {
             let stream = stream_id::<OrderAggregate>(order_id);
             let current = state.handler.load::<OrderAggregate>(&stream).await?.state;

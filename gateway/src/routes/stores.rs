@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::{as_stored, idempotent};
+use crate::idempotency::{idempotent, Replays};
 use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -70,7 +70,7 @@ pub async fn create(
         key,
         "POST /v1/stores",
         &body.0,
-        as_stored,
+        Replays::AS_STORED,
         move |key| async move {
             let request: CreateStore = body.parse()?;
             let store_id = StoreId::from_ulid(crate::ids::new_ulid());

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 use crate::auth::{Auth, Caller};
 use crate::error::ApiError;
 use crate::extract::{IdempotencyKeyHeader, RawJson, Trace};
-use crate::idempotency::idempotent;
+use crate::idempotency::{idempotent, Replays};
 use crate::openapi::IdempotencyKey;
 use crate::reply::Reply;
 use crate::state::{metadata, AppState};
@@ -72,7 +72,7 @@ pub async fn create(
         key,
         "POST /v1/users",
         &body.0,
-        restore_token,
+        Replays::restoring(restore_token),
         move |key| async move {
             let request: CreateUser = body.parse()?;
             let user_id = UserId::from_ulid(crate::ids::new_ulid());

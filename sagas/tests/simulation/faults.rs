@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use commands::idempotency::{IdempotencyKey, IdempotencyRecord};
+use commands::idempotency::{IdempotencyKey, IdempotencyRecord, Recorded};
 use commands::log::memory::MemoryEventLog;
 use commands::{AppendRequest, Appended, EventLog, LogCursor, LogError, RecordedEvent};
 use rand::rngs::StdRng;
@@ -259,10 +259,7 @@ impl EventLog for FaultyLog {
         self.inner.save_snapshot(snapshot).await
     }
 
-    async fn find_idempotent(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Option<IdempotencyRecord>, LogError> {
+    async fn find_idempotent(&self, key: &IdempotencyKey) -> Result<Option<Recorded>, LogError> {
         self.inner.find_idempotent(key).await
     }
 
