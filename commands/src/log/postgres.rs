@@ -1008,10 +1008,19 @@ impl EventLog for PgEventLog {
         let Keeping::Apart(response) = &record.keeping else {
             return Err(LogError::InvalidAppend("an amended answer is kept apart"));
         };
-        let amended = sqlx::query(
-            "UPDATE idempotency_keys SET response_status = $4, response_headers = $5, \
-             response_body = $6 WHERE scope = $1 AND key = $2 AND request_sha256 = $3 \
-             AND created_at >= now() - make_interval(secs => $7)",
+        // A key kept apart has its answer replaced; a key its event records (live, by the same
+        // request) gets the amended answer kept apart, which is found first.
+        sqlx::query(
+            "WITH amended AS (UPDATE idempotency_keys SET response_status = $4, \
+             response_headers = $5, response_body = $6 WHERE scope = $1 AND key = $2 \
+             AND request_sha256 = $3 AND created_at >= now() - make_interval(secs => $7) \
+             RETURNING 1) \
+             INSERT INTO idempotency_keys (scope, key, request_sha256, response_status, \
+             response_headers, response_body) SELECT $1, $2, $3, $4, $5, $6 \
+             WHERE NOT EXISTS (SELECT 1 FROM amended) \
+             AND EXISTS (SELECT 1 FROM events e WHERE e.event_id = $8 \
+             AND e.recorded_at >= now() - make_interval(secs => $7) \
+             AND e.metadata->>'request_sha256' = $3) ON CONFLICT (scope, key) DO NOTHING",
         )
         .bind(&record.key.scope)
         .bind(&record.key.key)
@@ -1020,28 +1029,9 @@ impl EventLog for PgEventLog {
         .bind(Json(&response.headers))
         .bind(&response.body)
         .bind(IDEMPOTENCY_KEY_TTL_S as f64)
+        .bind(Uuid::from(key_event_id(&record.key)))
         .execute(&self.pool)
         .await?;
-        if amended.rows_affected() == 0 {
-            // A key its event records: the amended answer is kept apart, and found first.
-            sqlx::query(
-                "INSERT INTO idempotency_keys (scope, key, request_sha256, response_status, \
-                 response_headers, response_body) SELECT $1, $2, $3, $4, $5, $6 \
-                 WHERE EXISTS (SELECT 1 FROM events e WHERE e.event_id = $8 \
-                 AND e.recorded_at >= now() - make_interval(secs => $7) \
-                 AND e.metadata->>'request_sha256' = $3) ON CONFLICT (scope, key) DO NOTHING",
-            )
-            .bind(&record.key.scope)
-            .bind(&record.key.key)
-            .bind(&record.request_sha256)
-            .bind(response.status as i16)
-            .bind(Json(&response.headers))
-            .bind(&response.body)
-            .bind(IDEMPOTENCY_KEY_TTL_S as f64)
-            .bind(Uuid::from(key_event_id(&record.key)))
-            .execute(&self.pool)
-            .await?;
-        }
         Ok(())
     }
 
