@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{builder::TypedValueParser, Args, Parser, Subcommand};
 use commands::group_commit::GroupCommitOptions;
 use commands::log::postgres::{PgEventLog, PgLogOptions};
 use commands::relay::RelayOptions;
@@ -260,6 +260,17 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u8).range(1..=5)
     )]
     pub nats_replicas: u8,
+    /// How the relay compresses the messages it publishes on JetStream: `lz4` (about a fifth
+    /// of the bytes), or `none` while instances of a build older than compression still
+    /// consume the bus. Consumers read either.
+    #[arg(
+        long,
+        env = "GROUPBUY_MIRROR_COMPRESSION",
+        default_value = "lz4",
+        value_parser = clap::builder::PossibleValuesParser::new(["lz4", "none"])
+            .map(|text: String| text.parse::<commands::bus::Compression>().expect("a possible value"))
+    )]
+    pub mirror_compression: commands::bus::Compression,
     /// Redis URL of the read models, shared by every instance. Unset: read models in this
     /// instance's memory, built from the log at start. Needs DATABASE_URL.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
@@ -392,6 +403,7 @@ impl ServeArgs {
                 prefix: self.nats_prefix.clone(),
                 partitions: self.partitions,
                 replicas: usize::from(self.nats_replicas),
+                compression: self.mirror_compression,
                 ..JetStreamSettings::new(url)
             }),
             None => Mirror::Embedded,

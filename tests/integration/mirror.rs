@@ -221,7 +221,9 @@ impl Rig {
                 let mut events = 0;
                 for sequence in 1..=last {
                     let message = stream.get_raw_message(sequence).await.unwrap();
-                    let batch: Vec<Envelope> = serde_json::from_slice(&message.payload).unwrap();
+                    let encoding = message.headers.get(header::ENCODING).map(|v| v.as_str());
+                    let body = commands::bus::body_of(encoding, message.payload).unwrap();
+                    let batch: Vec<Envelope> = serde_json::from_slice(&body).unwrap();
                     events += batch.len() as u64;
                 }
                 events
@@ -993,7 +995,11 @@ async fn jetstream_messages_carry_batches_of_events_with_their_cursors() {
         message.subject.as_str(),
         streams.settings.partition_subject(0)
     );
-    let body: Vec<Envelope> = serde_json::from_slice(&message.payload).unwrap();
+    // Compressed on the wire, and said so.
+    assert_eq!(h(header::ENCODING), commands::bus::LZ4);
+    let json = commands::bus::body_of(Some(commands::bus::LZ4), message.payload.clone()).unwrap();
+    assert!(message.payload.len() < json.len(), "the body is compressed");
+    let body: Vec<Envelope> = serde_json::from_slice(&json).unwrap();
     let envelopes: Vec<Envelope> = events.iter().map(|e| e.envelope.clone()).collect();
     assert_eq!(
         body, envelopes,
@@ -1128,6 +1134,69 @@ async fn readiness_reports_the_bus_down_while_nats_is_and_up_when_it_is_back() {
     }
     let _ = stop.send(());
     let _ = served.await;
+}
+
+#[tokio::test]
+async fn consumers_read_plain_and_compressed_messages_and_refuse_an_unknown_encoding() {
+    let log = MemoryEventLog::new();
+    for n in 0..2 {
+        log.append(AppendRequest {
+            streams: vec![StreamAppend {
+                stream_id: format!("campaign-{}", Ulid::new()),
+                expected_version: 0,
+                events: vec![event(n)],
+            }],
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+    }
+    let events = settled(&log, 2).await;
+    // A relay of a build that does not compress, then one that does, on the same streams.
+    let mut streams = TestStreams::new();
+    streams.settings.compression = commands::bus::Compression::None;
+    streams.connect().await.publish(&events[..1]).await.unwrap();
+    streams.settings.compression = commands::bus::Compression::Lz4;
+    let bus = streams.connect().await;
+    bus.publish(&events[1..]).await.unwrap();
+    let stream = bus
+        .context()
+        .get_stream(streams.settings.events_stream())
+        .await
+        .unwrap();
+    let encoding = |sequence: u64| {
+        let stream = stream.clone();
+        async move {
+            let message = stream.get_raw_message(sequence).await.unwrap();
+            message
+                .headers
+                .get(header::ENCODING)
+                .map(|v| v.as_str().to_owned())
+        }
+    };
+    assert_eq!(encoding(1).await, None);
+    assert_eq!(encoding(2).await.as_deref(), Some(commands::bus::LZ4));
+    // And one in an encoding no build writes.
+    let mut unknown = async_nats::HeaderMap::new();
+    unknown.insert(header::ENCODING, "zstd");
+    unknown.insert(async_nats::header::NATS_MESSAGE_ID, "unknown-1");
+    let body = serde_json::to_vec(&[events[0].envelope.clone()]).unwrap();
+    bus.context()
+        .publish_with_headers(streams.settings.partition_subject(0), unknown, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let mut deliveries = bus.subscribe(&ConsumerOptions::new("c")).await.unwrap();
+    for expected in &events {
+        let delivery = deliveries.next().await.unwrap().unwrap();
+        let read = delivery.events().unwrap();
+        assert_eq!(read, vec![expected.envelope.clone()]);
+    }
+    let unreadable = deliveries.next().await.unwrap().unwrap();
+    let reason = unreadable.events().unwrap_err();
+    assert!(reason.contains("cannot read: zstd"), "{reason}");
 }
 
 #[tokio::test]
