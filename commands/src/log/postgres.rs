@@ -352,12 +352,13 @@ impl Pending {
         self.stored.len() == self.event_ids.len()
     }
 
-    /// Its key's record, when it is kept apart.
-    fn key_apart(&self) -> Option<&IdempotencyRecord> {
-        self.request
-            .idempotency
-            .as_ref()
-            .filter(|r| matches!(r.keeping, Keeping::Apart(_)))
+    /// Its key's record and response, when they are kept apart.
+    fn key_apart(&self) -> Option<(&IdempotencyRecord, &StoredResponse)> {
+        let record = self.request.idempotency.as_ref()?;
+        match &record.keeping {
+            Keeping::Apart(response) => Some((record, response)),
+            Keeping::InFirstEvent { .. } => None,
+        }
     }
 
     /// Its key, when its first event records it.
@@ -519,10 +520,6 @@ impl PgEventLog {
         let records: Vec<(&IdempotencyRecord, &StoredResponse)> = keyed
             .iter()
             .filter_map(|&i| pending[i].key_apart())
-            .filter_map(|r| match &r.keeping {
-                Keeping::Apart(response) => Some((r, response)),
-                Keeping::InFirstEvent { .. } => None,
-            })
             .collect();
         let sql = INSERT_KEYS.replace(
             "{conflicts}",
@@ -578,7 +575,7 @@ impl PgEventLog {
             );
         let recorded: Vec<(String, String)> = query.fetch_all(&mut *tx).await?;
         for &i in &keyed {
-            let key = &pending[i].key_apart().expect("kept apart").key;
+            let key = &pending[i].key_apart().expect("kept apart").0.key;
             let won = recorded
                 .iter()
                 .any(|(scope, k)| *scope == key.scope && *k == key.key);
@@ -688,7 +685,7 @@ impl PgEventLog {
         let keys: Vec<&IdempotencyKey> = broken
             .iter()
             .filter(|p| p.key_recorded)
-            .filter_map(|p| p.key_apart().map(|r| &r.key))
+            .filter_map(|p| p.key_apart().map(|(r, _)| &r.key))
             .collect();
         if !keys.is_empty() {
             sqlx::query(
