@@ -301,22 +301,17 @@ pub(crate) fn check_request(request: &AppendRequest) -> Result<usize, LogError> 
 
 /// Where a request would keep its key in its first event but an earlier, expired use of the
 /// key holds the derived id (`taken`), keeps the key apart instead, under a fresh id.
-pub(crate) fn keep_apart_if_reused(
-    request: &mut AppendRequest,
-    taken: impl FnOnce(&Ulid) -> bool,
-) -> bool {
+pub(crate) fn keep_apart_if_reused(request: &mut AppendRequest, taken: impl FnOnce(&Ulid) -> bool) {
     let Some(record) = request.idempotency.as_mut() else {
-        return false;
+        return;
     };
     let Keeping::InFirstEvent { fallback } = &record.keeping else {
-        return false;
+        return;
     };
     let first = &mut request.streams[0].events[0];
-    if !taken(&first.event_id) {
-        return false;
+    if taken(&first.event_id) {
+        record.keeping = Keeping::Apart(fallback.clone());
+        first.event_id = Ulid::new();
+        first.metadata.request_sha256 = None;
     }
-    record.keeping = Keeping::Apart(fallback.clone());
-    first.event_id = Ulid::new();
-    first.metadata.request_sha256 = None;
-    true
 }
