@@ -227,7 +227,9 @@ impl OwnRedis {
         if let Some(dir) = &redis.cluster {
             std::fs::create_dir_all(dir).unwrap();
         }
-        redis.restart().await;
+        for i in 0..masters {
+            redis.start_node_first(i).await;
+        }
         if redis.cluster.is_some() {
             let created = tokio::process::Command::new("redis-cli")
                 .args(["--cluster", "create"])
@@ -273,6 +275,38 @@ impl OwnRedis {
             }
         }
         panic!("no node of {} holds {key}", self.url());
+    }
+
+    /// Starts node `i` for the first time. A port found free may be taken by another test's
+    /// server before this one binds it, and then the server exits: it gets new ports and is
+    /// started again (a few times at most).
+    async fn start_node_first(&mut self, i: usize) {
+        for _ in 0..5 {
+            self.spawn(i);
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let exited = (self.nodes[i].process.as_mut())
+                    .is_some_and(|process| matches!(process.try_wait(), Ok(Some(_))));
+                if exited {
+                    self.nodes[i].process = None;
+                    self.nodes[i].port = free_port();
+                    self.nodes[i].bus_port = free_port();
+                    break;
+                }
+                if tokio::net::TcpStream::connect(("127.0.0.1", self.nodes[i].port))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "redis-server did not start"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        panic!("redis-server exited five times on ports found free");
     }
 
     /// Starts every node that is down again, empty, on its port (after [`OwnRedis::kill`]
