@@ -116,6 +116,11 @@ impl std::str::FromStr for Compression {
     }
 }
 
+/// Most bytes a compressed body may claim to hold: far above any message (a batch is at
+/// most [`BATCH_BYTES_MAX`], an event larger than that goes alone), and low enough that a
+/// broken length cannot make a consumer set aside gigabytes.
+const BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 /// A body compressed for the wire: LZ4 blocks after the body's length (4 bytes, little
 /// endian). A batch of envelopes shrinks about five-fold: their keys, ids and metadata repeat.
 pub fn compress(body: &[u8]) -> Bytes {
@@ -128,13 +133,12 @@ pub fn body_of(encoding: Option<&str>, payload: Bytes) -> Result<Bytes, String> 
     match encoding {
         None => Ok(payload),
         Some(LZ4) => {
-            // The length comes first; refuse to make room for more than a message may hold
-            // before reading on.
+            // The length comes first: checked before any room is made for it.
             let length = payload
                 .get(..4)
                 .map(|n| u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize);
             match length {
-                Some(length) if length <= 2 * BATCH_BYTES_MAX.max(1 << 20) => {
+                Some(length) if length <= BODY_BYTES_MAX => {
                     lz4_flex::decompress_size_prepended(&payload)
                         .map(Bytes::from)
                         .map_err(|error| format!("a broken lz4 body: {error}"))
