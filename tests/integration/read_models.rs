@@ -13,7 +13,7 @@ use domain::{CampaignId, OrderId, UserId};
 use harness::{expect_json, expect_problem, spawn_app_tuned, Backend, TestApp, OPERATOR_TOKEN};
 use projections::ops::{Change, Op};
 use projections::redis_store::{Library, FUNCTIONS};
-use projections::{ProjectionName, ProjectionStore, RebuildError, VersionStatus};
+use projections::{ProjectionName, ProjectionStore, ReadModel, RebuildError, VersionStatus};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ulid::Ulid;
@@ -821,6 +821,64 @@ async fn settle(app: &TestApp) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A call's writes to the order indexes, the funnel and the stream versions are gathered and
+/// made as it ends, one command a key: when an op fails part way, what the events before it
+/// applied is still made whole (listed, counted, recorded as applied), and the failing event
+/// stays to be applied again.
+#[tokio::test]
+async fn a_call_that_fails_part_way_keeps_whole_what_it_applied_before() {
+    use domain::order::OrderStatus::*;
+    use projections::read_model::OrderFilter;
+    let redis = harness::TestRedis::new();
+    let store = redis.connect().await;
+    live(&store).await;
+    let name = ProjectionName::Orders;
+    let version = store.versions().await.unwrap()[0].version;
+    let (sale, broken) = (
+        CampaignId::from_ulid(Ulid::new()),
+        CampaignId::from_ulid(Ulid::new()),
+    );
+    // A key of the wrong type, so that writing the campaign's hash fails.
+    let mut conn = redis.connection().await;
+    let _: () = ::redis::cmd("SET")
+        .arg(format!("{}:c:{broken}", store.root(name, version)))
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let order_id = OrderId::from_ulid(Ulid::new());
+    let mut changes = order_changes(sale, order_id, &[(AwaitingPayment, "")]);
+    let failing = created(broken, 10);
+    changes.push(failing.clone());
+
+    let failed = store.apply_all(name, &changes).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let listed = store
+        .orders(
+            &OrderFilter {
+                campaign_id: Some(sale),
+                status: Some(AwaitingPayment),
+                ..Default::default()
+            },
+            None,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1, "{listed:?}");
+    assert_eq!(listed.items[0].order_id, order_id);
+    let funnel = store.funnel(sale).await.unwrap();
+    assert_eq!((funnel.pending, funnel.awaiting_payment), (0, 1));
+    assert_eq!(
+        store
+            .applied_version(&format!("order-{order_id}"))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.applied_version(&failing.stream_id).await.unwrap(), 0);
 }
 
 /// Two builds whose functions differ (a rolling upgrade) share one Redis: each loads and calls
