@@ -92,11 +92,11 @@ fn by_version(done_to: u64, version: u64) -> Seen {
 #[async_trait]
 impl Handler for ProjectionConsumer {
     async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
-        self.handle_batch(std::slice::from_ref(event)).await
+        self.handle_batch(&[event]).await
     }
 
     /// Applies a batch in one store call (one Redis round trip).
-    async fn handle_batch(&self, events: &[Envelope]) -> Result<(), HandlerError> {
+    async fn handle_batch(&self, events: &[&Envelope]) -> Result<(), HandlerError> {
         let mut changes = Vec::with_capacity(events.len());
         for event in events {
             if let Some(change) = Change::of(self.name, event)? {

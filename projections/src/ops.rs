@@ -85,6 +85,9 @@ impl std::str::FromStr for ProjectionName {
 pub struct UnknownProjection(pub String);
 
 /// One change to a read model. Times are nanoseconds since the Unix epoch.
+///
+/// It serializes as the Redis store's Lua functions read it: every number a string (Lua's
+/// numbers are doubles, too narrow for nanoseconds), no field that is absent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
@@ -99,16 +102,22 @@ pub enum Op {
         /// Headline.
         title: String,
         /// Deal price.
+        #[serde(serialize_with = "lua::cents")]
         price_cents: Cents,
         /// Initial stock.
+        #[serde(serialize_with = "lua::number")]
         quota: u32,
         /// Per-user limit.
+        #[serde(serialize_with = "lua::number")]
         per_user_limit: u32,
         /// Window start.
+        #[serde(serialize_with = "lua::number")]
         starts_at: i64,
         /// Window end.
+        #[serde(serialize_with = "lua::number")]
         ends_at: i64,
         /// Payment window.
+        #[serde(serialize_with = "lua::number")]
         payment_timeout_seconds: u32,
     },
     /// Units moved between the stock's buckets.
@@ -116,12 +125,16 @@ pub enum Op {
         /// Which campaign.
         campaign_id: CampaignId,
         /// Change of `total`.
+        #[serde(serialize_with = "lua::number")]
         total: i64,
         /// Change of `available`.
+        #[serde(serialize_with = "lua::number")]
         available: i64,
         /// Change of `reserved`.
+        #[serde(serialize_with = "lua::number")]
         reserved: i64,
         /// Change of `sold`.
+        #[serde(serialize_with = "lua::number")]
         sold: i64,
     },
     /// An operator closed the campaign.
@@ -129,6 +142,7 @@ pub enum Op {
         /// Which campaign.
         campaign_id: CampaignId,
         /// When.
+        #[serde(serialize_with = "lua::number")]
         at: i64,
     },
     /// A new order, pending.
@@ -140,10 +154,13 @@ pub enum Op {
         /// For which campaign.
         campaign_id: CampaignId,
         /// Units.
+        #[serde(serialize_with = "lua::number")]
         quantity: u32,
         /// Price.
+        #[serde(serialize_with = "lua::cents")]
         amount_cents: Cents,
         /// When placed.
+        #[serde(serialize_with = "lua::number")]
         at: i64,
     },
     /// An order moved on.
@@ -155,8 +172,10 @@ pub enum Op {
         /// Why it was rejected or cancelled; empty otherwise.
         reason: String,
         /// Its payment, when this change requested one.
+        #[serde(skip_serializing_if = "Option::is_none")]
         payment_id: Option<PaymentId>,
         /// When.
+        #[serde(serialize_with = "lua::number")]
         at: i64,
     },
     /// A payment was answered (or, in an older log, requested in its own stream).
@@ -164,12 +183,48 @@ pub enum Op {
         /// Which.
         payment_id: PaymentId,
         /// Its order and amount, on an older log's request.
+        #[serde(
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "lua::requested"
+        )]
         requested: Option<(OrderId, Cents)>,
         /// Where it stands now.
         status: PaymentStatus,
         /// When.
+        #[serde(serialize_with = "lua::number")]
         at: i64,
     },
+}
+
+/// How [`Op`]'s fields serialize for the Lua functions.
+mod lua {
+    use domain::{Cents, OrderId};
+    use serde::ser::{SerializeTuple, Serializer};
+
+    pub(super) fn number<S: Serializer>(
+        number: &impl std::fmt::Display,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(number)
+    }
+
+    pub(super) fn cents<S: Serializer>(cents: &Cents, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&cents.get())
+    }
+
+    /// Only called when there is one (`skip_serializing_if`): `[order id, amount]`.
+    pub(super) fn requested<S: Serializer>(
+        requested: &Option<(OrderId, Cents)>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let Some((order_id, amount)) = requested else {
+            return serializer.serialize_none();
+        };
+        let mut pair = serializer.serialize_tuple(2)?;
+        pair.serialize_element(order_id)?;
+        pair.serialize_element(&amount.get().to_string())?;
+        pair.end()
+    }
 }
 
 /// Nanoseconds since the Unix epoch, the precision events carry.

@@ -362,23 +362,9 @@ async fn watch_changes<const N: usize>(
     }
 }
 
-/// The ops as the Lua functions read them: every number a string, no nulls.
+/// The ops as the Lua functions read them: every number a string, no nulls ([`Op`]'s form).
 fn ops_json(ops: &[Op]) -> String {
-    fn stringify(value: &mut serde_json::Value) {
-        use serde_json::Value;
-        match value {
-            Value::Number(n) => *value = Value::String(n.to_string()),
-            Value::Array(items) => items.iter_mut().for_each(stringify),
-            Value::Object(fields) => {
-                fields.retain(|_, v| !v.is_null());
-                fields.values_mut().for_each(stringify);
-            }
-            _ => {}
-        }
-    }
-    let mut value = serde_json::to_value(ops).expect("ops always serialise");
-    stringify(&mut value);
-    value.to_string()
+    serde_json::to_string(ops).expect("ops always serialise")
 }
 
 fn pairs(flat: Vec<String>) -> HashMap<String, String> {

@@ -321,11 +321,15 @@ impl OrderSaga {
 #[async_trait]
 impl Handler for OrderSaga {
     async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
-        self.handle_batch(std::slice::from_ref(event)).await
+        self.handle_batch(&[event]).await
     }
 
-    async fn handle_batch(&self, events: &[Envelope]) -> Result<(), HandlerError> {
-        let triggers: Vec<Trigger> = events.iter().filter_map(Self::trigger_of).collect();
+    async fn handle_batch(&self, events: &[&Envelope]) -> Result<(), HandlerError> {
+        let triggers: Vec<Trigger> = events
+            .iter()
+            .copied()
+            .filter_map(Self::trigger_of)
+            .collect();
         if triggers.is_empty() {
             return Ok(());
         }

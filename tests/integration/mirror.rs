@@ -418,10 +418,10 @@ impl BatchRecorder {
 #[async_trait]
 impl Handler for BatchRecorder {
     async fn handle(&self, event: &Envelope) -> Result<(), HandlerError> {
-        self.handle_batch(std::slice::from_ref(event)).await
+        self.handle_batch(&[event]).await
     }
 
-    async fn handle_batch(&self, events: &[Envelope]) -> Result<(), HandlerError> {
+    async fn handle_batch(&self, events: &[&Envelope]) -> Result<(), HandlerError> {
         self.sizes.lock().unwrap().push(events.len());
         tokio::time::sleep(self.recorder.pause).await;
         if events.len() > self.refuses_more_than {

@@ -139,8 +139,9 @@ async fn writers_of_two_instances_sell_exactly_the_quota_across_buckets(log: Arc
     let deliveries = |saga: OrderSaga, events: Vec<Envelope>| async move {
         // Several batches, as a consumer would take them, each retried as the runtime would.
         for batch in events.chunks(16) {
+            let batch: Vec<&Envelope> = batch.iter().collect();
             let mut attempts = 0;
-            while let Err(error) = saga.handle_batch(batch).await {
+            while let Err(error) = saga.handle_batch(&batch).await {
                 attempts += 1;
                 assert!(attempts < 20, "a batch keeps failing: {error}");
             }
@@ -250,6 +251,7 @@ async fn one_batch_takes_from_another_bucket_as_often_as_its_orders_need(log: Ar
     }
     // One batch of 20 orders from a writer whose bucket is empty: its first move takes half
     // of the other bucket's 20 units, and the orders after the tenth need more of them.
+    let placed: Vec<&Envelope> = placed.iter().collect();
     instance(&log, 1).handle_batch(&placed).await.unwrap();
     let campaign: Campaign = handler
         .load::<CampaignAggregate>(&stream_id::<CampaignAggregate>(campaign_id))

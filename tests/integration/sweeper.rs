@@ -97,7 +97,7 @@ async fn project(log: &Arc<dyn EventLog>, read_model: &Arc<MemoryProjections>, o
     events.sort_by_key(|e| e.global_position);
     let store = Arc::clone(read_model) as Arc<dyn ProjectionStore>;
     ProjectionConsumer::new(ProjectionName::Orders, store)
-        .handle_batch(&events)
+        .handle_batch(&events.iter().collect::<Vec<_>>())
         .await
         .unwrap();
 }

@@ -250,7 +250,9 @@ pub async fn replay(
         detail: format!("the letter's body is not events ({why}); discard it"),
     })?;
     let handled = if handler.handles_batches() {
-        handler.handle_batch(&events).await
+        handler
+            .handle_batch(&events.iter().collect::<Vec<_>>())
+            .await
     } else {
         let mut handled = Ok(());
         for event in &events {

@@ -1198,7 +1198,7 @@ async fn project(
         return Ok(0);
     }
     consumer
-        .handle_batch(&fresh)
+        .handle_batch(&fresh.iter().collect::<Vec<_>>())
         .await
         .map_err(|e| format!("{name}: {e}"))?;
     let done: Vec<&Envelope> = fresh.iter().collect();
