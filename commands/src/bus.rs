@@ -27,6 +27,7 @@
 pub mod jetstream;
 pub mod memory;
 pub mod partition;
+pub mod topic;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -40,6 +41,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use ulid::Ulid;
 
+pub use self::topic::Topic;
 use crate::log::{LogCursor, RecordedEvent};
 use crate::trace::TraceParent;
 
@@ -153,26 +155,27 @@ pub fn body_of(encoding: Option<&str>, payload: Bytes) -> Result<Bytes, String> 
     }
 }
 
-/// The events of the log in messages: each partition's events in log order, at most
-/// [`BATCH_EVENTS_MAX`] and [`BATCH_BYTES_MAX`] bytes a message, the messages in the order of
-/// their first events. Each message carries the cursor a relay may resume after once it is
+/// The events of the log in messages: the events of each partition and topic in log order, at
+/// most [`BATCH_EVENTS_MAX`] and [`BATCH_BYTES_MAX`] bytes a message, the messages in the order
+/// of their first events. Each message carries the cursor a relay may resume after once it is
 /// stored ([`Batch::resume`]).
 pub(crate) fn batches(
     events: &[RecordedEvent],
     partitions: u16,
 ) -> Result<Vec<Batch<'_>>, BusError> {
     let mut filling: Vec<Filling<'_>> = Vec::new();
-    // The message each partition is filling, as an index into `filling`.
-    let mut open: HashMap<u16, usize> = HashMap::new();
+    // The message each partition and topic is filling, as an index into `filling`.
+    let mut open: HashMap<(u16, Topic), usize> = HashMap::new();
     let mut message_of = Vec::with_capacity(events.len());
     for event in events {
         let body = serde_json::to_vec(&event.envelope)?;
         let partition = partition::partition_of(&event.envelope.stream_id, partitions);
-        let index = match open.get(&partition) {
+        let topic = Topic::of_stream(&event.envelope.stream_id);
+        let index = match open.get(&(partition, topic)) {
             Some(&i) if !filling[i].full_for(body.len()) => i,
             _ => {
-                filling.push(Filling::new(partition));
-                open.insert(partition, filling.len() - 1);
+                filling.push(Filling::new(partition, topic));
+                open.insert((partition, topic), filling.len() - 1);
                 filling.len() - 1
             }
         };
@@ -201,18 +204,20 @@ pub(crate) fn batches(
     Ok(batches)
 }
 
-/// A message of one partition being filled.
+/// A message of one partition and topic being filled.
 struct Filling<'a> {
     partition: u16,
+    topic: Topic,
     events: Vec<&'a RecordedEvent>,
     encoded: Vec<Vec<u8>>,
     bytes: usize,
 }
 
 impl<'a> Filling<'a> {
-    fn new(partition: u16) -> Self {
+    fn new(partition: u16, topic: Topic) -> Self {
         Filling {
             partition,
+            topic,
             events: Vec::new(),
             encoded: Vec::new(),
             bytes: 0,
@@ -243,6 +248,7 @@ impl<'a> Filling<'a> {
         payload.push(b']');
         Batch {
             partition: self.partition,
+            topic: self.topic,
             events: self.events,
             payload: Bytes::from(payload),
             resume,
@@ -254,6 +260,8 @@ impl<'a> Filling<'a> {
 pub(crate) struct Batch<'a> {
     /// The partition its events travel in.
     pub partition: u16,
+    /// The topic of its events.
+    pub topic: Topic,
     /// The events, in log order.
     pub events: Vec<&'a RecordedEvent>,
     /// The body: a JSON array of their envelopes.
@@ -305,8 +313,11 @@ pub struct ConsumerOptions {
     pub max_in_flight: usize,
     /// How long a delivery may stay unacknowledged before the bus delivers it again.
     pub ack_wait: Duration,
-    /// The partition it reads (`<prefix>.events.<partition>`), or `None` for every event.
+    /// The partition it reads (`<prefix>.events.<partition>.<topic>`), or `None` for every
+    /// partition.
     pub partition: Option<u16>,
+    /// The topic it reads, or `None` for every topic.
+    pub topic: Option<Topic>,
     /// Remove the consumer after it has had no subscriber this long; `None` keeps it. For
     /// consumers of one process only (an in-memory read model), which nobody resumes.
     pub inactive_threshold: Option<Duration>,
@@ -321,6 +332,7 @@ impl ConsumerOptions {
             max_in_flight: 16,
             ack_wait: Duration::from_secs(10),
             partition: None,
+            topic: None,
             inactive_threshold: None,
         }
     }

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use ulid::Ulid;
 
-use crate::bus::{Bus, ConsumerOptions, Deliveries, Delivery, Letter};
+use crate::bus::{Bus, ConsumerOptions, Deliveries, Delivery, Letter, Topic};
 
 /// Why a handler could not handle an event; it is retried, then dead-lettered.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -68,6 +68,13 @@ pub trait Handler: Send + Sync + 'static {
     /// without being read whole, deduplicated, recorded or handled. All by default.
     fn wants(&self, _event: &EventHead<'_>) -> bool {
         true
+    }
+
+    /// The topic of the mirror it reads ([`Topic`]), so that the bus delivers it only the
+    /// messages of that topic; `None`, by default, for every message. The events it wants must
+    /// all be of that topic.
+    fn topic(&self) -> Option<Topic> {
+        None
     }
 
     /// Whether the runtime should hand it whole batches ([`Handler::handle_batch`]), falling
@@ -486,6 +493,8 @@ impl Subscription {
             !(dedupe.needs_stream_order() && options.ordering == Ordering::Unordered),
             "dedupe by stream version needs Ordering::PerStream"
         );
+        let mut options = options;
+        options.consumer.topic = handler.topic();
         Subscription {
             shared: Arc::new(Runtime {
                 bus,

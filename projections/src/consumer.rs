@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use commands::bus::Topic;
 use commands::subscription::{Dedupe, DedupeError, Handler, HandlerError, Seen};
 use schemas::{Envelope, EventHead};
 
@@ -112,6 +113,10 @@ impl Handler for ProjectionConsumer {
 
     fn wants(&self, event: &EventHead<'_>) -> bool {
         self.name.reads(event.stream_id)
+    }
+
+    fn topic(&self) -> Option<Topic> {
+        Some(self.name.topic())
     }
 
     fn handles_batches(&self) -> bool {

@@ -8,6 +8,7 @@
 //! interleave (projections handle streams in parallel lanes): an order's payment lives in its
 //! own record, joined when the order is read, and `updated_at` only ever moves forward.
 
+use commands::bus::Topic;
 use domain::campaign::CampaignEvent;
 use domain::order::{OrderEvent, OrderStatus};
 use domain::payment::{PaymentEvent, PaymentStatus};
@@ -42,6 +43,14 @@ impl ProjectionName {
         match self {
             ProjectionName::Campaigns => &["campaign", "stock"],
             ProjectionName::Orders => &["order", "payment"],
+        }
+    }
+
+    /// The topic of the mirror its events travel in: that of each of its categories.
+    pub fn topic(self) -> Topic {
+        match self {
+            ProjectionName::Campaigns => Topic::Campaigns,
+            ProjectionName::Orders => Topic::Orders,
         }
     }
 
@@ -456,4 +465,18 @@ pub(crate) fn snake<T: Serialize>(value: &T) -> String {
 /// The value of a unit variant from its snake_case name.
 pub(crate) fn unsnake<T: serde::de::DeserializeOwned>(name: &str) -> Option<T> {
     serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_projection_reads_the_topic_its_categories_travel_in() {
+        for name in ProjectionName::ALL {
+            for category in name.categories() {
+                assert_eq!(Topic::of(category), name.topic(), "{name}: {category}");
+            }
+        }
+    }
 }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use commands::bus::Topic;
 use commands::subscription::{Handler, HandlerError};
 use commands::{CommandError, CommandHandler, LogError};
 use domain::order::{OrderAggregate, OrderEvent};
@@ -339,6 +340,10 @@ impl Handler for OrderSaga {
 
     fn wants(&self, event: &EventHead<'_>) -> bool {
         Self::wakes(event)
+    }
+
+    fn topic(&self) -> Option<Topic> {
+        Some(Topic::Orders)
     }
 
     fn handles_batches(&self) -> bool {

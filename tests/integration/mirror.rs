@@ -11,7 +11,7 @@ use bytes::Bytes;
 use commands::bus::jetstream::{JetStreamBus, JetStreamSettings};
 use commands::bus::memory::MemoryBus;
 use commands::bus::{
-    header, Bus, BusError, ConsumerOptions, Deliveries, Letter, Published, StoredLetter,
+    header, Bus, BusError, ConsumerOptions, Deliveries, Letter, Published, StoredLetter, Topic,
 };
 use commands::lease::PgPartitionLeases;
 use commands::log::memory::MemoryEventLog;
@@ -54,6 +54,7 @@ on_both_mirrors!(
     a_poison_event_is_dead_lettered_and_the_consumer_goes_on,
     deliveries_that_queue_up_reach_a_batch_handler_together,
     a_failing_batch_of_several_deliveries_is_handled_one_delivery_at_a_time,
+    a_consumer_of_a_topic_is_delivered_that_topics_messages_only,
 );
 
 // --- the rig: a log, a bus, relay leases and a dedupe store that belong together ---
@@ -175,7 +176,7 @@ impl Rig {
         match &self.mirror {
             Mirror::Memory(bus) => bus.publish_raw(Bytes::from_static(b"{not json")),
             Mirror::JetStream(bus, streams) => {
-                let subject = streams.settings.partition_subject(0);
+                let subject = streams.settings.events_subject(0, Topic::Campaigns);
                 bus.context()
                     .publish(subject, Bytes::from_static(b"{not json"))
                     .await
@@ -295,6 +296,72 @@ async fn write_concurrently(
         ids.extend(task.await.unwrap());
     }
     ids
+}
+
+/// The relay publishes the events of each topic in messages of their own, and a consumer of a
+/// topic is delivered those only: not the events of the categories it does not read.
+async fn a_consumer_of_a_topic_is_delivered_that_topics_messages_only(rig: Rig) {
+    for category in ["order", "holding", "campaign", "payment"] {
+        rig.log
+            .append(AppendRequest {
+                streams: vec![StreamAppend {
+                    stream_id: format!("{category}-{}", Ulid::new()),
+                    expected_version: 0,
+                    events: vec![event(0)],
+                }],
+                idempotency: None,
+            })
+            .await
+            .unwrap();
+    }
+    let events = settled(rig.log.as_ref(), 4).await;
+    rig.bus.publish(&events).await.unwrap();
+    let categories = |deliveries: Box<dyn Deliveries>, count: usize| async move {
+        let mut deliveries = deliveries;
+        let mut seen = Vec::new();
+        while seen.len() < count {
+            let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+                .await
+                .expect("a delivery comes")
+                .unwrap()
+                .unwrap();
+            for event in delivery.events().unwrap() {
+                seen.push(event.category().to_owned());
+            }
+            delivery.ack().await.unwrap();
+        }
+        let more = tokio::time::timeout(Duration::from_millis(500), deliveries.next()).await;
+        assert!(more.is_err(), "nothing else comes");
+        seen.sort();
+        seen
+    };
+    let orders = rig
+        .bus
+        .subscribe(&ConsumerOptions {
+            topic: Some(Topic::Orders),
+            ..ConsumerOptions::new("orders")
+        })
+        .await
+        .unwrap();
+    assert_eq!(categories(orders, 2).await, ["order", "payment"]);
+    let campaigns = rig
+        .bus
+        .subscribe(&ConsumerOptions {
+            topic: Some(Topic::Campaigns),
+            ..ConsumerOptions::new("campaigns")
+        })
+        .await
+        .unwrap();
+    assert_eq!(categories(campaigns, 1).await, ["campaign"]);
+    let every = rig
+        .bus
+        .subscribe(&ConsumerOptions::new("every"))
+        .await
+        .unwrap();
+    assert_eq!(
+        categories(every, 4).await,
+        ["campaign", "holding", "order", "payment"]
+    );
 }
 
 // --- a handler that records what it saw ---
@@ -993,7 +1060,7 @@ async fn jetstream_messages_carry_batches_of_events_with_their_cursors() {
     assert_eq!(h(header::TRACEPARENT), first.header());
     assert_eq!(
         message.subject.as_str(),
-        streams.settings.partition_subject(0)
+        streams.settings.events_subject(0, Topic::Campaigns)
     );
     // Compressed on the wire, and said so.
     assert_eq!(h(header::ENCODING), commands::bus::LZ4);
@@ -1182,7 +1249,11 @@ async fn consumers_read_plain_and_compressed_messages_and_refuse_an_unknown_enco
     unknown.insert(async_nats::header::NATS_MESSAGE_ID, "unknown-1");
     let body = serde_json::to_vec(&[events[0].envelope.clone()]).unwrap();
     bus.context()
-        .publish_with_headers(streams.settings.partition_subject(0), unknown, body.into())
+        .publish_with_headers(
+            streams.settings.events_subject(0, Topic::Campaigns),
+            unknown,
+            body.into(),
+        )
         .await
         .unwrap()
         .await
@@ -1247,7 +1318,11 @@ async fn a_bus_bound_to_one_log_refuses_another_and_hands_over_its_messages_as_u
     let body = serde_json::to_vec(&[events[0].envelope.clone()]).unwrap();
     again
         .context()
-        .publish_with_headers(streams.settings.partition_subject(0), foreign, body.into())
+        .publish_with_headers(
+            streams.settings.events_subject(0, Topic::Campaigns),
+            foreign,
+            body.into(),
+        )
         .await
         .unwrap()
         .await

@@ -3,10 +3,11 @@
 //! Two streams, both declared here in full so the code is the one place their configuration
 //! lives (see docs/adr/0005-jetstream-mirror.md):
 //!
-//! - `<PREFIX>_EVENTS` holds the mirror of the log, in batches of one partition's events, on
-//!   the subject `<prefix>.events.<partition>` (earlier versions published every batch on
-//!   `<prefix>.events.log`, and before that one event a message on
-//!   `<prefix>.events.<category>.<stream id>`: a consumer of every event still reads them);
+//! - `<PREFIX>_EVENTS` holds the mirror of the log, in batches of one partition's events of one
+//!   topic, on the subject `<prefix>.events.<partition>.<topic>` (earlier versions published
+//!   on `<prefix>.events.<partition>`, before that every batch on `<prefix>.events.log`, and
+//!   before that one event a message on `<prefix>.events.<category>.<stream id>`: a consumer
+//!   of every event still reads them all);
 //! - `<PREFIX>_DEAD_LETTERS` holds what consumers gave up on, on
 //!   `<prefix>.dead.<consumer>`.
 //!
@@ -32,7 +33,7 @@ use futures::StreamExt;
 
 use super::{
     batches, format_cursor, header, parse_cursor, Acker, Bus, BusError, ConsumerOptions,
-    Deliveries, Delivery, Letter, Published, StoredLetter,
+    Deliveries, Delivery, Letter, Published, StoredLetter, Topic,
 };
 use crate::log::RecordedEvent;
 use crate::trace::TraceParent;
@@ -101,9 +102,19 @@ impl JetStreamSettings {
         self.stream_name("DEAD_LETTERS")
     }
 
-    /// The subject the batches of partition `partition` are published on.
-    pub fn partition_subject(&self, partition: u16) -> String {
-        format!("{}.events.{partition}", self.prefix)
+    /// The subject the batches of `topic` in partition `partition` are published on.
+    pub fn events_subject(&self, partition: u16, topic: Topic) -> String {
+        format!("{}.events.{partition}.{topic}", self.prefix)
+    }
+
+    /// What a consumer of `partition` and `topic` reads (`None`: every one).
+    fn filter_subject(&self, partition: Option<u16>, topic: Option<Topic>) -> String {
+        let partition = partition.map_or_else(|| "*".to_owned(), |p| p.to_string());
+        match topic {
+            Some(topic) => format!("{}.events.{partition}.{topic}", self.prefix),
+            None if partition == "*" => format!("{}.events.>", self.prefix),
+            None => format!("{}.events.{partition}.*", self.prefix),
+        }
     }
 
     /// The subject of a consumer's dead letters.
@@ -400,7 +411,10 @@ impl Bus for JetStreamBus {
             let message = PublishMessage::build().payload(payload).headers(headers);
             let ack = self
                 .context
-                .send_publish(self.settings.partition_subject(batch.partition), message)
+                .send_publish(
+                    self.settings.events_subject(batch.partition, batch.topic),
+                    message,
+                )
                 .await
                 .map_err(BusError::unavailable)?;
             acks.push(ack);
@@ -447,12 +461,17 @@ impl Bus for JetStreamBus {
             .get_stream(self.settings.events_stream())
             .await
             .map_err(BusError::unavailable)?;
-        let filter_subject = match options.partition {
-            Some(partition) => self.settings.partition_subject(partition),
-            None => format!("{}.events.>", self.settings.prefix),
+        let filter_subject = self
+            .settings
+            .filter_subject(options.partition, options.topic);
+        // A durable consumer keeps the filter it was made with: a consumer of a topic has a
+        // name of its own, apart from one of every topic (or of an older build).
+        let durable = match options.topic {
+            Some(topic) => format!("{}-{topic}", options.name),
+            None => options.name.clone(),
         };
         let config = pull::Config {
-            durable_name: Some(options.name.clone()),
+            durable_name: Some(durable.clone()),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
             ack_wait: options.ack_wait,
@@ -465,7 +484,7 @@ impl Bus for JetStreamBus {
             ..Default::default()
         };
         let mut consumer: js::consumer::Consumer<pull::Config> = stream
-            .get_or_create_consumer(&options.name, config)
+            .get_or_create_consumer(&durable, config)
             .await
             .map_err(BusError::unavailable)?;
         if self.settings.replicas > 1 {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::{
     batches, decode, Acker, Bus, BusError, ConsumerOptions, Deliveries, Delivery, Letter,
-    Published, StoredLetter,
+    Published, StoredLetter, Topic,
 };
 use crate::log::{LogCursor, RecordedEvent};
 
@@ -55,7 +55,9 @@ struct Inner {
 
 struct Message {
     subject: String,
+    /// Where the relay published it; `None` for a raw message (of a test).
     partition: Option<u16>,
+    topic: Option<Topic>,
     payload: Bytes,
     cursor: Option<LogCursor>,
 }
@@ -138,6 +140,7 @@ impl MemoryBus {
         inner.messages.push(Message {
             subject: "events.raw".into(),
             partition: None,
+            topic: None,
             payload,
             cursor: None,
         });
@@ -156,8 +159,9 @@ impl Bus for MemoryBus {
                 continue;
             }
             inner.messages.push(Message {
-                subject: format!("events.{}", batch.partition),
+                subject: format!("events.{}.{}", batch.partition, batch.topic),
                 partition: Some(batch.partition),
+                topic: Some(batch.topic),
                 payload: batch.payload,
                 cursor: Some(batch.resume),
             });
@@ -266,14 +270,14 @@ impl MemoryDeliveries {
             ..
         } = &mut *inner;
         let state = consumers.entry(self.options.name.clone()).or_default();
-        // A consumer of one partition passes over the others' messages (and raw ones).
-        if let Some(partition) = self.options.partition {
-            while messages
-                .get(state.next)
-                .is_some_and(|m| m.partition != Some(partition))
-            {
-                state.next += 1;
-            }
+        // A consumer of one partition or topic passes over the others' messages (and raw
+        // ones).
+        let (partition, topic) = (self.options.partition, self.options.topic);
+        while messages.get(state.next).is_some_and(|m| {
+            partition.is_some_and(|p| m.partition != Some(p))
+                || topic.is_some_and(|t| m.topic != Some(t))
+        }) {
+            state.next += 1;
         }
         let now = Instant::now();
         let due = state

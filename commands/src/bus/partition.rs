@@ -1,9 +1,9 @@
 //! Which partition of the mirror a stream's events travel in (docs/adr/0012).
 //!
-//! The relay publishes each event on `<prefix>.events.<partition>`, and every consumer is one
-//! durable consumer per partition, leased by one instance at a time ([`crate::lease`]). A
-//! stream's events all travel in one partition, so one instance handles them, in order. The
-//! partition is a pure function of the stream id:
+//! The relay publishes each event on `<prefix>.events.<partition>.<topic>` (the topic: see
+//! [`super::topic`]), and every consumer is one durable consumer per partition, leased by one
+//! instance at a time ([`crate::lease`]). A stream's events all travel in one partition, so
+//! one instance handles them, in order. The partition is a pure function of the stream id:
 //!
 //! - an order's and its payment's streams (`order-<id>`, `payment-<id>`): the 16-bit key the
 //!   gateway wrote into the order's id when it minted it ([`order_ulid`]), the key of its
