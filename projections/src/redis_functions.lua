@@ -83,15 +83,22 @@ local function tally()
   }
 end
 
+-- The table under key in tables, made the first time (and key then noted in order, if given).
+local function table_at(tables, key, order)
+  local found = tables[key]
+  if not found then
+    found = {}
+    tables[key] = found
+    if order then
+      table.insert(order, key)
+    end
+  end
+  return found
+end
+
 -- The order id member of the sorted set key (score 0), or not, once the call ends.
 local function index(t, key, member, present)
-  local members = t.members[key]
-  if not members then
-    members = {}
-    t.members[key] = members
-    table.insert(t.member_keys, key)
-  end
-  members[member] = present
+  table_at(t.members, key, t.member_keys)[member] = present
 end
 
 -- Adds by to field of the hash key once the call ends.
@@ -206,11 +213,7 @@ end
 
 -- The last version of stream that root r applied, as of this call.
 local function done_version(t, r, stream)
-  local versions = t.versions[r]
-  if not versions then
-    versions = {}
-    t.versions[r] = versions
-  end
+  local versions = table_at(t.versions, r)
   local done = versions[stream]
   if done == nil then
     done = tonumber(redis.call('HGET', r .. ':sv', stream) or '0')
@@ -224,11 +227,7 @@ local function read_versions(t, r, streams)
   if #streams == 0 then
     return
   end
-  local versions = t.versions[r]
-  if not versions then
-    versions = {}
-    t.versions[r] = versions
-  end
+  local versions = table_at(t.versions, r)
   for first = 1, #streams, WORDS_A_COMMAND do
     local last = math.min(first + WORDS_A_COMMAND - 1, #streams)
     local found = redis.call('HMGET', r .. ':sv', unpack(streams, first, last))
@@ -240,13 +239,7 @@ end
 
 local function count_applied(t, r, stream, version, position)
   t.versions[r][stream] = tonumber(version)
-  local applied = t.applied[r]
-  if not applied then
-    applied = {}
-    t.applied[r] = applied
-    table.insert(t.applied_roots, r)
-  end
-  applied[stream] = version
+  table_at(t.applied, r, t.applied_roots)[stream] = version
   local seen = t.roots[r]
   if not seen then
     t.roots[r] = { position = position, events = 1 }

@@ -23,9 +23,6 @@ pub enum Topic {
 }
 
 impl Topic {
-    /// Every topic.
-    pub const ALL: [Topic; 3] = [Topic::Orders, Topic::Campaigns, Topic::Other];
-
     /// The topic of the events of streams of `category`.
     pub fn of(category: &str) -> Topic {
         match category {
